@@ -1,0 +1,32 @@
+"""The Celery app: Redis as broker and result store, tasks found in every installed app.
+
+Periodic work (drift repair, status polls, CRL renewal) is scheduled here and carried out by nodes/tasks.py.
+"""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lanhub.settings")
+
+app = Celery("lanhub")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@app.on_after_finalize.connect
+def setup_periodic_tasks(sender, **kwargs):
+    from django.conf import settings
+
+    sender.add_periodic_task(settings.LANHUB_STATUS_INTERVAL, sender.signature("nodes.tasks.poll_all_status"),
+                             name="poll status of every node")
+    sender.add_periodic_task(settings.LANHUB_DRIFT_INTERVAL, sender.signature("nodes.tasks.check_all_drift"),
+                             name="repair drift on every node")
+    sender.add_periodic_task(settings.LANHUB_CRL_RENEW_INTERVAL, sender.signature("nodes.tasks.renew_crls"),
+                             name="renew CRLs before they lapse")
+
+
+@app.task(name="lanhub.ping")
+def ping() -> str:
+    """Answers 'pong'; used by /healthz to see that a worker is consuming the queue."""
+    return "pong"

@@ -1,0 +1,177 @@
+"""LanHub settings: one file, read from the environment through django-environ.
+
+Every value has a default that works on a fresh checkout (SQLite under var/, Redis on localhost), so
+`make run` needs no configuration. Production sets DEBUG=False, and the `lanhub` system check then refuses
+to start while SECRET_KEY or LANHUB_KEY is missing or still the development value (lanhub/checks.py).
+A malformed value stops start-up with ImproperlyConfigured naming the variable.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+# Development values: usable locally, rejected by the system check when DEBUG is off.
+DEV_SECRET_KEY = "lanhub-dev-secret-key-do-not-use-in-production"
+DEV_LANHUB_KEY = "lanhub-dev-key-encryption-key-do-not-use-in-production"
+
+env = environ.Env()
+env_file = BASE_DIR / ".env"
+if env_file.exists():
+    environ.Env.read_env(env_file)
+
+
+def _typed(name, cast, default):
+    """Read one variable, turning a malformed value into a message that names it."""
+    try:
+        return cast(name, default=default)
+    except (ValueError, TypeError, environ.ImproperlyConfigured) as exc:
+        raise ImproperlyConfigured(f"{name} is malformed: {exc}") from None
+
+
+DEBUG = _typed("DEBUG", env.bool, True)
+SECRET_KEY = env.str("SECRET_KEY", default=DEV_SECRET_KEY)
+LANHUB_KEY = env.str("LANHUB_KEY", default=DEV_LANHUB_KEY)
+ALLOWED_HOSTS = _typed("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = _typed("CSRF_TRUSTED_ORIGINS", env.list, [])
+SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
+
+
+def _database():
+    url = env.str("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'lanhub.sqlite3'}")
+    try:
+        config = environ.Env.db_url_config(url)
+    except (ValueError, KeyError, environ.ImproperlyConfigured) as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL is malformed ({url!r}): {exc}") from None
+    if not config.get("ENGINE"):
+        raise ImproperlyConfigured(f"DATABASE_URL has an unknown scheme: {url!r}")
+    if config["ENGINE"].endswith("sqlite3"):
+        # SQLite serialises writers; a timeout keeps the worker and the web from failing on a busy file.
+        config.setdefault("OPTIONS", {})["timeout"] = 20
+    config["CONN_MAX_AGE"] = _typed("CONN_MAX_AGE", env.int, 60)
+    config["CONN_HEALTH_CHECKS"] = True
+    return config
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured(f"REDIS_URL is malformed: {REDIS_URL!r} (expected redis://host:port/db)")
+
+# The cache holds rate-limit counters; Redis is already required for Celery, so it serves here too.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": env.str("CACHE_PREFIX", default="lanhub"),
+    }
+}
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "lanhub.apps.LanhubConfig",
+    "nodes.apps.NodesConfig",
+    "players.apps.PlayersConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "lanhub.middleware.ContentSecurityPolicyMiddleware",
+]
+
+ROOT_URLCONF = "lanhub.urls"
+WSGI_APPLICATION = "lanhub.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "nodes:lan_list"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if not DEBUG else None
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SECURE_CONTENT_TYPE_NOSNIFF = True
+REFERRER_POLICY = "same-origin"
+
+# Celery: Redis is both broker and result store. Tasks are acknowledged after they run, so a worker that dies
+# mid-sync gets its task redelivered; the node claim in nodes/services.py makes a duplicate harmless.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=REDIS_URL)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = _typed("CELERY_TASK_SOFT_TIME_LIMIT", env.int, 600)
+CELERY_TASK_TIME_LIMIT = _typed("CELERY_TASK_TIME_LIMIT", env.int, 660)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="lanhub")
+
+# How often the periodic tasks run (seconds). Drift repairs files and restarts dead instances; status reads
+# every node's management interface; the CRL is renewed well before OpenVPN would reject an expired one.
+LANHUB_DRIFT_INTERVAL = _typed("LANHUB_DRIFT_INTERVAL", env.int, 300)
+LANHUB_STATUS_INTERVAL = _typed("LANHUB_STATUS_INTERVAL", env.int, 30)
+LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 3600)
+# A node that misses this many status polls in a row is marked down and the LAN is re-planned.
+LANHUB_DOWN_AFTER_POLLS = _typed("LANHUB_DOWN_AFTER_POLLS", env.int, 3)
+LANHUB_SSH_TIMEOUT = _typed("LANHUB_SSH_TIMEOUT", env.int, 10)
+LANHUB_JOIN_RATE = _typed("LANHUB_JOIN_RATE", env.int, 20)  # joins per client address per hour
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"paramiko": {"level": "WARNING"}},
+}

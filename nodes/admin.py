@@ -1,0 +1,169 @@
+"""The admin is an operators' tool: it lists, filters and searches, and its writes go through the services.
+
+Private keys are never shown: the sealed columns are excluded from every form and list.
+"""
+
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import Count
+from django.utils.html import format_html, format_html_join
+
+from nodes import services
+from nodes.models import Lan, Link, Node, RevokedCertificate, SyncRun, VpnSession
+
+SEALED = ("ca_key_sealed", "tls_crypt_sealed", "ssh_private_key_sealed", "server_key_sealed", "link_key_sealed")
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(exc.messages)
+
+
+@admin.register(Lan)
+class LanAdmin(admin.ModelAdmin):
+    list_display = ("name", "slug", "owner", "supernet", "pool_prefix", "topology_mode", "node_count", "created_at")
+    list_filter = ("topology_mode",)
+    search_fields = ("name", "slug", "owner__username")
+    raw_id_fields = ("owner", "default_node")
+    readonly_fields = ("ssh_public_key", "crl_number", "crl_next_update", "created_at")
+    exclude = SEALED + ("ca_cert", "crl_pem")
+    actions = ("replan_lans",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("owner").annotate(node_total=Count("nodes"))
+
+    @admin.display(description="nodes", ordering="node_total")
+    def node_count(self, obj):
+        return obj.node_total
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            obj.save()
+            services.replan(obj, reason="LAN settings changed", requested_by=request.user)
+            return
+        lan = services.create_lan(owner=obj.owner, name=obj.name, slug=obj.slug, supernet=obj.supernet,
+                                  pool_prefix=obj.pool_prefix, topology_mode=obj.topology_mode)
+        obj.pk = lan.pk
+        obj.refresh_from_db()
+
+    @admin.action(description="Re-plan and sync the nodes that change")
+    def replan_lans(self, request, queryset):
+        for lan in queryset:
+            try:
+                changed = services.replan(lan, reason="re-plan requested in the admin", requested_by=request.user)
+            except ValidationError as exc:
+                self.message_user(request, f"{lan}: {_errors(exc)}", messages.ERROR)
+            else:
+                self.message_user(request, f"{lan}: {len(changed)} node(s) will sync.")
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = ("name", "lan", "region", "priority", "public_address", "state", "healthy", "sync_state",
+                    "udp_pool", "tcp_pool", "openvpn_version", "last_seen_at")
+    list_filter = ("state", "healthy", "sync_state", "lan")
+    search_fields = ("name", "region", "public_address", "ssh_host", "lan__name")
+    list_select_related = ("lan",)
+    raw_id_fields = ("lan", "pinned_upstream")
+    exclude = SEALED + ("server_cert", "link_cert")
+    readonly_fields = ("state", "sync_state", "missed_polls", "last_seen_at", "openvpn_version", "last_error",
+                       "sync_progress", "recent_runs", "authorized_keys_line", "created_at")
+    actions = ("sync_nodes",)
+    change_form_template = "admin/nodes/node/change_form.html"
+
+    @admin.display(description="Paste into ~/.ssh/authorized_keys on the server")
+    def authorized_keys_line(self, obj):
+        return obj.lan.ssh_public_key if obj.pk else "Save the node first; the LAN's deploy key is shown here."
+
+    @admin.display(description="Current sync")
+    def sync_progress(self, obj):
+        run = obj.sync_runs.first() if obj.pk else None
+        if run is None:
+            return "No sync yet."
+        return format_html(
+            '<div class="lh-sync" data-status-url="/nodes/{}/status.json"><span class="lh-sync-step">{} — {}</span>'
+            ' <progress max="100" value="{}">{}%</progress></div>',
+            obj.pk, run.get_status_display(), run.current_step or "waiting", run.progress, run.progress,
+        )
+
+    @admin.display(description="Last runs")
+    def recent_runs(self, obj):
+        runs = obj.sync_runs.all()[:10] if obj.pk else []
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.kind, r.get_status_display(), r.reason,
+              r.error or "") for r in runs),
+        )
+        return format_html("<table><tr><th>when</th><th>kind</th><th>status</th><th>why</th><th>error</th></tr>"
+                           "{}</table>", rows) if runs else "No runs yet."
+
+    def save_model(self, request, obj, form, change):
+        fields = {f: form.cleaned_data[f] for f in services.NODE_FIELDS if f in form.cleaned_data}
+        if change:
+            # The form already wrote its values onto obj; the service gets the stored row and the changes.
+            original = Node.objects.get(pk=obj.pk)
+            changed = {f: v for f, v in fields.items() if getattr(original, f) != v}
+            services.update_node(original, requested_by=request.user, **changed)
+            return
+        node = services.create_node(lan=obj.lan, requested_by=request.user, **fields)
+        obj.pk = node.pk
+        obj.refresh_from_db()
+
+    def delete_model(self, request, obj):
+        services.delete_node(obj, requested_by=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for node in queryset:
+            services.delete_node(node, requested_by=request.user)
+
+    @admin.action(description="Sync now")
+    def sync_nodes(self, request, queryset):
+        for node in queryset:
+            services.request_sync(node, reason="sync requested in the admin", requested_by=request.user)
+        self.message_user(request, f"{queryset.count()} node(s) queued for sync.")
+
+
+@admin.register(Link)
+class LinkAdmin(admin.ModelAdmin):
+    list_display = ("downstream", "upstream", "address", "state", "rtt_ms", "updated_at")
+    list_filter = ("state", "lan")
+    search_fields = ("upstream__name", "downstream__name")
+    list_select_related = ("upstream", "downstream")
+    readonly_fields = ("lan", "upstream", "downstream", "address", "state", "rtt_ms", "updated_at")
+
+    def has_add_permission(self, request):
+        return False  # links are planned, never entered by hand; pin an upstream on the node instead
+
+
+@admin.register(SyncRun)
+class SyncRunAdmin(admin.ModelAdmin):
+    list_display = ("node", "kind", "status", "current_step", "progress", "reason", "created_at", "finished_at")
+    list_filter = ("status", "kind")
+    search_fields = ("node__name", "reason", "error")
+    list_select_related = ("node",)
+    readonly_fields = [f.name for f in SyncRun._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(RevokedCertificate)
+class RevokedCertificateAdmin(admin.ModelAdmin):
+    list_display = ("common_name", "serial", "lan", "revoked_at", "reason")
+    search_fields = ("common_name", "serial")
+    list_select_related = ("lan",)
+    readonly_fields = ("lan", "serial", "common_name", "revoked_at", "reason")
+
+    def has_add_permission(self, request):
+        return False  # revoke a player instead; that also re-signs the CRL and syncs the nodes
+
+
+@admin.register(VpnSession)
+class VpnSessionAdmin(admin.ModelAdmin):
+    list_display = ("common_name", "node", "vpn_address", "real_address", "connected_since", "bytes_in",
+                    "bytes_out", "seen_at")
+    search_fields = ("common_name", "vpn_address", "real_address")
+    list_select_related = ("node",)
+    readonly_fields = [f.name for f in VpnSession._meta.fields]
+
+    def has_add_permission(self, request):
+        return False

@@ -1,0 +1,77 @@
+"""Every file a node needs: the planner's rendered configs plus the PKI files, private keys unsealed only here.
+
+A file's hash is what LanHub compares to decide whether a node must sync; private keys are hashed like any file,
+so a re-issued key reaches the node, but their contents never leave this function except towards the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from lanhub.secrets import unseal
+from nodes import render
+
+PKI_DIR = "/etc/openvpn/lanhub/pki"
+SERVER_INSTANCES = ("server/lanhub-udp", "server/lanhub-tcp")
+
+
+@dataclass(frozen=True)
+class PkiFile:
+    """A PKI file and the instances that must restart when it changes (the CRL is re-read by OpenVPN itself)."""
+
+    path: str
+    content: str = field(repr=False)
+    mode: int = 0o644
+    restarts: str = ""  # "servers", "links", "all" or ""
+
+    @property
+    def instance(self) -> None:
+        return None
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.content.encode()).hexdigest()
+
+
+def pki_files(lan, node) -> dict[str, PkiFile]:
+    files = [
+        PkiFile(f"{PKI_DIR}/ca.crt", lan.ca_cert, restarts="all"),
+        PkiFile(f"{PKI_DIR}/tls-crypt.key", unseal(lan.tls_crypt_sealed), 0o600, restarts="all"),
+        PkiFile(f"{PKI_DIR}/crl.pem", lan.crl_pem),
+        PkiFile(f"{PKI_DIR}/node.crt", node.server_cert, restarts="servers"),
+        PkiFile(f"{PKI_DIR}/node.key", unseal(node.server_key_sealed), 0o600, restarts="servers"),
+        PkiFile(f"{PKI_DIR}/link.crt", node.link_cert, restarts="links"),
+        PkiFile(f"{PKI_DIR}/link.key", unseal(node.link_key_sealed), 0o600, restarts="links"),
+    ]
+    return {f.path: f for f in files}
+
+
+def desired_files(lan, node, lan_plan) -> dict:
+    """path -> file (RenderedFile or PkiFile) for one node under the current plan."""
+    files = dict(render.render_node(lan_plan.plan, lan_plan.spec, lan_plan.specs, node.name))
+    files.update(pki_files(lan, node))
+    return files
+
+
+def instances_to_restart(changed_paths, files: dict, wanted: set[str]) -> set[str]:
+    """Which running instances must restart because these files changed."""
+    restart = set()
+    for path in changed_paths:
+        f = files.get(path)
+        if f is None:
+            continue
+        if isinstance(f, PkiFile):
+            if f.restarts == "all":
+                restart |= wanted
+            elif f.restarts == "servers":
+                restart |= wanted & set(SERVER_INSTANCES)
+            elif f.restarts == "links":
+                restart |= {i for i in wanted if i.startswith("client/")}
+        elif f.instance:
+            restart.add(f.instance)
+    return restart & wanted
+
+
+def wanted_instances(files: dict) -> set[str]:
+    return {f.instance for f in files.values() if getattr(f, "instance", None)}

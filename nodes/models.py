@@ -1,0 +1,285 @@
+"""LANs, their nodes, the links between nodes, and the record of every background run.
+
+The plan (nodes/topology.py) is derived from these rows; what a planner must keep stable over a node's life (its
+pools, a link's fixed address) is stored here so the next plan can honour it.
+"""
+
+import ipaddress
+import re
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+
+# Names reach file paths, certificate names and shell commands: keep them to a safe alphabet.
+NAME_RE = r"^[a-z][a-z0-9-]{0,31}$"
+name_validator = RegexValidator(NAME_RE, "Use 1–32 lowercase letters, digits or '-', starting with a letter.")
+region_validator = RegexValidator(
+    r"^([a-z0-9][a-z0-9-]{0,31})(/[a-z0-9][a-z0-9-]{0,31}){0,7}$|^$",
+    "A region is a path of lowercase names separated by '/', such as asia/cn/east.",
+)
+host_validator = RegexValidator(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$"
+    r"|^[0-9a-fA-F:]+$",
+    "Enter a host name or an IP address.",
+)
+port_validators = [MinValueValidator(1), MaxValueValidator(65535)]
+
+
+def validate_network(value: str) -> None:
+    try:
+        net = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ValidationError(f"{value!r} is not an IPv4 network in CIDR form: {exc}")
+    if not net.is_private:
+        raise ValidationError(f"{value} is not a private range; a LAN lives inside 10/8, 172.16/12 or 192.168/16.")
+
+
+class TopologyMode(models.TextChoices):
+    AUTO = "auto", "Automatic"
+    HUB = "hub", "Hub and spokes"
+    MESH = "mesh", "Full mesh"
+    HIERARCHICAL = "hierarchical", "Hierarchical (primary per region)"
+
+
+class Lan(models.Model):
+    """One virtual network of one host: its address plan, its PKI and its SSH deploy key."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="lans")
+    name = models.CharField(max_length=64)
+    slug = models.SlugField(max_length=32, validators=[name_validator])
+    supernet = models.CharField(max_length=18, default="10.0.0.0/8", validators=[validate_network])
+    pool_prefix = models.PositiveSmallIntegerField(
+        default=16, validators=[MinValueValidator(9), MaxValueValidator(22)],
+        help_text="Prefix length of each node's UDP and TCP client pool.",
+    )
+    topology_mode = models.CharField(max_length=16, choices=TopologyMode.choices, default=TopologyMode.AUTO)
+    default_node = models.ForeignKey(
+        "Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="Offered to players when nothing better is known about where they are.",
+    )
+    # PKI. Private halves are sealed (lanhub/secrets.py) and never rendered in the admin.
+    ca_cert = models.TextField(blank=True, editable=False)
+    ca_key_sealed = models.TextField(blank=True, editable=False)
+    tls_crypt_sealed = models.TextField(blank=True, editable=False)
+    crl_pem = models.TextField(blank=True, editable=False)
+    crl_number = models.PositiveIntegerField(default=0, editable=False)
+    crl_next_update = models.DateTimeField(null=True, blank=True, editable=False)
+    ssh_public_key = models.TextField(blank=True, editable=False)
+    ssh_private_key_sealed = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        verbose_name = "LAN"
+        constraints = [models.UniqueConstraint(fields=("owner", "slug"), name="lan_unique_slug_per_owner")]
+        ordering = ("name",)
+
+    def __str__(self):
+        return self.name
+
+
+class NodeState(models.TextChoices):
+    NEW = "new", "New"
+    PROVISIONING = "provisioning", "Provisioning"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+class SyncState(models.TextChoices):
+    IDLE = "idle", "Idle"
+    RUNNING = "running", "Running"
+
+
+class Node(models.Model):
+    """A server a host registered. LanHub reaches it over SSH and runs OpenVPN instances on it."""
+
+    lan = models.ForeignKey(Lan, on_delete=models.CASCADE, related_name="nodes")
+    name = models.CharField(max_length=32, validators=[name_validator])
+    region = models.CharField(max_length=200, blank=True, validators=[region_validator],
+                              help_text="A path such as asia/cn/east; nodes are grouped by it.")
+    priority = models.IntegerField(default=0, help_text="The highest-priority healthy node leads its region.")
+    public_address = models.CharField(max_length=253, validators=[host_validator],
+                                      help_text="Host name or IP address that players and other nodes connect to.")
+    udp_port = models.PositiveIntegerField(default=1194, validators=port_validators)
+    tcp_port = models.PositiveIntegerField(default=443, validators=port_validators)
+    ssh_host = models.CharField(max_length=253, validators=[host_validator])
+    ssh_port = models.PositiveIntegerField(default=22, validators=port_validators)
+    ssh_user = models.CharField(max_length=32, default="root",
+                                validators=[RegexValidator(r"^[a-z_][a-z0-9_-]{0,31}$", "Enter a Unix user name.")])
+    ssh_host_key = models.TextField(blank=True, help_text="Pinned on first contact. Clear it to accept a new key.")
+    latitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-90), MaxValueValidator(90)])
+    longitude = models.FloatField(null=True, blank=True,
+                                  validators=[MinValueValidator(-180), MaxValueValidator(180)])
+    country = models.CharField(max_length=2, blank=True, help_text="ISO 3166 code, used to guess the nearest node.")
+    udp_pool = models.CharField(max_length=18, blank=True, help_text="Leave blank to let LanHub choose.")
+    tcp_pool = models.CharField(max_length=18, blank=True, help_text="Leave blank to let LanHub choose.")
+    pinned_upstream = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                                        related_name="pinned_downstreams")
+    # Lifecycle and health.
+    state = models.CharField(max_length=16, choices=NodeState.choices, default=NodeState.NEW)
+    healthy = models.BooleanField(default=True)
+    missed_polls = models.PositiveIntegerField(default=0)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    openvpn_version = models.CharField(max_length=64, blank=True)
+    last_error = models.TextField(blank=True)
+    # Sync bookkeeping: at most one sync runs per node (claimed atomically); a request made while one runs bumps
+    # the generation so the running sync knows to go again.
+    sync_state = models.CharField(max_length=16, choices=SyncState.choices, default=SyncState.IDLE)
+    sync_generation = models.PositiveIntegerField(default=0)
+    applied_files = models.JSONField(default=dict, blank=True, editable=False)
+    # Certificates: the node's server certificate and the client certificate it uses on links.
+    server_cert = models.TextField(blank=True, editable=False)
+    server_key_sealed = models.TextField(blank=True, editable=False)
+    link_cert = models.TextField(blank=True, editable=False)
+    link_key_sealed = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=("lan", "name"), name="node_unique_name_per_lan"),
+            models.UniqueConstraint(fields=("lan", "udp_pool"), condition=~Q(udp_pool=""),
+                                    name="node_unique_udp_pool_per_lan"),
+            models.UniqueConstraint(fields=("lan", "tcp_pool"), condition=~Q(tcp_pool=""),
+                                    name="node_unique_tcp_pool_per_lan"),
+            models.CheckConstraint(condition=~Q(pinned_upstream=F("pk")), name="node_not_pinned_to_itself"),
+        ]
+        ordering = ("lan", "created_at", "pk")
+
+    def __str__(self):
+        return f"{self.name} ({self.lan})"
+
+    def clean(self):
+        errors = {}
+        for field in ("udp_pool", "tcp_pool"):
+            value = getattr(self, field)
+            if value:
+                try:
+                    validate_network(value)
+                except ValidationError as exc:
+                    errors[field] = exc.messages
+        if self.udp_pool and self.udp_pool == self.tcp_pool:
+            errors["tcp_pool"] = ["The TCP pool must differ from the UDP pool."]
+        if self.pinned_upstream_id and self.pk and self.pinned_upstream_id == self.pk:
+            errors["pinned_upstream"] = ["A node cannot be its own upstream."]
+        if self.pinned_upstream_id and self.pinned_upstream.lan_id != self.lan_id:
+            errors["pinned_upstream"] = ["The pinned upstream must be a node of the same LAN."]
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def region_label(self) -> str:
+        return self.region or "(no region)"
+
+
+class LinkState(models.TextChoices):
+    UNKNOWN = "unknown", "Unknown"
+    UP = "up", "Up"
+    DOWN = "down", "Down"
+
+
+class Link(models.Model):
+    """A tunnel: `downstream` runs an OpenVPN client to `upstream` and holds `address` in upstream's UDP pool."""
+
+    lan = models.ForeignKey(Lan, on_delete=models.CASCADE, related_name="links")
+    upstream = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="downstream_links")
+    downstream = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="upstream_links")
+    address = models.GenericIPAddressField(protocol="IPv4")
+    state = models.CharField(max_length=16, choices=LinkState.choices, default=LinkState.UNKNOWN)
+    rtt_ms = models.FloatField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=("upstream", "downstream"), name="link_unique_pair"),
+            models.CheckConstraint(condition=~Q(upstream=F("downstream")), name="link_not_to_itself"),
+        ]
+
+    def __str__(self):
+        return f"{self.downstream.name} → {self.upstream.name}"
+
+
+class RevokedCertificate(models.Model):
+    """A certificate that must appear in the LAN's CRL (a revoked player, or one whose device was lost)."""
+
+    lan = models.ForeignKey(Lan, on_delete=models.CASCADE, related_name="revoked_certificates")
+    serial = models.CharField(max_length=64, help_text="Hexadecimal serial number.")
+    common_name = models.CharField(max_length=64)
+    revoked_at = models.DateTimeField(default=timezone.now)
+    reason = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=("lan", "serial"), name="revoked_unique_serial_per_lan")]
+
+    def __str__(self):
+        return f"{self.common_name} ({self.serial})"
+
+
+class SyncStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    ERRORED = "errored", "Errored"
+    SKIPPED = "skipped", "Skipped"
+
+
+class SyncRun(models.Model):
+    """One background run against one node: what it did, how long each step took, and how it ended."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="sync_runs")
+    kind = models.CharField(max_length=16, default="sync")  # sync | drift | status
+    reason = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=16, choices=SyncStatus.choices, default=SyncStatus.QUEUED)
+    current_step = models.CharField(max_length=64, blank=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    steps = models.JSONField(default=list, blank=True)
+    changed_files = models.JSONField(default=list, blank=True)
+    restarted = models.JSONField(default=list, blank=True)
+    log = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    retryable = models.BooleanField(default=False, help_text="Failed on a connection problem that may pass.")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at", "-pk")
+        indexes = [models.Index(fields=("node", "-created_at"), name="syncrun_node_recent")]
+
+    def __str__(self):
+        return f"{self.kind} of {self.node.name}: {self.status}"
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class VpnSession(models.Model):
+    """Someone connected to a node's OpenVPN instance, as its management interface last reported."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="sessions")
+    instance = models.CharField(max_length=64)
+    common_name = models.CharField(max_length=64)
+    player = models.ForeignKey("players.Player", null=True, blank=True, on_delete=models.CASCADE,
+                               related_name="sessions")
+    vpn_address = models.GenericIPAddressField(protocol="IPv4", null=True, blank=True)
+    real_address = models.CharField(max_length=64, blank=True)
+    connected_since = models.DateTimeField(null=True, blank=True)
+    bytes_in = models.BigIntegerField(default=0)
+    bytes_out = models.BigIntegerField(default=0)
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("common_name",)
+
+    def __str__(self):
+        return f"{self.common_name} on {self.node.name}"
+
+
+def is_valid_name(value: str) -> bool:
+    return bool(re.match(NAME_RE, value or ""))

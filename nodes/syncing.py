@@ -1,0 +1,193 @@
+"""Background runs against one node: sync (and its drift-repair variant) and the status poll.
+
+Each run leaves a SyncRun row: running, then completed, failed (an expected ProvisioningError, message shown to
+the host) or errored (anything else, traceback kept in the log). At most one sync runs per node: the node row is
+claimed with a conditional UPDATE, so a redelivered or duplicate task finds it taken and leaves its run queued
+for the running sync to pick up when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from nodes import management, provisioning, services
+from nodes.files import desired_files, instances_to_restart, wanted_instances
+from nodes.models import Link, LinkState, Node, NodeState, RevokedCertificate, SyncRun, SyncState, SyncStatus, VpnSession
+from nodes.ssh import ProvisioningError, open_connection
+
+log = logging.getLogger(__name__)
+
+STEP_COUNT = len(provisioning.STEPS)
+
+
+def claim(node: Node) -> bool:
+    return Node.objects.filter(pk=node.pk, sync_state=SyncState.IDLE).update(sync_state=SyncState.RUNNING) == 1
+
+
+def release(node: Node) -> None:
+    Node.objects.filter(pk=node.pk).update(sync_state=SyncState.IDLE)
+
+
+def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> SyncRun:
+    """Claim the node, make it match the plan, record the outcome, and go again if a request came meanwhile."""
+    run = SyncRun.objects.filter(pk=run_id, node=node).first() if run_id else None
+    if run is None:
+        run = SyncRun.objects.create(node=node, kind=kind, reason=f"{kind} check")
+    if run.status != SyncStatus.QUEUED:
+        return run  # a duplicate delivery of a run that already happened
+    if not claim(node):
+        return run  # someone else is syncing this node; it will pick this run up when it ends
+    generation = Node.objects.values_list("sync_generation", flat=True).get(pk=node.pk)
+    try:
+        _start(run)
+        _sync(Node.objects.select_related("lan").get(pk=node.pk), run)
+        _finish(run, SyncStatus.COMPLETED)
+    except ProvisioningError as exc:
+        _fail_node(node, exc.message)
+        run.retryable = not exc.permanent and exc.step == "connect"
+        _finish(run, SyncStatus.FAILED, error=f"{exc.step}: {exc.message}")
+    except Exception as exc:  # recorded, never shown as a traceback to the host
+        log.exception("sync of %s errored", node.name)
+        _fail_node(node, f"Internal error: {exc.__class__.__name__}: {exc}")
+        run.log += traceback.format_exc()
+        _finish(run, SyncStatus.ERRORED, error=f"{exc.__class__.__name__}: {exc}")
+    finally:
+        release(node)
+        _continue_if_requested(node, generation)
+    return run
+
+
+def queue_retry(run: SyncRun) -> SyncRun:
+    """A fresh queued run for the task's retry; the failed one stays as the record of the attempt."""
+    return SyncRun.objects.create(node=run.node, kind=run.kind, reason=f"retry: {run.reason}"[:200])
+
+
+def _continue_if_requested(node: Node, generation: int) -> None:
+    from nodes import tasks
+
+    if Node.objects.filter(pk=node.pk, sync_generation__gt=generation).exists():
+        pending = SyncRun.objects.filter(node=node, status=SyncStatus.QUEUED).order_by("created_at").first()
+        if pending is not None:
+            tasks.sync_node.delay(node.pk, pending.pk)
+
+
+def _start(run: SyncRun) -> None:
+    run.status, run.started_at = SyncStatus.RUNNING, timezone.now()
+    run.save(update_fields=["status", "started_at"])
+
+
+def _finish(run: SyncRun, status: str, *, error: str = "") -> None:
+    run.status, run.error, run.finished_at = status, error, timezone.now()
+    if status == SyncStatus.COMPLETED:
+        run.progress, run.current_step = 100, "done"
+    run.save()
+
+
+def _fail_node(node: Node, message: str) -> None:
+    # A node that never worked is "failed"; one that worked keeps running its previous files and stays ready.
+    Node.objects.filter(pk=node.pk).update(last_error=message[:2000])
+    Node.objects.filter(pk=node.pk, applied_files={}).update(state=NodeState.FAILED)
+
+
+class StepRecorder:
+    """Writes each step's name, duration and outcome onto the run as it happens, for the progress bar."""
+
+    def __init__(self, run: SyncRun):
+        self.run = run
+
+    def __call__(self, step: str, seconds: float | None, changed: bool | None, note: str = "") -> None:
+        run = self.run
+        if seconds is None:  # the step is starting
+            run.current_step = step
+        else:
+            run.steps = [*run.steps, {"step": step, "seconds": round(seconds, 3), "changed": changed}]
+            run.progress = min(99, int(100 * len(run.steps) / STEP_COUNT))
+            run.log += f"{step}: {'changed' if changed else 'unchanged'} in {seconds:.2f}s{(' — ' + note) if note else ''}\n"
+        SyncRun.objects.filter(pk=run.pk).update(current_step=run.current_step, progress=run.progress,
+                                                 steps=run.steps, log=run.log)
+
+
+def _sync(node: Node, run: SyncRun) -> None:
+    lan = node.lan
+    lan_plan = services.plan_lan(lan)
+    files = desired_files(lan, node, lan_plan)
+    wanted = wanted_instances(files)
+    links = [(link.device, link.peer) for link in provisioning.node_links(lan_plan.plan, node.name)]
+    revoked = set(RevokedCertificate.objects.filter(lan=lan).values_list("common_name", flat=True))
+    with open_connection(node, pin=lambda key: services.accept_host_key(node, key_line=key)) as c:
+        result = provisioning.apply(
+            c, files=files, remove=set(node.applied_files) - set(files), wanted=wanted,
+            restart_for=lambda changed: instances_to_restart(changed, files, wanted), links=links,
+            revoked=revoked, log=StepRecorder(run),
+        )
+    run.changed_files, run.restarted = sorted(result.changed), sorted(result.restarted)
+    Node.objects.filter(pk=node.pk).update(
+        applied_files={path: f.hash for path, f in files.items()}, state=NodeState.READY, last_error="",
+        openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0, healthy=True,
+    )
+
+
+# --- Status ---------------------------------------------------------------------------------------------------
+
+
+def poll_status(node: Node) -> str:
+    """Read who is online and how the links are, from each instance's management interface over SSH."""
+    node = Node.objects.select_related("lan").get(pk=node.pk)
+    try:
+        with open_connection(node) as c:
+            status = management.node_status(c, links=provisioning.node_links(services.plan_lan(node.lan).plan,
+                                                                             node.name))
+            revoked = set(RevokedCertificate.objects.filter(lan=node.lan).values_list("common_name", flat=True))
+            killed = management.kill_clients(c, status, revoked)
+    except ProvisioningError as exc:
+        return _missed_poll(node, exc.message)
+    _store_status(node, status)
+    return f"ok: {len(status.clients) - killed} online"
+
+
+def _missed_poll(node: Node, message: str) -> str:
+    Node.objects.filter(pk=node.pk).update(missed_polls=F("missed_polls") + 1, last_error=message[:2000])
+    node.refresh_from_db()
+    if node.healthy and node.missed_polls >= settings.LANHUB_DOWN_AFTER_POLLS:
+        mark_health(node, healthy=False, reason=f"{node.name} missed {node.missed_polls} polls: {message}")
+        return "down"
+    return "missed"
+
+
+@transaction.atomic
+def mark_health(node: Node, *, healthy: bool, reason: str) -> None:
+    """Mark a node up or down and re-plan the LAN so its region fails over (or comes back)."""
+    Node.objects.filter(pk=node.pk).update(healthy=healthy)
+    services.replan(node.lan, reason=reason)
+
+
+@transaction.atomic
+def _store_status(node: Node, status) -> None:
+    from players.models import Player
+
+    now = timezone.now()
+    players = {p.common_name: p for p in Player.objects.filter(lan=node.lan, revoked_at__isnull=True)}
+    VpnSession.objects.filter(node=node).delete()
+    VpnSession.objects.bulk_create(
+        VpnSession(node=node, instance=row.instance, common_name=row.common_name,
+                   player=players.get(row.common_name), vpn_address=row.vpn_address or None,
+                   real_address=row.real_address, connected_since=row.connected_since,
+                   bytes_in=row.bytes_in, bytes_out=row.bytes_out, seen_at=now)
+        for row in status.clients
+    )
+    seen = [players[r.common_name].pk for r in status.clients if r.common_name in players]
+    Player.objects.filter(pk__in=seen).update(last_seen_at=now)
+    for upstream, (state, rtt) in status.links.items():
+        Link.objects.filter(downstream=node, upstream__name=upstream).update(
+            state=LinkState.UP if state else LinkState.DOWN, rtt_ms=rtt, updated_at=now)
+    was_down = not node.healthy
+    Node.objects.filter(pk=node.pk).update(missed_polls=0, last_seen_at=now)
+    if was_down:
+        mark_health(node, healthy=True, reason=f"{node.name} answers again")

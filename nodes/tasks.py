@@ -1,0 +1,61 @@
+"""Celery tasks: take a primary key, re-fetch, call a service. Retries live here; the logic does not."""
+
+from celery import shared_task
+
+from nodes import syncing
+from nodes.models import Lan, Node
+
+# Connection errors back off 5, 10, 20, 40, 80 s before the run is left failed.
+RETRY_BACKOFF = 5
+MAX_RETRIES = 5
+
+
+@shared_task(bind=True, acks_late=True, max_retries=MAX_RETRIES)
+def sync_node(self, node_id: int, run_id: int | None = None) -> str:
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        return "gone"  # deleted after it was queued
+    run = syncing.run_sync(node, run_id=run_id)
+    if run.status == "failed" and run.retryable and self.request.retries < self.max_retries:
+        retry_run = syncing.queue_retry(run)
+        raise self.retry(args=(node_id, retry_run.pk), countdown=RETRY_BACKOFF * 2**self.request.retries)
+    return run.status
+
+
+@shared_task(acks_late=True)
+def poll_status(node_id: int) -> str:
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        return "gone"
+    return syncing.poll_status(node)
+
+
+@shared_task
+def poll_all_status() -> int:
+    ids = list(Node.objects.exclude(state="new").values_list("pk", flat=True))
+    for node_id in ids:
+        poll_status.delay(node_id)
+    return len(ids)
+
+
+@shared_task(acks_late=True)
+def check_drift(node_id: int) -> str:
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        return "gone"
+    return syncing.run_sync(node, kind="drift").status
+
+
+@shared_task
+def check_all_drift() -> int:
+    ids = list(Node.objects.filter(state="ready", healthy=True).values_list("pk", flat=True))
+    for node_id in ids:
+        check_drift.delay(node_id)
+    return len(ids)
+
+
+@shared_task
+def renew_crls() -> int:
+    from nodes import services
+
+    return sum(services.renew_crl(lan) for lan in Lan.objects.all())

@@ -1,0 +1,53 @@
+"""Operators' view of players and invites; revocation goes through the services (new CRL, nodes synced)."""
+
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+
+from players import services
+from players.models import Invite, Player
+
+
+@admin.register(Player)
+class PlayerAdmin(admin.ModelAdmin):
+    list_display = ("nickname", "lan", "common_name", "preferred_node", "created_at", "last_seen_at", "revoked_at")
+    list_filter = ("lan", ("revoked_at", admin.EmptyFieldListFilter))
+    search_fields = ("nickname", "common_name", "lan__name")
+    list_select_related = ("lan", "preferred_node")
+    raw_id_fields = ("lan", "invite", "preferred_node")
+    exclude = ("key_sealed", "cert_pem")
+    readonly_fields = ("token", "common_name", "serial", "issued_at", "joined_from", "created_at", "revoked_at")
+    actions = ("revoke_players", "reissue_players")
+
+    def has_add_permission(self, request):
+        return False  # players join through an invite, which issues their certificate
+
+    @admin.action(description="Revoke (CRL updated on every node, sessions killed)")
+    def revoke_players(self, request, queryset):
+        for player in queryset:
+            services.revoke_player(player, reason=f"revoked in the admin by {request.user}")
+        self.message_user(request, f"{queryset.count()} player(s) revoked; the nodes are syncing.")
+
+    @admin.action(description="Re-issue certificate (lost device)")
+    def reissue_players(self, request, queryset):
+        for player in queryset:
+            try:
+                services.reissue_player(player)
+            except ValidationError as exc:
+                self.message_user(request, f"{player}: {'; '.join(exc.messages)}", messages.ERROR)
+
+
+@admin.register(Invite)
+class InviteAdmin(admin.ModelAdmin):
+    list_display = ("lan", "note", "uses", "max_uses", "expires_at", "revoked_at", "created_at")
+    list_filter = ("lan", ("revoked_at", admin.EmptyFieldListFilter))
+    search_fields = ("note", "lan__name")
+    list_select_related = ("lan",)
+    raw_id_fields = ("lan", "created_by")
+    readonly_fields = ("token", "uses", "revoked_at", "created_at")
+    actions = ("revoke_invites",)
+
+    @admin.action(description="Revoke")
+    def revoke_invites(self, request, queryset):
+        for invite in queryset:
+            services.revoke_invite(invite)
+        self.message_user(request, f"{queryset.count()} invite(s) revoked.")

@@ -1,0 +1,171 @@
+"""Use cases for invites and players: invite friends, let them join, give them profiles, revoke them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from dataclasses import dataclass
+
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from lanhub import pki
+from lanhub.secrets import seal, unseal
+from nodes import services as node_services
+from nodes.models import Lan, Node, NodeState
+from players import profiles
+from players.models import NICKNAME_RE, Invite, Player
+
+INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
+INVITE_MAX_TTL = dt.timedelta(days=30)
+
+
+class InviteUnusable(Exception):
+    """The invite cannot be redeemed; `reason` is one of revoked, expired, used_up, not_found."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RateLimited(Exception):
+    """Too many joins from one address; the message says when to try again."""
+
+
+@transaction.atomic
+def create_invite(*, lan: Lan, created_by=None, note: str = "", ttl: dt.timedelta = INVITE_DEFAULT_TTL,
+                  max_uses: int = 10) -> Invite:
+    if ttl <= dt.timedelta(0) or ttl > INVITE_MAX_TTL:
+        raise ValidationError({"ttl": "An invite lasts between a minute and 30 days."})
+    invite = Invite(lan=lan, created_by=created_by, note=note, max_uses=max_uses,
+                    expires_at=timezone.now() + ttl)
+    invite.full_clean()
+    invite.save()
+    return invite
+
+
+def revoke_invite(invite: Invite) -> Invite:
+    Invite.objects.filter(pk=invite.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    invite.refresh_from_db()
+    return invite
+
+
+def check_join_rate(client_address: str | None, *, limit: int, window: int = 3600) -> None:
+    """Count joins per client address in Redis; refuse past `limit` in `window` seconds."""
+    key = f"join-rate:{client_address or 'unknown'}"
+    cache.add(key, 0, timeout=window)
+    try:
+        count = cache.incr(key)
+    except ValueError:  # the key expired between add and incr
+        cache.set(key, 1, timeout=window)
+        count = 1
+    if count > limit:
+        raise RateLimited("Too many people joined from your address in the last hour. Try again later.")
+
+
+def validate_nickname(nickname: str) -> str:
+    nickname = (nickname or "").strip()
+    if not re.match(NICKNAME_RE, nickname):
+        raise ValidationError({"nickname": "Use 2–32 letters, digits, '-' or '_'."})
+    return nickname
+
+
+@transaction.atomic
+def redeem_invite(*, token: str, nickname: str, client_address: str | None = None) -> Player:
+    """Turn an invite into a player. The invite row is locked, so its use limit holds under concurrency."""
+    nickname = validate_nickname(nickname)
+    invite = Invite.objects.select_for_update().filter(token=token).first()
+    if invite is None:
+        raise InviteUnusable("not_found")
+    problem = invite.problem()
+    if problem:
+        raise InviteUnusable(problem)
+    if Player.objects.filter(lan_id=invite.lan_id, nickname__iexact=nickname).exists():
+        raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."})
+    player = Player(lan_id=invite.lan_id, nickname=nickname, invite=invite, joined_from=client_address)
+    _issue_certificate(player, lan=invite.lan)
+    player.full_clean()
+    player.save()
+    Invite.objects.filter(pk=invite.pk).update(uses=invite.uses + 1)
+    return player
+
+
+def _issue_certificate(player: Player, *, lan: Lan) -> None:
+    now = timezone.now()
+    # Every issuance gets its own common name, so the sessions of a revoked certificate can be killed by name
+    # through the management interface without touching its replacement.
+    suffix = secrets.token_hex(3)
+    issued = pki.issue_client(ca=node_services.lan_ca(lan), common_name=f"player-{player.nickname}-{suffix}",
+                              now=now)
+    player.common_name = issued.common_name
+    player.cert_pem, player.key_sealed = issued.cert_pem, seal(issued.key_pem)
+    player.serial = format(issued.serial, "x")
+    player.issued_at = now
+
+
+@transaction.atomic
+def revoke_player(player: Player, *, reason: str = "revoked by the host") -> Player:
+    """Revoke the player's certificate everywhere: new CRL, nodes synced, live sessions killed by the sync."""
+    player = Player.objects.select_for_update().get(pk=player.pk)
+    if player.revoked_at:
+        return player
+    player.revoked_at = timezone.now()
+    player.save(update_fields=["revoked_at"])
+    node_services.revoke_certificate(lan=player.lan, serial=player.serial, common_name=player.common_name,
+                                     reason=reason)
+    return player
+
+
+@transaction.atomic
+def reissue_player(player: Player) -> Player:
+    """'I lost my device': revoke the current certificate and issue a new one under the same player."""
+    player = Player.objects.select_for_update().select_related("lan").get(pk=player.pk)
+    if player.revoked_at:
+        raise ValidationError("This player was revoked by the host.")
+    old_serial, old_name = player.serial, player.common_name
+    _issue_certificate(player, lan=player.lan)
+    player.save(update_fields=["common_name", "cert_pem", "key_sealed", "serial", "issued_at"])
+    node_services.revoke_certificate(lan=player.lan, serial=old_serial, common_name=old_name,
+                                     reason=f"device lost; replaced for {player.nickname}")
+    return player
+
+
+@transaction.atomic
+def choose_node(player: Player, node: Node) -> Player:
+    if node.lan_id != player.lan_id:
+        raise ValidationError("That server belongs to another LAN.")
+    player.preferred_node = node
+    player.save(update_fields=["preferred_node"])
+    return player
+
+
+# --- Profiles -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    filename: str
+    content: str
+
+
+def ready_nodes(lan: Lan) -> list[Node]:
+    return list(lan.nodes.filter(state=NodeState.READY, healthy=True).order_by("created_at", "pk"))
+
+
+def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
+    """The player's .ovpn for `node`, with the other nodes, in ranked order, as fallbacks."""
+    if player.revoked_at:
+        raise ValidationError("This player was revoked.")
+    lan = player.lan
+    others = [n for n in ranked if n.pk != node.pk]
+    content = profiles.render_profile(
+        lan_name=lan.name, nickname=player.nickname,
+        remotes=profiles.profile_remotes(chosen=node, others=others),
+        ca_pem=lan.ca_cert, cert_pem=player.cert_pem, key_pem=unseal(player.key_sealed),
+        tls_crypt=unseal(lan.tls_crypt_sealed),
+    )
+    return Profile(filename=profiles.profile_filename(lan=lan.slug, nickname=player.nickname, node=node.name),
+                   content=content)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything LanHub needs on a Debian/Ubuntu machine: system packages, .venv, Python packages.
+# Usage: scripts/bootstrap.sh run|test   ("test" adds what the test suite needs: sshd, iptables, easy-rsa, chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+purpose="${1:-run}"
+packages=(redis-server openvpn openssh-client python3-venv iproute2 iputils-ping)
+if [ "$purpose" = test ]; then
+  packages+=(openssh-server iptables easy-rsa openssl socat chromium)
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "==> Installing system packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "LanHub needs these system packages: ${missing[*]}" >&2
+    echo "Install them with:  sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "==> Creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "==> Installing Python packages"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+mkdir -p var

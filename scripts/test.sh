@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `make test`: the same set-up, then the whole suite against a real Redis (private when REDIS_URL is unset)
+# and PostgreSQL when DATABASE_URL is set (SQLite otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh test
+
+private_port=""
+if [ -z "${REDIS_URL:-}" ]; then
+  private_port=$((20000 + RANDOM % 20000))
+  REDIS_URL=$(scripts/redis.sh private "$private_port")
+  export REDIS_URL
+  trap 'scripts/redis.sh stop-private "$private_port"' EXIT
+fi
+echo "==> Tests on ${DATABASE_URL:-SQLite} with Redis at $REDIS_URL"
+.venv/bin/python -m pytest "$@"
