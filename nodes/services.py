@@ -47,7 +47,7 @@ def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8"
               topology_mode=topology_mode)
     lan.full_clean()
     now = timezone.now()
-    ca = pki.create_ca(name=f"LanHub {lan.slug} CA", now=now)
+    ca = pki.create_ca(name=f"lanhub-{lan.slug}-ca", now=now)
     lan.ca_cert, lan.ca_key_sealed = ca.cert_pem, seal(ca.key_pem)
     lan.tls_crypt_sealed = seal(pki.make_tls_crypt_key())
     private, public = pki.make_ssh_keypair(comment=f"lanhub-{lan.slug}")

@@ -37,13 +37,18 @@ def release(node: Node) -> None:
 
 def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> SyncRun:
     """Claim the node, make it match the plan, record the outcome, and go again if a request came meanwhile."""
-    run = SyncRun.objects.filter(pk=run_id, node=node).first() if run_id else None
-    if run is None:
+    if run_id is None:
         run = SyncRun.objects.create(node=node, kind=kind, reason=f"{kind} check")
+    else:
+        run = SyncRun.objects.filter(pk=run_id, node=node).first()
+        if run is None:
+            return SyncRun(node=node, kind=kind, status=SyncStatus.SKIPPED, error="no such run")  # stale task
     if run.status != SyncStatus.QUEUED:
         return run  # a duplicate delivery of a run that already happened
     if not claim(node):
-        return run  # someone else is syncing this node; it will pick this run up when it ends
+        if run_id is None:  # a periodic check: the sync that holds the node does the same work
+            _finish(run, SyncStatus.SKIPPED, error="another sync of this node was running")
+        return run  # a requested sync stays queued; the running one picks it up when it ends
     generation = Node.objects.values_list("sync_generation", flat=True).get(pk=node.pk)
     try:
         _start(run)
