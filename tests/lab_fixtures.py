@@ -1,0 +1,102 @@
+"""Pytest fixtures for tests that need real "servers" (network namespaces with sshd and OpenVPN).
+
+Use from a test module::
+
+    from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
+
+    pytestmark = pytest.mark.lab
+
+    def test_it_provisions(lab, ssh_key):
+        node = lab.add_node("hangzhou")
+        node.authorize(ssh_key.public_line)
+        with connect_node(node, ssh_key) as client: ...
+
+``lab`` is module-scoped: one Lab per module, torn down after the module's last test. Where a lab can't be built
+the tests skip with the exact reason; with CI=true or LANHUB_REQUIRE_LAB=1 they fail instead, so a CI runner that
+lost root or openvpn can't go green by skipping everything. Make a fixture with another scope or options with
+``make_lab_fixture``. Labs with host routes are serialised machine-wide (see lanhub/lab.py), so two suites running
+at once wait for each other rather than collide.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass
+
+import paramiko
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lanhub.lab import Lab, NodeHost
+
+
+def lab_required() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("LANHUB_REQUIRE_LAB") == "1"
+
+
+def require_lab() -> None:
+    """Skip (or fail under CI / LANHUB_REQUIRE_LAB=1) with the reason a lab can't be built here."""
+    reason = Lab.requirements_missing()
+    if reason is None:
+        return
+    if lab_required():
+        pytest.fail(f"network lab required but unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def make_lab_fixture(scope: str = "module", **lab_kwargs):
+    """A fixture yielding a fresh ``Lab(**lab_kwargs)`` per ``scope``, downed afterwards even on failure."""
+
+    @pytest.fixture(scope=scope)
+    def _lab():
+        require_lab()
+        with Lab(**lab_kwargs) as built:
+            yield built
+
+    return _lab
+
+
+lab = make_lab_fixture("module")
+
+
+@dataclass(frozen=True)
+class SshKey:
+    """A throwaway client key: nothing is written to disk, least of all /root/.ssh."""
+
+    pkey: paramiko.Ed25519Key
+    private_openssh: str  # "-----BEGIN OPENSSH PRIVATE KEY-----..." for tools that want text
+    public_line: str  # "ssh-ed25519 AAAA... comment" for authorized_keys
+
+
+def generate_ssh_key(comment: str = "lanhub-test") -> SshKey:
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return SshKey(paramiko.Ed25519Key(file_obj=io.StringIO(private)), private, f"{public.decode()} {comment}")
+
+
+@pytest.fixture(scope="session")
+def ssh_key() -> SshKey:
+    return generate_ssh_key()
+
+
+def connect_node(node: NodeHost, key: SshKey, timeout: float = 10.0) -> paramiko.SSHClient:
+    """Paramiko client to ``node`` as root, pinned to the node's host key (RejectPolicy: no trust on first use)."""
+    client = paramiko.SSHClient()
+    key_type, key_b64 = node.host_public_key().split()
+    client.get_host_keys().add(node.address, key_type, paramiko.Ed25519Key(data=base64.b64decode(key_b64)))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(node.address, username="root", pkey=key.pkey, timeout=timeout, banner_timeout=timeout,
+                   auth_timeout=timeout, look_for_keys=False, allow_agent=False)
+    return client
+
+
+def ssh_run(client: paramiko.SSHClient, command: str, timeout: float = 15.0) -> tuple[int, str, str]:
+    """Run ``command``; returns (exit status, stdout, stderr). Bounded by ``timeout`` on each read."""
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out, err = stdout.read().decode(), stderr.read().decode()
+    return stdout.channel.recv_exit_status(), out, err
