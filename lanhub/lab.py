@@ -2,7 +2,7 @@
 
 Pure Python + subprocess (no Django), run as root. One ``Lab`` builds::
 
-    host (root ns) --veth 192.0.2.253/.254--> wan ns (ip_forward=1)
+    host (root ns) --veth 198.18.0.1/.2--> wan ns (ip_forward=1)
                                                |- br-nodes   203.0.113.1/24  -> one ns per node (sshd, own /etc view)
                                                '- br-players 198.51.100.1/24 -> one ns per player (openvpn client)
 
@@ -12,8 +12,8 @@ was made and nothing else. Traffic stays inside: wan has no default route, so no
 other and the host's lab address.
 
 Choices worth knowing (see also /work/shared/OPENVPN-NOTES.md):
-- The host link uses /32 peer addresses (192.0.2.253 <-> .254), not a /24: on this machine eth0 itself sits in
-  192.0.2.0/24, and a connected /24 on the veth would shadow the real gateway.
+- The host link uses /32 peer addresses from 198.18.0.0/15 (RFC 2544, reserved for testing network devices), not a
+  documentation /24: a machine's own NIC may sit in 192.0.2.0/24, and the lab must never shadow or answer for it.
 - Host routes to 203.0.113.0/24 and 198.51.100.0/24 can exist once per machine, so a lab with ``host_link=True``
   holds an exclusive flock on ``<base>/host-link.lock`` for its lifetime; a second one waits up to
   ``lock_timeout`` seconds and then fails naming the holder. ``host_link=False`` labs never wait.
@@ -40,7 +40,7 @@ from pathlib import Path
 BASE_DIR = Path("/tmp/lanhub-lab")
 NETNS_ETC = Path("/etc/netns")
 NODES_NET, PLAYERS_NET = "203.0.113", "198.51.100"
-HOST_ADDR, WAN_HOST_ADDR = "192.0.2.253", "192.0.2.254"
+HOST_ADDR, WAN_HOST_ADDR = "198.18.0.1", "198.18.0.2"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")  # "n-" + name must fit a 15-char interface name
 PREFIX_RE = re.compile(r"^lh[0-9a-f]{4}-")
 FIRST_HOST = 10  # node i gets 203.0.113.(10+i), player i 198.51.100.(10+i)
