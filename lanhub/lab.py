@@ -483,6 +483,12 @@ class Lab:
         lab.players = {n: PlayerHost(lab, n, v["ns"], v["address"]) for n, v in state["players"].items()}
         return lab
 
+    def detach(self) -> None:
+        """Let the lab outlive this process (``manage.py lab up``); only ``down()`` removes it then."""
+        self.state["detached"] = True
+        self._save()
+        _unregister(self)
+
     def owner_alive(self) -> bool:
         pid = self.state.get("pid")
         return bool(pid) and _alive(pid) and _proc_start(pid) == self.state.get("pid_start")
@@ -536,6 +542,8 @@ class Lab:
             except (OSError, ValueError, KeyError):
                 continue
             known.add(lab.prefix)
+            if lab.state.get("detached"):
+                continue  # made to outlive its process; `manage.py lab down` removes it
             if lab.state.get("pid") != os.getpid() and not lab.owner_alive():
                 lab.down()
                 if entry.is_symlink():

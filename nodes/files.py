@@ -30,7 +30,7 @@ class PkiFile:
         return None
 
     @property
-    def hash(self) -> str:
+    def sha256(self) -> str:
         return hashlib.sha256(self.content.encode()).hexdigest()
 
 

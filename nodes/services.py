@@ -228,7 +228,7 @@ def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: La
     changed = []
     for name, node in lan_plan.nodes.items():
         files = desired_files(lan, node, lan_plan)
-        if {path: f.hash for path, f in files.items()} != node.applied_files:
+        if {path: f.sha256 for path, f in files.items()} != node.applied_files:
             request_sync(node, reason=reason, requested_by=requested_by)
             changed.append(node)
     return changed

@@ -134,7 +134,7 @@ def _sync(node: Node, run: SyncRun) -> None:
         )
     run.changed_files, run.restarted = sorted(result.changed), sorted(result.restarted)
     Node.objects.filter(pk=node.pk).update(
-        applied_files={path: f.hash for path, f in files.items()}, state=NodeState.READY, last_error="",
+        applied_files={path: f.sha256 for path, f in files.items()}, state=NodeState.READY, last_error="",
         openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0, healthy=True,
     )
 

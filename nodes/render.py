@@ -1,0 +1,265 @@
+"""Render a Plan into the files each node needs: deterministic text, each with a content hash.
+
+Pure: plain data in, strings out. The same plan renders byte-identical files, so a sync compares hashes and
+restarts only the OpenVPN instances whose files changed (``diff``).
+
+Choices worth knowing:
+- Server ``route`` lines carry no gateway: on a tun server OpenVPN picks the client by iroute, not by next hop.
+- Routes are aggregated (10.248.0.0/16 + 10.249.0.0/16 render as ``10.248.0.0 255.254.0.0``).
+- A link client uses ``route-nopull``: several upstreams would each push the supernet. Its routes are the
+  prefixes whose next hop is that upstream (possibly the whole supernet as a default); a route equal to the
+  upstream's UDP pool is left out, because that pool is the tunnel's connected subnet.
+- A ccd file's instance is ``server/lanhub-udp``: OpenVPN reads ccd at connect time, so new iroutes only take
+  effect when the link client reconnects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from nodes.topology import NodeSpec, Plan, PlanError, LanSpec, dynamic_pool
+
+PKI = "/etc/openvpn/lanhub/pki"
+RUN = "/etc/openvpn/lanhub/run"
+SERVER_DIR = "/etc/openvpn/server"
+CLIENT_DIR = "/etc/openvpn/client"
+CCD_DIR = f"{SERVER_DIR}/ccd"
+SYSCTL_PATH = "/etc/sysctl.d/90-lanhub.conf"
+FIREWALL_PATH = "/etc/openvpn/lanhub/firewall.rules"
+UDP_INSTANCE = "server/lanhub-udp"
+TCP_INSTANCE = "server/lanhub-tcp"
+UDP_MANAGEMENT = 7505
+TCP_MANAGEMENT = 7506
+LINK_PORTS = range(7510, 8000)
+HEADER = "# Managed by LanHub; local edits are overwritten at the next sync."
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    path: str
+    content: str
+    mode: int = 0o644
+    instance: str | None = None  # the OpenVPN instance that must restart when this file changes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content.encode()).hexdigest()
+
+
+@dataclass
+class FileDiff:
+    added: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    restart: set[str] = field(default_factory=set)
+    stop: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+def link_instance(upstream: str) -> str:
+    return f"client/lanhub-link-{upstream}"
+
+
+def link_device(upstream: str) -> str:
+    """``lhl-`` + 8 hex digits: fits IFNAMSIZ (15) whatever the upstream's name is."""
+    return "lhl-" + hashlib.sha1(upstream.encode()).hexdigest()[:8]
+
+
+def link_cn(name: str) -> str:
+    return f"link-{name}"
+
+
+def node_cn(name: str) -> str:
+    return f"node-{name}"
+
+
+def instance_for_path(path: str) -> str | None:
+    """The instance a file belongs to, from its path alone (old files may be known only by path and hash)."""
+    if path == f"{SERVER_DIR}/lanhub-udp.conf" or path.startswith(f"{CCD_DIR}/"):
+        return UDP_INSTANCE
+    if path == f"{SERVER_DIR}/lanhub-tcp.conf":
+        return TCP_INSTANCE
+    if path.startswith(f"{CLIENT_DIR}/lanhub-link-") and path.endswith(".conf"):
+        return "client/" + path[len(CLIENT_DIR) + 1: -len(".conf")]
+    return None
+
+
+def link_management_ports(upstreams: Sequence[str]) -> dict[str, int]:
+    """A management port per link, from a hash of the upstream's name.
+
+    The port stays put as other links come and go; two upstreams hashing to one port probe upward in name
+    order, which is deterministic within the node.
+    """
+    ports: dict[str, int] = {}
+    used: set[int] = set()
+    for upstream in sorted(upstreams):
+        slot = int(hashlib.sha1(upstream.encode()).hexdigest(), 16) % len(LINK_PORTS)
+        while LINK_PORTS[slot] in used:
+            slot = (slot + 1) % len(LINK_PORTS)
+        used.add(LINK_PORTS[slot])
+        ports[upstream] = LINK_PORTS[slot]
+    return ports
+
+
+def _net(prefix: ipaddress.IPv4Network) -> str:
+    return f"{prefix.network_address} {prefix.netmask}"
+
+
+def _common_tail(management: int, status: str) -> list[str]:
+    return [
+        "keepalive 10 60",
+        "persist-key",
+        "persist-tun",
+        "disable-dco",
+        f"management 127.0.0.1 {management}",
+        f"status {RUN}/{status}.status",
+        "verb 3",
+    ]
+
+
+def _server_pki() -> list[str]:
+    return [
+        f"ca {PKI}/ca.crt",
+        f"cert {PKI}/node.crt",
+        f"key {PKI}/node.key",
+        "dh none",
+        f"tls-crypt {PKI}/tls-crypt.key",
+        f"crl-verify {PKI}/crl.pem",
+    ]
+
+
+def _text(lines: list[str]) -> str:
+    return "\n".join([HEADER, *lines]) + "\n"
+
+
+def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
+    pool = plan.pools[node.name].udp
+    low, high = dynamic_pool(pool)
+    downstreams = set(plan.downstreams(node.name))
+    lines = [
+        f"port {node.udp_port}", "proto udp", "dev lh-udp", "dev-type tun", "topology subnet",
+        # nopool + our own ifconfig-pool keeps the first /24 free for the links' fixed addresses.
+        f"server {_net(pool)} nopool",
+        f"ifconfig-pool {low} {high}",
+        f"client-config-dir {CCD_DIR}",
+    ]
+    # Without these the kernel never hands the downstreams' prefixes to OpenVPN (verified: players fail).
+    lines += [f"route {_net(r.prefix)}" for r in plan.routes[node.name] if r.via in downstreams]
+    lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
+    lines += _common_tail(UDP_MANAGEMENT, "lanhub-udp")
+    return RenderedFile(f"{SERVER_DIR}/lanhub-udp.conf", _text(lines), instance=UDP_INSTANCE)
+
+
+def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
+    pool = plan.pools[node.name].tcp
+    lines = [
+        f"port {node.tcp_port}", "proto tcp-server", "dev lh-tcp", "dev-type tun", "topology subnet",
+        f"server {_net(pool)}",
+        f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki(),
+    ]
+    lines += _common_tail(TCP_MANAGEMENT, "lanhub-tcp")
+    return RenderedFile(f"{SERVER_DIR}/lanhub-tcp.conf", _text(lines), instance=TCP_INSTANCE)
+
+
+def render_ccd(plan: Plan, upstream: str, downstream: str) -> RenderedFile:
+    """What the upstream's UDP server tells the downstream's link client, and what it routes to it."""
+    link = plan.link(upstream, downstream)
+    mask = plan.pools[upstream].udp.netmask
+    lines = [f"ifconfig-push {link.address} {mask}"]
+    # iroutes are both the routing table inside OpenVPN and its source-address filter for this client.
+    lines += [f"iroute {_net(r.prefix)}" for r in plan.routes[upstream] if r.via == downstream]
+    return RenderedFile(f"{CCD_DIR}/{link_cn(downstream)}", _text(lines), instance=UDP_INSTANCE)
+
+
+def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, management: int) -> RenderedFile:
+    if not upstream.public_address:
+        raise PlanError(f"node {upstream.name} has no public address, but {node.name} must link to it")
+    up_pool = plan.pools[upstream.name].udp
+    gateway = up_pool.network_address + 1
+    basename = f"lanhub-link-{upstream.name}"
+    lines = [
+        "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
+        f"remote {upstream.public_address} {upstream.udp_port}",
+        "nobind", "resolv-retry infinite", "connect-retry 2 10",
+        f"ca {PKI}/ca.crt", f"cert {PKI}/link.crt", f"key {PKI}/link.key", f"tls-crypt {PKI}/tls-crypt.key",
+        "remote-cert-tls server", f"verify-x509-name {node_cn(upstream.name)} name",
+        "route-nopull",
+    ]
+    lines += [
+        f"route {_net(r.prefix)} {gateway}"
+        for r in plan.routes[node.name]
+        if r.via == upstream.name and r.prefix != up_pool
+    ]
+    lines += _common_tail(management, basename)
+    return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
+
+
+def render_sysctl() -> RenderedFile:
+    return RenderedFile(SYSCTL_PATH, _text(["net.ipv4.ip_forward=1"]))
+
+
+def render_firewall(lan: LanSpec) -> RenderedFile:
+    """Rules for ``iptables-restore --noflush``: forward LAN traffic between LanHub tunnels only.
+
+    ``lh+`` matches lh-udp, lh-tcp and every lhl-* link device. Declaring and flushing the chain makes the
+    chain's rules idempotent. The FORWARD jump is not: iptables-restore cannot say "insert if missing", and a
+    ``-D`` of a missing rule would fail the whole restore. A second jump is harmless (the chain only accepts),
+    but the applying step should drop the ``-I`` line when ``iptables -C FORWARD -j LANHUB-FORWARD`` succeeds.
+    """
+    supernet = ipaddress.IPv4Network(lan.supernet)
+    lines = [
+        "*filter",
+        ":LANHUB-FORWARD - [0:0]",
+        "-F LANHUB-FORWARD",
+        f"-A LANHUB-FORWARD -i lh+ -o lh+ -s {supernet} -d {supernet} -j ACCEPT",
+        "-I FORWARD 1 -j LANHUB-FORWARD",
+        "COMMIT",
+    ]
+    return RenderedFile(FIREWALL_PATH, _text(lines), mode=0o600)
+
+
+def render_node(
+    plan: Plan, lan: LanSpec, nodes_by_name: Mapping[str, NodeSpec], name: str
+) -> dict[str, RenderedFile]:
+    """Every file one node needs, by path. A down node gets its own servers and no links."""
+    node = nodes_by_name[name]
+    files = [render_udp_server(plan, lan, node), render_tcp_server(plan, lan, node), render_sysctl(),
+             render_firewall(lan)]
+    files += [render_ccd(plan, name, down) for down in plan.downstreams(name)]
+    upstreams = plan.upstreams(name)
+    ports = link_management_ports(upstreams)
+    files += [render_link_client(plan, node, nodes_by_name[up], ports[up]) for up in upstreams]
+    return {f.path: f for f in files}
+
+
+def render_lan(plan: Plan, lan: LanSpec, nodes: Sequence[NodeSpec] | Mapping[str, NodeSpec]):
+    """Files for every node: node name -> path -> file."""
+    by_name = dict(nodes) if isinstance(nodes, Mapping) else {n.name: n for n in nodes}
+    return {name: render_node(plan, lan, by_name, name) for name in sorted(by_name)}
+
+
+def diff(old: Mapping[str, str | RenderedFile], new: Mapping[str, RenderedFile]) -> FileDiff:
+    """What a sync must write, delete, restart and stop to go from ``old`` (path -> hash or file) to ``new``."""
+    def digest(value):
+        return value.sha256 if isinstance(value, RenderedFile) else value
+
+    result = FileDiff()
+    result.added = {p for p in new if p not in old}
+    result.changed = {p for p in new if p in old and digest(old[p]) != new[p].sha256}
+    result.removed = {p for p in old if p not in new}
+    live = {f.instance for f in new.values() if f.instance}
+    for path in result.added | result.changed:
+        if new[path].instance:
+            result.restart.add(new[path].instance)
+    for path in result.removed:
+        instance = instance_for_path(path)
+        if instance in live:
+            result.restart.add(instance)  # e.g. a ccd file went away: the server must forget that link
+        elif instance:
+            result.stop.add(instance)
+    return result

@@ -1,0 +1,141 @@
+"""Packets carried over the rendered files alone (tests/nodes/forwarding.py), on the reference LAN and on
+random LANs from hypothesis: every pool reaches every other pool, without loops or black holes, in exactly the
+planned number of hops, whatever the mode, region tree, down nodes, pins and RTTs."""
+
+import ipaddress
+import math
+import random
+
+from django.test import SimpleTestCase
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodes.render import render_lan
+from nodes.topology import LanSpec, NodeSpec, plan_lan
+from tests.nodes.forwarding import ConfigError, Network
+
+HANGZHOU = NodeSpec("hangzhou", region="asia/cn/east", order=0, public_address="203.0.113.10")
+HONGKONG = NodeSpec("hongkong", region="asia/hk", order=1, public_address="203.0.113.11")
+CCD_HK = "/etc/openvpn/server/ccd/link-hongkong"
+UDP = "/etc/openvpn/server/lanhub-udp.conf"
+
+
+def reference_files():
+    lan = LanSpec()
+    return render_lan(plan_lan(lan, [HANGZHOU, HONGKONG]), lan, [HANGZHOU, HONGKONG])
+
+
+def edited(files, node, path, drop):
+    """A copy of the files with the lines starting with ``drop`` removed from one file."""
+    copy = {n: {p: f.content for p, f in fs.items()} for n, fs in files.items()}
+    copy[node][path] = "\n".join(l for l in copy[node][path].splitlines() if not l.startswith(drop))
+    return copy
+
+
+class ReferenceForwardingTests(SimpleTestCase):
+    def test_every_pool_reaches_every_other_pool_of_the_reference_lan(self):
+        traces = Network(reference_files()).send_all()
+        self.assertEqual(len(traces), 12)
+        self.assertTrue(all(t.delivered for t in traces), [t for t in traces if not t.delivered])
+        self.assertEqual({t.hops for t in traces if t.source != t.target}, {1})
+
+    def test_the_simulator_drops_packets_without_iroutes_as_openvpn_does(self):
+        traces = Network(edited(reference_files(), "hangzhou", CCD_HK, "iroute")).send_all()
+        reasons = {t.reason for t in traces if not t.delivered}
+        self.assertEqual(reasons, {"bad source address on hangzhou", "no iroute on hangzhou"})
+
+    def test_the_simulator_black_holes_without_the_servers_route_lines(self):
+        traces = Network(edited(reference_files(), "hangzhou", UDP, "route ")).send_all()
+        self.assertIn("no route on hangzhou", {t.reason for t in traces})
+
+    def test_the_simulator_refuses_a_route_the_kernel_would_refuse(self):
+        files = reference_files()
+        copy = {n: {p: f.content for p, f in fs.items()} for n, fs in files.items()}
+        copy["hangzhou"][UDP] += "route 10.250.0.0 255.255.0.0\n"  # hangzhou's own TCP pool
+        with self.assertRaises(ConfigError):
+            Network(copy)
+
+
+@st.composite
+def random_lans(draw, mode, max_nodes):
+    """A LAN from a seed: random region tree, priorities, down nodes, pins and (sometimes) RTTs."""
+    count = draw(st.integers(1, max_nodes))
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    paths = [""]
+    for i in range(rng.randint(0, 12)):
+        parent = rng.choice(paths)
+        paths.append(f"{parent}/g{i}".lstrip("/"))
+    down_rate = rng.choice([0, 0.1, 0.3])
+    nodes = []
+    for i in range(count):
+        pin = None
+        # Pins go to older nodes in hierarchical mode (cycles are an error there), anywhere otherwise.
+        if i and rng.random() < 0.1:
+            pin = f"n{rng.randrange(i) if mode == 'hierarchical' else rng.choice([x for x in range(count) if x != i])}"
+        nodes.append(NodeSpec(
+            f"n{i}", region=rng.choice(paths), priority=rng.randint(0, 2), order=rng.randint(0, count),
+            healthy=rng.random() >= down_rate, public_address=f"198.51.{i // 250}.{i % 250 + 1}",
+            pinned_upstream=pin,
+        ))
+    rtts = None
+    if rng.random() < 0.5:
+        where = {n.name: (rng.random() * 100, rng.random() * 100) for n in nodes}
+        # Mostly distances, some inflated: measured RTTs break the triangle inequality.
+        rtts = {(a, b): (1 + math.dist(where[a], where[b])) * (3 if rng.random() < 0.1 else 1)
+                for a in where for b in where if a < b}
+    return LanSpec(mode=mode, pool_prefix=20 if count > 100 else 16), nodes, rtts
+
+
+def check_lan(testcase, lan, nodes, rtts):
+    plan = plan_lan(lan, nodes, rtts=rtts)
+    healthy = sorted(plan.healthy)
+    for node in nodes:
+        if not node.healthy:
+            testcase.assertEqual(plan.tunnels(node.name), 0)
+        elif node.pinned_upstream in plan.healthy:
+            testcase.assertIn(node.pinned_upstream, plan.neighbours(node.name))
+    pools = sorted(p for pair in plan.pools.values() for p in (pair.udp, pair.tcp))
+    testcase.assertFalse([(a, b) for a, b in zip(pools, pools[1:]) if a.overlaps(b)])
+    testcase.assertFalse([p for p in pools if p.overlaps(ipaddress.IPv4Network("10.252.0.0/14"))])
+    files = render_lan(plan, lan, nodes)
+    network = Network(files)
+    # Every pool to every pool on smaller LANs; from a sample of sources on big ones (each is O(n^2)).
+    sources = healthy if len(healthy) <= 60 else random.Random(len(healthy)).sample(healthy, 20)
+    planned = {}
+    for trace in network.send_all(sources=sources, nodes=healthy):
+        testcase.assertTrue(trace.delivered, trace)
+        key = (trace.source, trace.target)
+        if key not in planned:
+            planned[key] = plan.hops(*key)
+            testcase.assertEqual(plan.path(*key), tuple(reversed(plan.path(key[1], key[0]))))
+        testcase.assertEqual(trace.hops, planned[key], trace)
+    # The tunnel budget holds for flat region trees; deep trees can stack a primary's groups (see README).
+    flat = all("/" not in n.region for n in nodes)
+    if flat and not any(n.pinned_upstream for n in nodes) and lan.mode in ("auto", "hierarchical") and len(healthy) > 1:
+        testcase.assertLessEqual(max(plan.tunnels(n) for n in healthy), 2 * math.sqrt(len(healthy)))
+    return plan
+
+
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class RandomLanForwardingTests(SimpleTestCase):
+    @SETTINGS
+    @given(random_lans("hierarchical", 200))
+    def test_hierarchical_lans_forward_every_packet_along_the_plan(self, case):
+        check_lan(self, *case)
+
+    @SETTINGS
+    @given(random_lans("auto", 120))
+    def test_auto_lans_forward_every_packet_along_the_plan(self, case):
+        check_lan(self, *case)
+
+    @settings(max_examples=30, deadline=None)
+    @given(random_lans("hub", 80))
+    def test_hub_lans_forward_every_packet_along_the_plan(self, case):
+        check_lan(self, *case)
+
+    @settings(max_examples=30, deadline=None)
+    @given(random_lans("mesh", 30))
+    def test_mesh_lans_forward_every_packet_along_the_plan(self, case):
+        check_lan(self, *case)

@@ -1,0 +1,188 @@
+"""Rendering: the reference LAN's files line by line, file naming, determinism, diffs and stability."""
+
+import dataclasses
+import hashlib
+
+from django.test import SimpleTestCase
+
+from nodes.render import (
+    FileDiff, RenderedFile, diff, link_device, link_management_ports, render_lan, render_node,
+)
+from nodes.topology import LanSpec, NodeSpec, plan_lan
+
+HANGZHOU = NodeSpec("hangzhou", region="asia/cn/east", order=0, public_address="203.0.113.10")
+HONGKONG = NodeSpec("hongkong", region="asia/hk", order=1, public_address="203.0.113.11")
+UDP = "/etc/openvpn/server/lanhub-udp.conf"
+TCP = "/etc/openvpn/server/lanhub-tcp.conf"
+CCD_HK = "/etc/openvpn/server/ccd/link-hongkong"
+LINK_HZ = "/etc/openvpn/client/lanhub-link-hangzhou.conf"
+
+HANGZHOU_UDP = """\
+# Managed by LanHub; local edits are overwritten at the next sync.
+port 1194
+proto udp
+dev lh-udp
+dev-type tun
+topology subnet
+server 10.251.0.0 255.255.0.0 nopool
+ifconfig-pool 10.251.1.1 10.251.255.253
+client-config-dir /etc/openvpn/server/ccd
+route 10.248.0.0 255.254.0.0
+push "route 10.0.0.0 255.0.0.0"
+ca /etc/openvpn/lanhub/pki/ca.crt
+cert /etc/openvpn/lanhub/pki/node.crt
+key /etc/openvpn/lanhub/pki/node.key
+dh none
+tls-crypt /etc/openvpn/lanhub/pki/tls-crypt.key
+crl-verify /etc/openvpn/lanhub/pki/crl.pem
+keepalive 10 60
+persist-key
+persist-tun
+disable-dco
+management 127.0.0.1 7505
+status /etc/openvpn/lanhub/run/lanhub-udp.status
+verb 3
+"""
+
+
+def reference():
+    lan = LanSpec()
+    return render_lan(plan_lan(lan, [HANGZHOU, HONGKONG]), lan, [HANGZHOU, HONGKONG])
+
+
+def lines(file):
+    return file.content.splitlines()
+
+
+class ReferenceLanTests(SimpleTestCase):
+    def test_hangzhou_udp_server_matches_the_verified_config(self):
+        self.assertEqual(reference()["hangzhou"][UDP].content, HANGZHOU_UDP)
+
+    def test_hangzhou_tcp_server_has_its_pool_and_the_push_but_no_routes_or_ccd(self):
+        tcp = lines(reference()["hangzhou"][TCP])
+        self.assertIn("proto tcp-server", tcp)
+        self.assertIn("server 10.250.0.0 255.255.0.0", tcp)
+        self.assertIn('push "route 10.0.0.0 255.0.0.0"', tcp)
+        self.assertIn("management 127.0.0.1 7506", tcp)
+        self.assertFalse([line for line in tcp if line.startswith(("route ", "client-config-dir"))])
+
+    def test_the_ccd_file_for_hongkong_fixes_its_address_and_iroutes_its_pools(self):
+        self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1:],
+                         ["ifconfig-push 10.251.0.2 255.255.0.0", "iroute 10.248.0.0 255.254.0.0"])
+
+    def test_hongkongs_link_client_dials_hangzhou_and_routes_the_lan_through_it(self):
+        link = lines(reference()["hongkong"][LINK_HZ])
+        for expected in ["client", f"dev {link_device('hangzhou')}", "remote 203.0.113.10 1194",
+                         "verify-x509-name node-hangzhou name", "route-nopull", "cert /etc/openvpn/lanhub/pki/link.crt",
+                         "route 10.0.0.0 255.0.0.0 10.251.0.1", "keepalive 10 60", "disable-dco"]:
+            self.assertIn(expected, link)
+
+    def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
+        files = reference()["hongkong"]
+        self.assertIn("server 10.249.0.0 255.255.0.0 nopool", lines(files[UDP]))
+        self.assertIn("ifconfig-pool 10.249.1.1 10.249.255.253", lines(files[UDP]))
+        self.assertFalse([p for p in files if "/ccd/" in p])
+
+    def test_every_node_turns_on_forwarding_and_accepts_lan_traffic_between_tunnels(self):
+        files = reference()["hangzhou"]
+        self.assertIn("net.ipv4.ip_forward=1", lines(files["/etc/sysctl.d/90-lanhub.conf"]))
+        rules = lines(files["/etc/openvpn/lanhub/firewall.rules"])
+        self.assertIn("-A LANHUB-FORWARD -i lh+ -o lh+ -s 10.0.0.0/8 -d 10.0.0.0/8 -j ACCEPT", rules)
+        self.assertIn("-I FORWARD 1 -j LANHUB-FORWARD", rules)
+
+    def test_files_name_the_instance_that_must_restart(self):
+        files = reference()
+        self.assertEqual(files["hangzhou"][UDP].instance, "server/lanhub-udp")
+        self.assertEqual(files["hangzhou"][CCD_HK].instance, "server/lanhub-udp")
+        self.assertEqual(files["hongkong"][LINK_HZ].instance, "client/lanhub-link-hangzhou")
+        self.assertIsNone(files["hongkong"]["/etc/sysctl.d/90-lanhub.conf"].instance)
+
+    def test_rendering_is_deterministic_and_hashes_the_content(self):
+        first, second = reference(), reference()
+        self.assertEqual(first, second)
+        f = first["hangzhou"][UDP]
+        self.assertEqual(f.sha256, hashlib.sha256(HANGZHOU_UDP.encode()).hexdigest())
+
+    def test_a_down_node_renders_standalone(self):
+        lan = LanSpec()
+        nodes = [HANGZHOU, dataclasses.replace(HONGKONG, healthy=False)]
+        files = render_lan(plan_lan(lan, nodes), lan, nodes)
+        self.assertEqual(sorted(p.rsplit("/", 1)[-1] for p in files["hongkong"]),
+                         ["90-lanhub.conf", "firewall.rules", "lanhub-tcp.conf", "lanhub-udp.conf"])
+        self.assertNotIn(CCD_HK, files["hangzhou"])
+        self.assertFalse([l for l in lines(files["hangzhou"][UDP]) if l.startswith("route ")])
+
+
+class NamingTests(SimpleTestCase):
+    def test_link_devices_fit_an_interface_name(self):
+        self.assertRegex(link_device("a-very-long-node-name-of-32-chars"), r"^lhl-[0-9a-f]{8}$")
+
+    def test_link_management_ports_stay_put_as_other_links_come_and_go(self):
+        alone = link_management_ports(["tokyo"])
+        together = link_management_ports(["tokyo", "paris", "lima"])
+        self.assertEqual(alone["tokyo"], together["tokyo"])
+        self.assertTrue(all(7510 <= port <= 7999 for port in together.values()))
+
+    def test_link_management_ports_probe_past_a_collision(self):
+        names = [f"n{i}" for i in range(491)]
+        ports = link_management_ports(names[:490])
+        self.assertEqual(len(set(ports.values())), 490)
+
+
+class DiffTests(SimpleTestCase):
+    def test_it_reports_added_changed_removed_and_the_instances_to_restart_or_stop(self):
+        old = {
+            "/etc/openvpn/server/lanhub-udp.conf": RenderedFile(UDP, "a", instance="server/lanhub-udp"),
+            "/etc/openvpn/client/lanhub-link-paris.conf": "0" * 64,
+            "/etc/sysctl.d/90-lanhub.conf": hashlib.sha256(b"same").hexdigest(),
+        }
+        new = {
+            UDP: RenderedFile(UDP, "b", instance="server/lanhub-udp"),
+            "/etc/sysctl.d/90-lanhub.conf": RenderedFile("/etc/sysctl.d/90-lanhub.conf", "same"),
+            LINK_HZ: RenderedFile(LINK_HZ, "c", instance="client/lanhub-link-hangzhou"),
+        }
+        self.assertEqual(diff(old, new), FileDiff(
+            added={LINK_HZ}, changed={UDP}, removed={"/etc/openvpn/client/lanhub-link-paris.conf"},
+            restart={"server/lanhub-udp", "client/lanhub-link-hangzhou"}, stop={"client/lanhub-link-paris"},
+        ))
+
+    def test_a_removed_ccd_file_restarts_the_udp_server_rather_than_stopping_it(self):
+        files = reference()["hangzhou"]
+        shrunk = {p: f for p, f in files.items() if p != CCD_HK}
+        result = diff(files, shrunk)
+        self.assertEqual((result.removed, result.restart, result.stop), ({CCD_HK}, {"server/lanhub-udp"}, set()))
+
+    def test_nothing_changed_means_nothing_to_do(self):
+        files = reference()["hangzhou"]
+        self.assertFalse(diff({p: f.sha256 for p, f in files.items()}, files))
+
+
+class StabilityTests(SimpleTestCase):
+    def lan(self, count):
+        return [NodeSpec(f"n{i}", region=f"r{i % 3}", order=i, public_address=f"198.51.100.{i}") for i in range(count)]
+
+    def replan(self, lan_spec, nodes, previous):
+        """Plan as the caller would: pools and link addresses from the previous plan passed back in."""
+        nodes = [dataclasses.replace(n, udp_pool=str(previous.pools[n.name].udp),
+                                     tcp_pool=str(previous.pools[n.name].tcp)) if n.name in previous.pools else n
+                 for n in nodes]
+        addresses = {(l.upstream, l.downstream): str(l.address) for l in previous.links}
+        plan = plan_lan(lan_spec, nodes, link_addresses=addresses)
+        return plan, render_lan(plan, lan_spec, nodes)
+
+    def test_adding_a_node_touches_only_nodes_that_must_change_and_removing_it_restores_every_byte(self):
+        spec = LanSpec(mode="hierarchical")
+        base = self.lan(30)
+        plan = plan_lan(spec, base)
+        before = render_lan(plan, spec, base)
+        newcomer = NodeSpec("newcomer", region="r1", order=99, public_address="198.51.100.99")
+        grown_plan, grown = self.replan(spec, base + [newcomer], plan)
+        changed = {n for n in before if before[n] != grown[n]}
+        # Must change: the newcomer's neighbours, and nodes that reach it other than by their default route.
+        must = set(grown_plan.neighbours("newcomer"))
+        must |= {n for n in before if plan.routes[n] != grown_plan.routes[n]}
+        self.assertEqual(changed, must)
+        self.assertLess(len(changed), 8, changed)
+        self.assertGreater(len(changed), 0)
+        _, shrunk = self.replan(spec, base, grown_plan)
+        self.assertEqual(shrunk, before)

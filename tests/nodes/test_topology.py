@@ -1,0 +1,182 @@
+"""Planning: pools, links per mode, pins, down nodes, routes, bad input. Pure code, no database."""
+
+import ipaddress
+import math
+from itertools import combinations
+
+from django.test import SimpleTestCase
+
+from nodes.topology import LanSpec, NodeSpec, PlanError, plan_lan
+
+net = ipaddress.IPv4Network
+addr = ipaddress.IPv4Address
+
+HANGZHOU = NodeSpec("hangzhou", region="asia/cn/east", order=0, public_address="203.0.113.10")
+HONGKONG = NodeSpec("hongkong", region="asia/hk", order=1, public_address="203.0.113.11")
+
+
+def nodes(count, **kwargs):
+    return [NodeSpec(f"n{i}", order=i, public_address=f"198.51.100.{i}", **kwargs) for i in range(count)]
+
+
+def link_pairs(plan):
+    return {(link.upstream, link.downstream) for link in plan.links}
+
+
+class PoolTests(SimpleTestCase):
+    def test_it_carves_the_reference_pools_downward_below_the_reserved_block(self):
+        plan = plan_lan(LanSpec(), [HONGKONG, HANGZHOU])
+        self.assertEqual(plan.pools["hangzhou"].udp, net("10.251.0.0/16"))
+        self.assertEqual(plan.pools["hangzhou"].tcp, net("10.250.0.0/16"))
+        self.assertEqual(plan.pools["hongkong"].udp, net("10.249.0.0/16"))
+        self.assertEqual(plan.pools["hongkong"].tcp, net("10.248.0.0/16"))
+
+    def test_it_keeps_existing_pools_and_reuses_a_freed_one(self):
+        old = NodeSpec("old", order=5, udp_pool="10.247.0.0/16", tcp_pool="10.246.0.0/16")
+        new = NodeSpec("new", order=9)
+        plan = plan_lan(LanSpec(), [old, new])
+        self.assertEqual(plan.pools["old"].udp, net("10.247.0.0/16"))
+        # 10.251 and 10.250 are free again (their node was removed): the newcomer takes them.
+        self.assertEqual((plan.pools["new"].udp, plan.pools["new"].tcp), (net("10.251.0.0/16"), net("10.250.0.0/16")))
+
+    def test_it_allocates_missing_pools_oldest_first(self):
+        plan = plan_lan(LanSpec(pool_prefix=20), [NodeSpec("b", order=2), NodeSpec("a", order=1)])
+        self.assertEqual(plan.pools["a"].udp, net("10.251.240.0/20"))
+        self.assertEqual(plan.pools["b"].udp, net("10.251.208.0/20"))
+
+    def test_it_rejects_overlapping_fixed_pools(self):
+        lan = [NodeSpec("alpha", udp_pool="10.1.0.0/16"), NodeSpec("beta", tcp_pool="10.1.128.0/17")]
+        with self.assertRaisesRegex(PlanError, "alpha.*beta"):
+            plan_lan(LanSpec(), lan)
+
+    def test_it_rejects_a_fixed_pool_outside_the_supernet(self):
+        with self.assertRaisesRegex(PlanError, "alpha.*outside"):
+            plan_lan(LanSpec(), [NodeSpec("alpha", udp_pool="192.168.0.0/16")])
+
+    def test_it_rejects_a_fixed_pool_in_the_reserved_block(self):
+        with self.assertRaisesRegex(PlanError, "alpha.*reserved"):
+            plan_lan(LanSpec(), [NodeSpec("alpha", udp_pool="10.253.0.0/16")])
+
+    def test_it_rejects_a_supernet_too_small_naming_the_nodes_left_out(self):
+        lan = LanSpec(supernet="10.0.0.0/16", pool_prefix=18)
+        with self.assertRaisesRegex(PlanError, "n1, n2"):
+            plan_lan(lan, nodes(3))
+
+    def test_it_rejects_pools_smaller_than_a_22(self):
+        with self.assertRaisesRegex(PlanError, "/22"):
+            plan_lan(LanSpec(pool_prefix=23), nodes(1))
+
+    def test_it_rejects_bad_names_duplicates_and_unknown_pins(self):
+        for lan, message in [
+            ([NodeSpec("Bad_Name")], "Bad_Name"),
+            ([NodeSpec("a"), NodeSpec("a")], "two nodes are named a"),
+            ([NodeSpec("a", pinned_upstream="ghost")], "a is pinned to unknown node ghost"),
+        ]:
+            with self.subTest(message), self.assertRaisesRegex(PlanError, message):
+                plan_lan(LanSpec(), lan)
+
+
+class ModeTests(SimpleTestCase):
+    def test_two_nodes_in_auto_mode_put_hongkong_downstream_of_hangzhou(self):
+        plan = plan_lan(LanSpec(), [HANGZHOU, HONGKONG])
+        self.assertEqual([(l.upstream, l.downstream, l.address) for l in plan.links],
+                         [("hangzhou", "hongkong", addr("10.251.0.2"))])
+
+    def test_auto_mode_meshes_small_lans_and_goes_hierarchical_above_five(self):
+        self.assertEqual(plan_lan(LanSpec(), nodes(5)).mode, "mesh")
+        self.assertEqual(plan_lan(LanSpec(), nodes(6)).mode, "hierarchical")
+
+    def test_hub_mode_links_everyone_to_the_highest_priority_node(self):
+        lan = nodes(4) + [NodeSpec("boss", priority=5, order=9)]
+        plan = plan_lan(LanSpec(mode="hub"), lan)
+        self.assertEqual(link_pairs(plan), {("boss", f"n{i}") for i in range(4)})
+        self.assertEqual(plan.primaries[""], "boss")
+
+    def test_a_down_primary_is_replaced_and_keeps_its_pools_without_links(self):
+        lan = [NodeSpec("boss", priority=5, healthy=False)] + nodes(3)
+        plan = plan_lan(LanSpec(mode="hub"), lan)
+        self.assertEqual(link_pairs(plan), {("n0", "n1"), ("n0", "n2")})
+        self.assertIn("boss", plan.pools)
+        self.assertEqual(plan.routes["boss"], ())
+        self.assertNotIn(plan.pools["boss"].udp, [r.prefix for r in plan.routes["n0"]])
+
+    def test_mesh_mode_links_every_pair_with_the_higher_ranked_upstream(self):
+        plan = plan_lan(LanSpec(mode="mesh"), nodes(5))
+        self.assertEqual(link_pairs(plan), {(f"n{a}", f"n{b}") for a, b in combinations(range(5), 2)})
+
+    def test_hierarchical_mode_gives_each_region_a_primary_and_links_sibling_primaries(self):
+        lan = [
+            NodeSpec("hz", region="asia/cn", order=0), NodeSpec("sh", region="asia/cn", order=1),
+            NodeSpec("hk", region="asia/hk", order=2), NodeSpec("hk2", region="asia/hk", order=3),
+            NodeSpec("fra", region="eu/de", order=4), NodeSpec("ber", region="eu/de", order=5),
+        ]
+        plan = plan_lan(LanSpec(mode="hierarchical"), lan)
+        self.assertEqual(plan.primaries, {"asia/cn": "hz", "asia/hk": "hk", "eu/de": "fra", "asia": "hz",
+                                          "eu": "fra", "": "hz"})
+        self.assertEqual(link_pairs(plan), {("hz", "sh"), ("hk", "hk2"), ("fra", "ber"), ("hz", "hk"),
+                                            ("hz", "fra")})
+
+    def test_hierarchical_mode_splits_a_big_region_to_keep_tunnels_within_two_root_n(self):
+        for count in (10, 50, 200):
+            plan = plan_lan(LanSpec(mode="hierarchical", pool_prefix=20), nodes(count, region="eu"))
+            with self.subTest(count):
+                self.assertLessEqual(max(plan.tunnels(n) for n in plan.pools), 2 * math.sqrt(count))
+
+    def test_pins_are_honoured_in_every_mode(self):
+        lan = nodes(6) + [NodeSpec("x", order=9, pinned_upstream="n4")]
+        for mode in ("hub", "mesh", "hierarchical"):
+            with self.subTest(mode):
+                plan = plan_lan(LanSpec(mode=mode), lan)
+                self.assertIn(("n4", "x"), link_pairs(plan))
+                if mode != "mesh":
+                    self.assertEqual(plan.neighbours("x"), ("n4",))
+
+    def test_a_pin_cycle_in_hub_mode_is_joined_to_the_primary(self):
+        lan = nodes(3) + [NodeSpec("a", order=5, pinned_upstream="b"), NodeSpec("b", order=6, pinned_upstream="a")]
+        plan = plan_lan(LanSpec(mode="hub"), lan)
+        self.assertIn(("n0", "a"), link_pairs(plan))
+        self.assertEqual(plan.hops("n1", "b"), 3)
+
+    def test_it_rejects_cyclic_pins_in_hierarchical_mode(self):
+        lan = nodes(2) + [
+            NodeSpec("a", pinned_upstream="b"), NodeSpec("b", pinned_upstream="c"), NodeSpec("c", pinned_upstream="a"),
+        ]
+        with self.assertRaisesRegex(PlanError, "a -> b -> c -> a"):
+            plan_lan(LanSpec(mode="hierarchical"), lan)
+
+
+class LinkAddressTests(SimpleTestCase):
+    def test_new_links_take_the_lowest_free_address_and_old_ones_keep_theirs(self):
+        previous = {("n0", "n2"): "10.251.0.2"}
+        plan = plan_lan(LanSpec(mode="hub"), nodes(4), link_addresses=previous)
+        self.assertEqual({l.downstream: str(l.address) for l in plan.links},
+                         {"n2": "10.251.0.2", "n1": "10.251.0.3", "n3": "10.251.0.4"})
+
+    def test_an_upstream_with_more_than_254_links_is_refused(self):
+        with self.assertRaisesRegex(PlanError, "n0 would serve more than 254 links"):
+            plan_lan(LanSpec(mode="hub", pool_prefix=20), nodes(256))
+
+
+class RouteTests(SimpleTestCase):
+    def test_hangzhou_routes_both_hongkong_pools_as_one_aggregate_and_hongkong_defaults_to_hangzhou(self):
+        plan = plan_lan(LanSpec(), [HANGZHOU, HONGKONG])
+        self.assertEqual([(r.prefix, r.via) for r in plan.routes["hangzhou"]], [(net("10.248.0.0/15"), "hongkong")])
+        self.assertEqual([(r.prefix, r.via) for r in plan.routes["hongkong"]], [(net("10.0.0.0/8"), "hangzhou")])
+
+    def test_paths_are_the_reverse_of_each_other_even_when_every_link_ties(self):
+        # No RTTs: many equal-cost paths across the sibling meshes; tie-breaking must still agree both ways.
+        lan = [NodeSpec(f"n{i}", region=f"r{i % 4}/s{i % 3}", order=i) for i in range(40)]
+        plan = plan_lan(LanSpec(mode="hierarchical"), lan)
+        for a, b in combinations(plan.pools, 2):
+            self.assertEqual(plan.path(a, b), tuple(reversed(plan.path(b, a))))
+
+    def test_a_slow_link_is_still_used_between_its_own_ends(self):
+        # n0-n2 is slower than the detour via n1, but n2's tunnel to n0 holds n0's pool as a connected subnet.
+        rtts = {("n0", "n1"): 1, ("n1", "n2"): 1, ("n0", "n2"): 10}
+        plan = plan_lan(LanSpec(mode="mesh"), nodes(3), rtts=rtts)
+        self.assertEqual(plan.path("n2", "n0"), ("n2", "n0"))
+
+    def test_a_leaf_gets_one_default_route_toward_its_upstream(self):
+        plan = plan_lan(LanSpec(mode="hub"), nodes(5))
+        self.assertEqual([(str(r.prefix), r.via) for r in plan.routes["n3"]], [("10.0.0.0/8", "n0")])
+        self.assertEqual(len(plan.routes["n0"]), 4)
