@@ -32,7 +32,19 @@ def _typed(name, cast, default):
         raise ImproperlyConfigured(f"{name} is malformed: {exc}") from None
 
 
-DEBUG = _typed("DEBUG", env.bool, True)
+def _strict_bool(name, default):
+    # environ's bool() reads anything unknown as False; a typo in DEBUG must not silently flip production on.
+    raw = env.str(name, default="").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name} is malformed: {raw!r} is not one of true/false/yes/no/on/off/1/0")
+
+
+DEBUG = _strict_bool("DEBUG", True)
 SECRET_KEY = env.str("SECRET_KEY", default=DEV_SECRET_KEY)
 LANHUB_KEY = env.str("LANHUB_KEY", default=DEV_LANHUB_KEY)
 ALLOWED_HOSTS = _typed("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
@@ -42,6 +54,11 @@ SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
 
 def _database():
     url = env.str("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'lanhub.sqlite3'}")
+    scheme = url.split(":", 1)[0]
+    if "://" not in url or scheme not in environ.Env.DB_SCHEMES:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL is malformed ({url!r}): expected e.g. postgres://user:password@host:5432/name "
+            f"or sqlite:////absolute/path.sqlite3")
     try:
         config = environ.Env.db_url_config(url)
     except (ValueError, KeyError, environ.ImproperlyConfigured) as exc:

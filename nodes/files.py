@@ -14,6 +14,7 @@ from nodes import render
 
 PKI_DIR = "/etc/openvpn/lanhub/pki"
 SERVER_INSTANCES = ("server/lanhub-udp", "server/lanhub-tcp")
+CCD_DIR = "/etc/openvpn/server/ccd/"
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,14 @@ def instances_to_restart(changed_paths, files: dict, wanted: set[str]) -> set[st
                 restart |= wanted & set(SERVER_INSTANCES)
             elif f.restarts == "links":
                 restart |= {i for i in wanted if i.startswith("client/")}
-        elif f.instance:
+        elif f.instance and not path.startswith(CCD_DIR):
             restart.add(f.instance)
     return restart & wanted
+
+
+def reconnect_for(changed_paths) -> set[str]:
+    """Common names whose client-config-dir file changed: they must reconnect, the server need not restart."""
+    return {path[len(CCD_DIR):] for path in changed_paths if path.startswith(CCD_DIR)}
 
 
 def wanted_instances(files: dict) -> set[str]:

@@ -17,8 +17,9 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from nodes import management, provisioning, services
-from nodes.files import desired_files, instances_to_restart, wanted_instances
+from nodes import openvpn_mgmt as management
+from nodes import provisioning, services
+from nodes.files import desired_files, instances_to_restart, reconnect_for, wanted_instances
 from nodes.models import Link, LinkState, Node, NodeState, RevokedCertificate, SyncRun, SyncState, SyncStatus, VpnSession
 from nodes.ssh import ProvisioningError, open_connection
 
@@ -102,19 +103,20 @@ def _fail_node(node: Node, message: str) -> None:
 
 
 class StepRecorder:
-    """Writes each step's name, duration and outcome onto the run as it happens, for the progress bar."""
+    """Writes each step's name, duration and outcome onto the run as it ends, and names the next one, so the
+    progress bar and the node page follow the run."""
 
     def __init__(self, run: SyncRun):
         self.run = run
+        run.current_step = provisioning.STEPS[0]
 
-    def __call__(self, step: str, seconds: float | None, changed: bool | None, note: str = "") -> None:
+    def __call__(self, step: str, seconds: float, changed: bool) -> None:
         run = self.run
-        if seconds is None:  # the step is starting
-            run.current_step = step
-        else:
-            run.steps = [*run.steps, {"step": step, "seconds": round(seconds, 3), "changed": changed}]
-            run.progress = min(99, int(100 * len(run.steps) / STEP_COUNT))
-            run.log += f"{step}: {'changed' if changed else 'unchanged'} in {seconds:.2f}s{(' — ' + note) if note else ''}\n"
+        run.steps = [*run.steps, {"step": step, "seconds": round(seconds, 3), "changed": changed}]
+        run.progress = min(99, int(100 * len(run.steps) / STEP_COUNT))
+        run.log += f"{step}: {'changed' if changed else 'unchanged'} in {seconds:.2f}s\n"
+        index = provisioning.STEPS.index(step) if step in provisioning.STEPS else -1
+        run.current_step = provisioning.STEPS[index + 1] if 0 <= index < STEP_COUNT - 1 else step
         SyncRun.objects.filter(pk=run.pk).update(current_step=run.current_step, progress=run.progress,
                                                  steps=run.steps, log=run.log)
 
@@ -124,18 +126,26 @@ def _sync(node: Node, run: SyncRun) -> None:
     lan_plan = services.plan_lan(lan)
     files = desired_files(lan, node, lan_plan)
     wanted = wanted_instances(files)
-    links = [(link.device, link.peer) for link in provisioning.node_links(lan_plan.plan, node.name)]
+    links = provisioning.node_links(lan_plan.plan, node.name)
     revoked = set(RevokedCertificate.objects.filter(lan=lan).values_list("common_name", flat=True))
+    recorder = StepRecorder(run)
     with open_connection(node, pin=lambda key: services.accept_host_key(node, key_line=key)) as c:
         result = provisioning.apply(
             c, files=files, remove=set(node.applied_files) - set(files), wanted=wanted,
-            restart_for=lambda changed: instances_to_restart(changed, files, wanted), links=links,
-            revoked=revoked, log=StepRecorder(run),
+            restart=lambda changed: instances_to_restart(changed, files, wanted),
+            links=[(link.device, link.peer) for link in links], log=recorder,
         )
-    run.changed_files, run.restarted = sorted(result.changed), sorted(result.restarted)
+        # Clients whose client-config-dir file changed reconnect to pick it up (OpenVPN reads it on connect),
+        # and revoked certificates lose any session still open: the CRL only stops new handshakes.
+        status = management.node_status(c)
+        killed = management.kill_clients(c, status, revoked | reconnect_for(result.changed))
+    notes = result.notes + result.verify.get("warnings", [])
+    run.log += "".join(f"note: {n}\n" for n in notes) + (f"disconnected {killed} client(s)\n" if killed else "")
+    run.changed_files = sorted(result.changed)
+    run.restarted = sorted(set(result.restarted) | set(result.instances.started))
     Node.objects.filter(pk=node.pk).update(
         applied_files={path: f.sha256 for path, f in files.items()}, state=NodeState.READY, last_error="",
-        openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0, healthy=True,
+        openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0,
     )
 
 

@@ -1,0 +1,207 @@
+"""SSH to nodes: the one place that builds a ``fabric.Connection``, and the one domain error of provisioning.
+
+``open_connection(node)`` connects eagerly, so every way of failing to reach a node (refused, timed out, wrong
+deploy key, changed host key) surfaces here as a ``ProvisioningError("connect", ...)`` with a message an operator
+can act on, and never as a paramiko traceback half-way through a step.
+
+Host keys are pinned, never learnt silently: Fabric's default ``AutoAddPolicy`` is replaced by the node's pinned
+key plus ``RejectPolicy``. Only when no key is pinned yet (first contact) does a policy accept the key the server
+presents, and the caller's ``pin`` callback stores it once the login has succeeded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import shlex
+import socket
+from collections.abc import Callable
+
+import paramiko
+from django.conf import settings
+from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut, UnexpectedExit
+from paramiko.config import SSHConfig
+
+from lanhub.pki import fingerprint_sha256
+from lanhub.secrets import SecretError, unseal
+
+# Upper bound for any one remote command: apt-get on a slow mirror is the longest thing a step runs. Without it a
+# wedged command would hold the Celery worker (and the node's sync claim) forever.
+COMMAND_TIMEOUT = 900
+
+
+class ProvisioningError(Exception):
+    """A step failed in a way the operator should see: ``message`` is shown in the UI and stored on the SyncRun.
+
+    ``permanent`` means retrying will not help until someone changes something (a changed host key, a refused
+    login, an unsupported OS); transient failures (timeouts, a node that is down) may be retried by the task.
+    """
+
+    def __init__(self, step: str, message: str, *, permanent: bool = False):
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.message = message
+        self.permanent = permanent
+
+
+def open_connection(node, *, pin: Callable[[str], None] | None = None, timeout: int | None = None) -> Connection:
+    """Connect to ``node`` and return the open Connection; use it as ``with open_connection(node) as c:``.
+
+    ``pin(key_line)`` is called with ``"<type> <base64>"`` when the node had no pinned host key and the login
+    succeeded. Without ``pin`` an unpinned node is refused: trusting a key nobody will remember is pointless.
+    """
+    timeout = timeout or getattr(settings, "LANHUB_SSH_TIMEOUT", 10)
+    pkey = _deploy_key(node)
+    c = Connection(
+        node.ssh_host, user=node.ssh_user, port=node.ssh_port, connect_timeout=timeout,
+        connect_kwargs={"pkey": pkey, "look_for_keys": False, "allow_agent": False,
+                        "banner_timeout": timeout, "auth_timeout": timeout, "channel_timeout": timeout},
+        # An explicit empty SSHConfig keeps ~/.ssh/config and /etc/ssh/ssh_config of the worker out of the way;
+        # in_stream=False because a worker (or pytest) has no stdin worth forwarding to a remote command.
+        config=Config(ssh_config=SSHConfig(),
+                      overrides={"run": {"in_stream": False}, "timeouts": {"command": COMMAND_TIMEOUT}}),
+    )
+    first_contact = _FirstContactPolicy() if not node.ssh_host_key.strip() else None
+    if first_contact:
+        if pin is None:
+            raise ProvisioningError("connect", f"{_where(node)} has no pinned host key and this call cannot pin one.",
+                                    permanent=True)
+        c.client.set_missing_host_key_policy(first_contact)
+    else:
+        expected = _parse_host_key(node.ssh_host_key)
+        c.client.get_host_keys().add(_known_hosts_name(node), expected.get_name(), expected)
+        c.client.set_missing_host_key_policy(_PinnedPolicy(expected))
+    try:
+        c.open()
+        c.transport.set_keepalive(15)  # long apt-get runs: keep NAT boxes from dropping an idle session
+    except BaseException as exc:
+        c.client.close()  # paramiko leaves the transport thread running after a failed handshake
+        raise _connect_error(node, exc) from exc
+    if first_contact:
+        # Pinned only after a successful login, so a typo in the address does not pin a stranger's key.
+        pin(first_contact.seen)
+    return c
+
+
+def run_root(c: Connection, cmd: str, **kwargs):
+    """Run ``cmd`` as root: directly when logged in as root, else through ``sudo -n sh -c``.
+
+    Not ``c.sudo``: it feeds a password LanHub does not have (so needs NOPASSWD anyway, and ``-n`` fails fast
+    instead of waiting on a prompt), and it prefixes only the first word, so ``a | b`` or ``a && b`` would run
+    ``b`` unprivileged. Wrapping the whole command in ``sh -c`` gives root the same shell line a root login gets.
+    """
+    if is_root(c):
+        return c.run(cmd, **kwargs)
+    return c.run(f"sudo -n -- sh -c {shlex.quote(cmd)}", **kwargs)
+
+
+def is_root(c: Connection) -> bool:
+    return c.user == "root"
+
+
+def command_error(step: str, exc: BaseException) -> ProvisioningError:
+    """Turn what a Fabric call can raise into the domain error, keeping the useful part of the output."""
+    if isinstance(exc, ProvisioningError):
+        return exc
+    if isinstance(exc, UnexpectedExit):
+        result = exc.result
+        output = (result.stderr or result.stdout or "").strip()[-800:]
+        command = result.command if len(result.command) < 300 else result.command[:300] + "…"
+        return ProvisioningError(step, f"`{command}` exited with {result.exited}" + (f": {output}" if output else ""))
+    if isinstance(exc, CommandTimedOut):
+        return ProvisioningError(step, f"a command took longer than {exc.timeout}s: `{exc.result.command[:300]}`")
+    if isinstance(exc, (socket.error, EOFError, paramiko.SSHException)):
+        return ProvisioningError(step, f"the SSH session failed: {exc or type(exc).__name__}")
+    raise exc
+
+
+# ---- keys ---------------------------------------------------------------------------------------------------------
+
+
+def _deploy_key(node) -> paramiko.PKey:
+    try:
+        pem = unseal(node.lan.ssh_private_key_sealed)
+    except SecretError as exc:
+        raise ProvisioningError("connect", f"The LAN's SSH deploy key cannot be used: {exc}", permanent=True)
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(pem))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise ProvisioningError("connect", "The LAN's SSH deploy key is not an OpenSSH private key.", permanent=True)
+
+
+def _parse_host_key(line: str) -> paramiko.PKey:
+    fields = line.split()
+    try:
+        return paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1], validate=True))
+    except (IndexError, binascii.Error, paramiko.SSHException, ValueError) as exc:
+        raise ProvisioningError(
+            "connect", f"The pinned host key is not an OpenSSH public key line ({exc}); clear it in the admin and "
+            "sync again to pin the key the node presents.", permanent=True)
+
+
+def _key_line(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def _known_hosts_name(node) -> str:
+    # The same spelling paramiko looks the host up under (it brackets non-default ports like OpenSSH does).
+    return node.ssh_host if node.ssh_port == 22 else f"[{node.ssh_host}]:{node.ssh_port}"
+
+
+class _FirstContactPolicy(paramiko.MissingHostKeyPolicy):
+    """Accept whatever key is presented and remember it; the caller pins it after authentication succeeds."""
+
+    seen: str = ""
+
+    def missing_host_key(self, client, hostname, key):
+        self.seen = _key_line(key)
+
+
+class _PinnedPolicy(paramiko.RejectPolicy):
+    """RejectPolicy that reports a key of another type (paramiko's "not found") as the mismatch it really is."""
+
+    def __init__(self, expected: paramiko.PKey):
+        self.expected = expected
+
+    def missing_host_key(self, client, hostname, key):
+        raise paramiko.BadHostKeyException(hostname, key, self.expected)
+
+
+# ---- error messages -----------------------------------------------------------------------------------------------
+
+
+def _where(node) -> str:
+    return f"{node.ssh_user}@{node.ssh_host}:{node.ssh_port}"
+
+
+def _connect_error(node, exc: BaseException) -> ProvisioningError:
+    where = _where(node)
+    if isinstance(exc, ProvisioningError):
+        return exc
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return ProvisioningError(
+            "connect",
+            f"The host key of {node.ssh_host}:{node.ssh_port} has changed: expected "
+            f"{fingerprint_sha256(exc.expected_key.asbytes())}, the server presented "
+            f"{exc.key.get_name()} {fingerprint_sha256(exc.key.asbytes())}. Nothing was done. If the server was "
+            "reinstalled or its keys were rotated on purpose, clear the node's pinned host key in the admin, then "
+            "sync again; otherwise someone may be intercepting the connection.",
+            permanent=True)
+    if isinstance(exc, paramiko.AuthenticationException):
+        return ProvisioningError(
+            "connect", f"{where} refused LanHub's deploy key: add the LAN's public SSH key to that user's "
+            "authorized_keys (and make sure the user may log in).", permanent=True)
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return ProvisioningError("connect", f"Timed out connecting to {where}: the node is down or a firewall "
+                                 "drops SSH.")
+    if isinstance(exc, socket.gaierror):
+        return ProvisioningError("connect", f"Cannot resolve {node.ssh_host}: {exc.strerror or exc}.")
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError) or isinstance(exc, ConnectionRefusedError):
+        return ProvisioningError("connect", f"{where} refused the connection: is sshd running on that port?")
+    if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+        return ProvisioningError("connect", f"SSH to {where} failed: {exc or type(exc).__name__}.")
+    raise exc

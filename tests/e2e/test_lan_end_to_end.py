@@ -1,0 +1,219 @@
+"""The Hangzhou + Hong Kong LAN, built by LanHub for real: Celery on Redis, Fabric over SSH into network
+namespaces, OpenVPN on the servers and on the players, invites redeemed and profiles downloaded over HTTP.
+
+Everything stays inside the lab's namespaces (underlay 203.0.113.0/24 and 198.51.100.0/24) and loopback. The figures
+the scenario measures are printed and written to var/e2e-figures.json (benchmarks/e2e.py shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from nodes import openvpn_mgmt as management
+from nodes import services, tasks
+from nodes.ssh import open_connection
+from nodes.models import Link, Node, NodeState, SyncRun, SyncStatus, VpnSession
+from players import services as player_services
+from players.models import Player
+from tests.celery_worker import real_worker
+from tests.lab_fixtures import lab  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+REGIONS = {"hangzhou": "asia/cn/east", "hongkong": "asia/hk", "singapore": "asia/sg"}
+FIGURES: dict[str, float] = {}
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.25, what: str):
+    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def settled(lan) -> bool:
+    """No sync of the LAN is queued or running."""
+    return not SyncRun.objects.filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).exists()
+
+
+def describe_runs(lan) -> str:
+    rows = SyncRun.objects.filter(node__lan=lan).order_by("created_at")
+    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.reason} {r.error}" for r in rows)
+
+
+def register(lab, lan, name):  # noqa: F811
+    """Add a server the way the admin form does: namespace + deploy key, then the node service."""
+    host = lab.add_node(name)
+    host.authorize(lan.ssh_public_key)
+    node = services.create_node(lan=lan, name=name, region=REGIONS[name], public_address=host.address,
+                                ssh_host=host.address)
+    return host, node
+
+
+def wait_ready(lan, names, *, timeout=90):
+    def ready():
+        nodes = Node.objects.filter(lan=lan, name__in=names)
+        failed = [n for n in nodes if n.state == NodeState.FAILED]
+        if failed:
+            pytest.fail(f"{failed[0].name} failed: {failed[0].last_error}\n{describe_runs(lan)}")
+        return settled(lan) and all(n.state == NodeState.READY for n in nodes) and len(nodes) == len(names)
+
+    wait_until(ready, timeout=timeout, what=f"{', '.join(names)} to be ready:\n{describe_runs(lan)}")
+
+
+def join(client: Client, invite, nickname: str) -> Player:
+    """A friend opens the invite link and picks a nickname, over HTTP through the real views."""
+    page = client.get(f"/join/{invite.token}/")
+    assert page.status_code == 200
+    response = client.post(f"/join/{invite.token}/", {"nickname": nickname})
+    assert response.status_code == 302, response.content[:500]
+    player = Player.objects.get(lan=invite.lan, nickname=nickname)
+    assert response["Location"].endswith(f"/me/{player.token}/")
+    assert client.get(response["Location"]).status_code == 200
+    return player
+
+
+def download(client: Client, player: Player, node_name: str) -> str:
+    response = client.get(f"/me/{player.token}/profile/{node_name}.ovpn")
+    assert response.status_code == 200, response.content[:500]
+    assert "attachment" in response["Content-Disposition"]
+    return response.content.decode()
+
+
+def connect(lab, name, profile, *, timeout=30.0):  # noqa: F811
+    host = lab.add_player(name)
+    began = time.monotonic()
+    host.start_openvpn(profile)
+    address = host.wait_for_tunnel(timeout=timeout)
+    return host, address, time.monotonic() - began
+
+
+def server_log(node_host, instance="lanhub-udp") -> str:
+    path = node_host.etc_path(f"openvpn/lanhub/run/{instance}.log")
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab):  # noqa: F811
+    scenario_began = time.monotonic()
+    host_user = get_user_model().objects.create_user("host", password="host-password")
+    # Hub mode: the reference layout for two nodes, and a third node attaches to the primary only, which lets
+    # the test tell exactly which servers a change must touch.
+    lan = services.create_lan(owner=host_user, name="Game night", slug="gamenight", topology_mode="hub")
+
+    with real_worker(concurrency=2):
+        # 1. Register both servers through the node service; the worker provisions them over SSH.
+        began = time.monotonic()
+        hz_host, _ = register(lab, lan, "hangzhou")
+        hk_host, _ = register(lab, lan, "hongkong")
+        wait_ready(lan, ["hangzhou", "hongkong"])
+        FIGURES["register_to_ready_both_s"] = time.monotonic() - began
+        for run in SyncRun.objects.filter(node__lan=lan, status=SyncStatus.COMPLETED, kind="sync"):
+            FIGURES[f"sync_{run.node.name}_{run.pk}_s"] = run.duration
+
+        # 2. The plan is the reference layout.
+        hz, hk = Node.objects.get(lan=lan, name="hangzhou"), Node.objects.get(lan=lan, name="hongkong")
+        assert (hz.udp_pool, hz.tcp_pool) == ("10.251.0.0/16", "10.250.0.0/16")
+        assert (hk.udp_pool, hk.tcp_pool) == ("10.249.0.0/16", "10.248.0.0/16")
+        link = Link.objects.get(lan=lan)
+        assert (link.upstream.name, link.downstream.name, link.address) == ("hangzhou", "hongkong", "10.251.0.2")
+        assert hz.ssh_host_key == hz_host.host_public_key()  # pinned on first contact
+        assert lab.ping(hk_host, "10.251.0.1", timeout=3) is not None, "Hong Kong's link to Hangzhou is down"
+
+        # 3. The host creates an invite; alice and bob redeem it and download their profiles over HTTP.
+        client = Client()
+        client.force_login(host_user)
+        response = client.post(f"/lans/{lan.slug}/invites/", {"note": "friday", "hours": 24, "max_uses": 5})
+        assert response.status_code == 302
+        invite = lan.invites.get()
+        alice, bob = join(Client(), invite, "alice"), join(Client(), invite, "bob")
+        alice_profile, bob_profile = download(Client(), alice, "hangzhou"), download(Client(), bob, "hongkong")
+        assert re.search(r"^remote 203\.0\.113\.\d+ 1194 udp$", alice_profile, re.M)
+
+        # 4. Real OpenVPN clients: alice on Hangzhou, bob on Hong Kong; traffic crosses both servers.
+        alice_host, alice_ip, t_alice = connect(lab, "alice", alice_profile)
+        bob_host, bob_ip, t_bob = connect(lab, "bob", bob_profile)
+        FIGURES["profile_to_tunnel_up_s"] = max(t_alice, t_bob)
+        assert alice_ip.startswith("10.251.") and bob_ip.startswith("10.249."), (alice_ip, bob_ip)
+        rtt = wait_until(lambda: lab.ping(alice_host, bob_ip, timeout=2), timeout=15, what="alice -> bob ping")
+        assert lab.ping(bob_host, alice_ip, timeout=2) is not None, "bob cannot reach alice"
+        FIGURES["ping_across_servers_ms"] = rtt
+        assert lab.udp_roundtrip(alice_host, bob_host, bob_ip, 4445), "UDP alice -> bob lost"
+        assert lab.udp_roundtrip(bob_host, alice_host, alice_ip, 4446), "UDP bob -> alice lost"
+
+        # A player whose network blocks UDP falls back to Hangzhou's TCP instance and reaches bob.
+        carol = join(Client(), invite, "carol")
+        carol_host = lab.add_player("carol")
+        lab.exec(carol_host, ["iptables", "-A", "OUTPUT", "-p", "udp", "--dport", "1194", "-j", "DROP"])
+        carol_host.start_openvpn(download(Client(), carol, "hangzhou"))
+        carol_ip = carol_host.wait_for_tunnel(timeout=40)
+        assert carol_ip.startswith("10.250."), carol_ip
+        assert wait_until(lambda: lab.ping(carol_host, bob_ip, timeout=2), timeout=15, what="carol (TCP) -> bob")
+        FIGURES["two_node_scenario_s"] = time.monotonic() - scenario_began
+
+        # 5. The status poll sees the players online on their nodes.
+        def online():
+            tasks.poll_all_status.delay()
+            time.sleep(1.5)
+            names = set(VpnSession.objects.filter(node__lan=lan).values_list("player__nickname", "node__name"))
+            return {("alice", "hangzhou"), ("bob", "hongkong"), ("carol", "hangzhou")} <= names
+
+        wait_until(online, timeout=30, interval=0.5, what="the status poll to show alice, bob and carol online")
+
+        # 6. Revoking bob kills his session within 10 s, and his profile no longer connects.
+        revoked_at = time.monotonic()
+        player_services.revoke_player(Player.objects.get(pk=bob.pk))
+        wait_until(lambda: bob.common_name not in online_names(hk), timeout=10, interval=0.5,
+                   what="bob's session to be killed on Hong Kong")
+        FIGURES["revoke_to_session_killed_s"] = time.monotonic() - revoked_at
+        time.sleep(3)  # bob's client retries at once; give it time to be refused
+        assert lab.ping(bob_host, alice_ip, timeout=2) is None, "revoked bob still reaches alice"
+        assert re.search(r"CRL CHECK FAILED|certificate revoked", server_log(hk_host)), server_log(hk_host)[-2000:]
+        bob_host.stop_openvpn()
+
+        # 7. Singapore joins: only the servers whose files change are synced (in hub mode: Singapore and
+        # Hangzhou; Hong Kong's routes already send everything through Hangzhou).
+        before = set(SyncRun.objects.filter(node__lan=lan).values_list("pk", flat=True))
+        sg_host, _ = register(lab, lan, "singapore")
+        wait_ready(lan, ["hangzhou", "hongkong", "singapore"])
+        touched = set(SyncRun.objects.filter(node__lan=lan).exclude(pk__in=before)
+                      .values_list("node__name", flat=True))
+        assert touched == {"hangzhou", "singapore"}, touched
+        dave = join(Client(), invite, "dave")
+        dave_host, dave_ip, _ = connect(lab, "dave", download(Client(), dave, "singapore"))
+        assert wait_until(lambda: lab.ping(dave_host, alice_ip, timeout=2), timeout=20, what="dave -> alice")
+
+        # 8. Hangzhou's UDP server is killed by hand; the drift check starts it again and alice reconnects.
+        assert lab.kill_process(hz_host, r"lanhub-udp")
+        wait_until(lambda: lab.ping(alice_host, "10.251.0.1", timeout=1) is None,
+                   timeout=10, what="alice's server to be gone")
+        killed_at = time.monotonic()
+        tasks.check_all_drift.delay()
+        wait_until(lambda: lab.ping(alice_host, dave_ip, timeout=2), timeout=60, interval=1,
+                   what="alice to reconnect after the drift repair")
+        FIGURES["drift_repair_to_alice_back_s"] = time.monotonic() - killed_at
+        drift = SyncRun.objects.filter(node__name="hangzhou", kind="drift").latest("created_at")
+        assert drift.status == SyncStatus.COMPLETED, drift.error
+        assert "server/lanhub-udp" in drift.restarted, drift.log
+
+    FIGURES["whole_scenario_s"] = time.monotonic() - scenario_began
+    report = {k: round(v, 3) for k, v in FIGURES.items() if v is not None}
+    print("\nLanHub end-to-end figures:", json.dumps(report, indent=1))
+    Path(settings.VAR_DIR, "e2e-figures.json").write_text(json.dumps(report, indent=1))
+
+
+def online_names(node) -> set[str]:
+    """Common names connected to a node's UDP instance right now, read from its management interface."""
+    with open_connection(node) as c:
+        return {row.common_name for row in management.read_status(c, 7505)}

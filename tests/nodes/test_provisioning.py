@@ -1,0 +1,313 @@
+"""The provisioning steps and the apply pipeline, on a real sshd + OpenVPN in a lab namespace.
+
+Files are written by hand here (following OPENVPN-NOTES.md) rather than by nodes/render.py, so these tests pin
+down what the steps do with any set of files; certificates come from lanhub/pki.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+
+from lanhub import pki
+from nodes import provisioning as p
+from nodes import render
+from nodes.ssh import ProvisioningError, open_connection
+from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
+from tests.nodes.test_ssh import stand_in
+
+pytestmark = pytest.mark.lab
+PKI = "/etc/openvpn/lanhub/pki"
+UDP = "server/lanhub-udp"
+TCP = "server/lanhub-tcp"
+
+
+@dataclass(frozen=True)
+class File:
+    """The shape upload_files takes (nodes/render.py's RenderedFile has these fields too)."""
+
+    path: str
+    content: str
+    mode: int = 0o644
+    instance: str | None = None
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.content.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: pki.Issued
+    server: pki.Issued
+    tls_crypt: str
+    crl: str
+
+    def client(self, name: str) -> pki.Issued:
+        return pki.issue_client(ca=self.ca, common_name=name, now=datetime.now(timezone.utc))
+
+
+def make_pki() -> Pki:
+    now = datetime.now(timezone.utc)
+    ca = pki.create_ca(name="lanhub-test-ca", now=now)
+    return Pki(ca, pki.issue_server(ca=ca, common_name="node", now=now), pki.make_tls_crypt_key(),
+               pki.make_crl(ca=ca, revoked=[], now=now, number=1))
+
+
+def server_conf(*, transport: str = "udp", port: int = 1194, pool: str = "10.251.0.0", management: int = 7505,
+                extra: str = "") -> str:
+    name = f"lanhub-{transport}"
+    return (f"dev lh-{transport}\ndev-type tun\nproto {'udp' if transport == 'udp' else 'tcp-server'}\nport {port}\n"
+            f"topology subnet\nserver {pool} 255.255.0.0\n"
+            f"ca {PKI}/ca.crt\ncert {PKI}/node.crt\nkey {PKI}/node.key\ndh none\ntls-crypt {PKI}/tls-crypt.key\n"
+            f"crl-verify {PKI}/crl.pem\nmanagement 127.0.0.1 {management}\nstatus {p.RUN_DIR}/{name}.status 5\n"
+            f"keepalive 10 60\ndisable-dco\nverb 3\n{extra}")
+
+
+def node_files(material: Pki, *, udp: str | None = None, tcp: bool = False) -> dict[str, File]:
+    files = [
+        File(f"{PKI}/ca.crt", material.ca.cert_pem),
+        File(f"{PKI}/node.crt", material.server.cert_pem),
+        File(f"{PKI}/node.key", material.server.key_pem, 0o600),
+        File(f"{PKI}/tls-crypt.key", material.tls_crypt, 0o600),
+        File(f"{PKI}/crl.pem", material.crl),
+        File("/etc/sysctl.d/90-lanhub.conf", "net.ipv4.ip_forward = 1\n"),
+        render.render_firewall(SimpleNamespace(supernet="10.0.0.0/8")),  # the real one: -F, -I FORWARD 1
+        File("/etc/openvpn/server/lanhub-udp.conf", udp or server_conf(), instance=UDP),
+    ]
+    if tcp:
+        files.append(File("/etc/openvpn/server/lanhub-tcp.conf",
+                          server_conf(transport="tcp", port=443, pool="10.250.0.0", management=7506), instance=TCP))
+    return {f.path: f for f in files}
+
+
+def client_profile(material: Pki, name: str, address: str, *, port: int = 1194, proto: str = "udp") -> str:
+    client = material.client(name)
+    return (f"client\ndev tun\nproto {proto}\nremote {address} {port}\nnobind\nremote-cert-tls server\n"
+            f"disable-dco\nverb 3\nconnect-retry 1\n<ca>\n{material.ca.cert_pem}</ca>\n<cert>\n{client.cert_pem}"
+            f"</cert>\n<key>\n{client.key_pem}</key>\n<tls-crypt>\n{material.tls_crypt}</tls-crypt>\n")
+
+
+def node_file(host, path: str) -> bytes | None:
+    """A file as the node sees it (its /etc/<x> is /etc/netns/<ns>/<x> on the lab host)."""
+    local = host.etc_path(path.removeprefix("/etc/"))
+    return local.read_bytes() if local.exists() else None
+
+
+def remove_everything(c) -> None:
+    """Leave the node as a fresh server: no lanhub instances, files, rules or forwarding."""
+    p.ensure_instances(c, wanted=set())
+    c.run("rm -rf /etc/openvpn/lanhub /etc/openvpn/server/* /etc/openvpn/client/* /etc/sysctl.d/90-lanhub.conf; "
+          "iptables -D FORWARD -j LANHUB-FORWARD 2>/dev/null; iptables -F LANHUB-FORWARD 2>/dev/null; "
+          "iptables -X LANHUB-FORWARD 2>/dev/null; sysctl -qw net.ipv4.ip_forward=0", hide=True)
+
+
+@pytest.fixture(scope="module")
+def material() -> Pki:
+    return make_pki()
+
+
+@pytest.fixture(scope="module")
+def host(lab, ssh_key):  # noqa: F811
+    node = lab.add_node("prov")
+    node.authorize(ssh_key.public_line)
+    return node
+
+
+@pytest.fixture
+def c(host, ssh_key):  # noqa: F811
+    """A connection to a node with nothing of LanHub on it; whatever the test starts is stopped afterwards."""
+    with open_connection(stand_in(host, ssh_key)) as conn:
+        remove_everything(conn)
+        yield conn
+        remove_everything(conn)
+
+
+def test_check_os_names_a_debian_node(c):
+    assert p.check_os(c).startswith("Debian GNU/Linux")
+
+
+def test_check_os_refuses_a_system_without_apt_naming_it():
+    # Fault injection: the lab nodes share the host's /etc/os-release, so another OS can't be had for real.
+    fake = SimpleNamespace(run=lambda *a, **k: SimpleNamespace(
+        stdout='NAME="Fedora Linux"\nID=fedora\nPRETTY_NAME="Fedora Linux 40 (Server Edition)"\n'))
+    with pytest.raises(ProvisioningError) as caught:
+        p.check_os(fake)
+    assert caught.value.permanent and "Fedora Linux 40 (Server Edition)" in caught.value.message
+
+
+def test_check_os_accepts_a_derivative_through_id_like():
+    fake = SimpleNamespace(run=lambda *a, **k: SimpleNamespace(
+        stdout='NAME="Linux Mint"\nID=linuxmint\nID_LIKE="ubuntu debian"\nPRETTY_NAME="Linux Mint 22"\n'))
+    assert p.check_os(fake) == "Linux Mint 22"
+
+
+def test_node_links_lists_the_links_a_node_runs_a_client_for():
+    import ipaddress
+
+    pools = {name: SimpleNamespace(udp=ipaddress.IPv4Network(net)) for name, net in
+             (("hangzhou", "10.251.0.0/16"), ("hongkong", "10.249.0.0/16"), ("tokyo", "10.247.0.0/16"))}
+    plan = SimpleNamespace(pools=pools, links=(SimpleNamespace(upstream="hangzhou", downstream="hongkong"),
+                                               SimpleNamespace(upstream="hongkong", downstream="tokyo")))
+    assert p.node_links(plan, "hongkong") == [
+        p.NodeLink("hangzhou", "client/lanhub-link-hangzhou", render.link_device("hangzhou"), "10.251.0.1")]
+    assert p.node_links(plan, "hangzhou") == []
+
+
+def test_ensure_openvpn_leaves_an_installed_openvpn_alone(c):
+    assert p.ensure_openvpn(c) is False
+
+
+def test_upload_writes_only_what_differs_with_the_right_modes(c, host, material):
+    files = node_files(material)
+    first = p.upload_files(c, files)
+    assert sorted(first.changed) == sorted(files)
+    assert node_file(host, f"{PKI}/node.key") == material.server.key_pem.encode()
+    assert oct(host.etc_path("openvpn/lanhub/pki/node.key").stat().st_mode & 0o777) == "0o600"
+    assert oct(host.etc_path("openvpn/lanhub/pki/ca.crt").stat().st_mode & 0o777) == "0o644"
+    assert p.upload_files(c, files).touched == []
+    # A hand edit and a loosened key mode are both drift: exactly those two files go up again.
+    host.etc_path("openvpn/server/lanhub-udp.conf").write_text("edited by hand\n")
+    host.etc_path("openvpn/lanhub/pki/tls-crypt.key").chmod(0o644)
+    assert sorted(p.upload_files(c, files).changed) == ["/etc/openvpn/lanhub/pki/tls-crypt.key",
+                                                        "/etc/openvpn/server/lanhub-udp.conf"]
+    assert not list(host.etc_path("openvpn/server").glob(".*lanhub-new"))  # no temporary files left
+
+
+def test_upload_refuses_paths_outside_what_lanhub_manages(c):
+    with pytest.raises(ProvisioningError) as caught:
+        p.upload_files(c, {"/etc/passwd": File("/etc/passwd", "root::0:0::/:/bin/sh\n")})
+    assert caught.value.permanent
+    with pytest.raises(ProvisioningError):
+        p.upload_files(c, {"/etc/openvpn/../passwd": File("/etc/openvpn/../passwd", "x")})
+
+
+def test_rollback_restores_the_previous_files_byte_for_byte(c, host, material):
+    before = node_files(material)
+    p.upload_files(c, before)
+    snapshot = {path: (node_file(host, path), host.etc_path(path[5:]).stat().st_mode) for path in before}
+    after = dict(before)
+    after[f"{PKI}/node.key"] = File(f"{PKI}/node.key", "new key\n", 0o600)
+    ccd = "/etc/openvpn/server/ccd/player"
+    after[ccd] = File(ccd, "ifconfig-push 10.251.0.9 255.255.0.0\n")
+    del after["/etc/sysctl.d/90-lanhub.conf"]
+    result = p.upload_files(c, after, remove={"/etc/sysctl.d/90-lanhub.conf"})
+    assert result.removed == ["/etc/sysctl.d/90-lanhub.conf"]
+    assert node_file(host, "/etc/sysctl.d/90-lanhub.conf") is None
+    p.rollback(c, result)
+    assert {path: (node_file(host, path), host.etc_path(path[5:]).stat().st_mode) for path in before} == snapshot
+    assert node_file(host, "/etc/openvpn/server/ccd/player") is None  # created by the run, so gone again
+    assert not host.etc_path("openvpn/lanhub/rollback").exists()
+
+
+def test_ensure_forwarding_turns_it_on_and_loads_the_rules_once(c, host, material):
+    p.upload_files(c, node_files(material))
+    assert p.ensure_forwarding(c) is True
+    assert p.ensure_forwarding(c) is False
+    rules = host.exec(["iptables", "-S"]).stdout
+    assert rules.count("-A FORWARD -j LANHUB-FORWARD") == 1 and rules.count("-A LANHUB-FORWARD -s 10.0.0.0/8") == 1
+    assert host.exec(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
+
+
+def test_ensure_forwarding_says_so_when_there_are_no_rules(c):
+    notes = []
+    assert p.ensure_forwarding(c, note=notes.append) is True  # forwarding was off
+    assert notes and "firewall.rules is missing" in notes[0]
+
+
+def test_ensure_instances_starts_restarts_only_when_asked_and_stops_the_unwanted(c, host, material):
+    p.upload_files(c, node_files(material, tcp=True))
+    first = p.ensure_instances(c, wanted={UDP, TCP}, restart=set())
+    assert sorted(first.started) == [TCP, UDP] and not first.restarted
+    pid = int(node_file(host, f"{p.RUN_DIR}/lanhub-udp.pid"))
+    assert p.ensure_instances(c, wanted={UDP, TCP}).changed is False
+    again = p.ensure_instances(c, wanted={UDP, TCP}, restart={UDP})
+    assert again.restarted == [UDP] and int(node_file(host, f"{p.RUN_DIR}/lanhub-udp.pid")) != pid
+    p.upload_files(c, node_files(material), remove={"/etc/openvpn/server/lanhub-tcp.conf"})
+    assert p.ensure_instances(c, wanted={UDP}).stopped == [TCP]
+    assert not p.instance_running(c, TCP) and p.instance_running(c, UDP)
+
+
+def test_apply_twice_the_second_run_uploads_nothing_and_restarts_nothing(c, host, material):
+    files = node_files(material, tcp=True)
+    steps = []
+    began = time.monotonic()
+    first = p.apply(c, files=files, wanted={UDP, TCP}, log=lambda *step: steps.append(step))
+    first_seconds = time.monotonic() - began
+    assert [s[0] for s in steps] == list(p.STEPS)
+    assert sorted(first.instances.started) == [TCP, UDP] and len(first.changed) == len(files)
+    assert first.verify["instances"][UDP] == {"running": True, "listening": True, "device_up": True}
+    assert first.openvpn_version.startswith("OpenVPN 2.")
+    steps.clear()
+    began = time.monotonic()
+    second = p.apply(c, files=files, wanted={UDP, TCP}, restart=lambda changed: {UDP, TCP} if changed else set(),
+                     log=lambda *step: steps.append(step))
+    second_seconds = time.monotonic() - began
+    assert second.changed == [] and not second.instances.changed and not second.forwarding_changed
+    assert [changed for _, _, changed in steps] == [False] * len(p.STEPS)
+    print(f"\napply on a fresh lab node: {first_seconds:.2f}s; again with nothing changed: {second_seconds:.2f}s; "
+          f"steps: {', '.join(f'{n} {s:.2f}s' for n, s, _ in first.steps)} / "
+          f"{', '.join(f'{n} {s:.2f}s' for n, s, _ in second.steps)}")
+
+
+def test_apply_restarts_an_instance_whose_config_changed(c, host, material):
+    p.apply(c, files=node_files(material), wanted={UDP})
+    changed = p.apply(c, files=node_files(material, udp=server_conf(extra="# tuned\n")), wanted={UDP})
+    assert changed.changed == ["/etc/openvpn/server/lanhub-udp.conf"] and changed.restarted == [UDP]
+
+
+def test_a_config_that_fails_to_start_is_rolled_back_and_the_previous_instance_runs_again(c, host, material):
+    good = node_files(material)
+    p.apply(c, files=good, wanted={UDP})
+    snapshot = {path: node_file(host, path) for path in good}
+    old_pid = int(node_file(host, f"{p.RUN_DIR}/lanhub-udp.pid"))
+    # Valid options and existing files, so openvpn daemonizes; the certificate does not match the key, so it dies
+    # while initialising, which only verify can see.
+    broken = node_files(material, udp=server_conf().replace(f"{PKI}/node.crt", f"{PKI}/ca.crt"))
+    with pytest.raises(ProvisioningError) as caught:
+        p.apply(c, files=broken, wanted={UDP})
+    error = caught.value
+    assert error.step == "verify" and "server/lanhub-udp is not running" in error.message
+    assert "key values mismatch" in error.message  # the tail of the instance's log says why
+    assert "previous files were restored" in error.message
+    assert {path: node_file(host, path) for path in good} == snapshot
+    new_pid = int(node_file(host, f"{p.RUN_DIR}/lanhub-udp.pid"))
+    assert new_pid != old_pid and p.instance_running(c, UDP)
+    assert p.verify(c, wanted={UDP})["instances"][UDP]["listening"]
+
+
+def test_an_options_error_fails_in_ensure_instances_and_is_rolled_back_too(c, host, material):
+    good = node_files(material)
+    p.apply(c, files=good, wanted={UDP})
+    broken = node_files(material, udp=server_conf(extra="no-such-option yes\n"))
+    with pytest.raises(ProvisioningError) as caught:
+        p.apply(c, files=broken, wanted={UDP})
+    assert caught.value.step == "ensure_instances" and "no-such-option" in caught.value.message
+    conf = "/etc/openvpn/server/lanhub-udp.conf"
+    assert node_file(host, conf) == good[conf].content.encode()
+    assert p.instance_running(c, UDP)
+
+
+def test_verify_names_a_link_that_does_not_answer_without_failing_the_node(c, material, monkeypatch):
+    p.apply(c, files=node_files(material), wanted={UDP})
+    monkeypatch.setattr(p, "LINK_WAIT", 2)
+    result = p.verify(c, wanted={UDP}, links=[("lh-udp", "10.251.0.77")])
+    assert result["links"] == {"lh-udp": None}
+    assert "lh-udp gets no answer from 10.251.0.77" in result["warnings"][0]
+
+
+def test_a_player_connects_to_the_server_apply_started(c, lab, host, material):  # noqa: F811
+    p.apply(c, files=node_files(material), wanted={UDP})
+    player = lab.players.get("pv") or lab.add_player("pv")
+    try:
+        player.start_openvpn(client_profile(material, "pv", host.address))
+        address = player.wait_for_tunnel()
+        assert address.startswith("10.251.")
+        assert p.ping_through(c, "lh-udp", address, wait=5) is not None
+    finally:
+        player.stop_openvpn()
