@@ -37,6 +37,7 @@ class ClientRow:
     bytes_out: int
     connected_since: datetime | None
     instance: str = ""
+    client_id: int | None = None
 
 
 def read_status(c: Connection, port: int, *, instance: str = "") -> list[ClientRow]:
@@ -166,6 +167,7 @@ def _client_row(row: dict[str, str], instance: str) -> ClientRow:
         bytes_out=int(row.get("Bytes Sent") or 0),
         connected_since=datetime.fromtimestamp(int(since), tz=timezone.utc) if since.isdigit() else None,
         instance=instance,
+        client_id=int(row["Client ID"]) if row.get("Client ID", "").isdigit() else None,
     )
 
 
@@ -190,9 +192,27 @@ def node_status(c: Connection, *, links: Iterable = ()) -> NodeStatus:
     return status
 
 
-def kill_clients(c: Connection, status: NodeStatus, common_names: Iterable[str]) -> int:
-    """Disconnect every listed client found online in ``status`` (e.g. revoked players); returns how many."""
+def kill_clients(c: Connection, status: NodeStatus, common_names: Iterable[str], *, message: str = "RESTART") -> int:
+    """Disconnect every listed client found online in ``status``; returns how many.
+
+    ``client-kill`` (OpenVPN 2.5+) also tells the client why: RESTART makes it reconnect at once (to pick up a
+    changed client-config-dir file), HALT makes it stop (a revoked player: the CRL would refuse it anyway). A plain
+    ``kill`` would drop the session silently and leave the client waiting for its ping-restart.
+    """
+    if message not in ("RESTART", "HALT"):
+        raise ValueError(f"unknown client-kill message {message!r}")
     doomed = set(common_names)
-    targets = {(row.instance, row.common_name) for row in status.clients if row.common_name in doomed}
-    return sum(kill_client(c, status.ports[instance], name) for instance, name in sorted(targets)
-               if instance in status.ports)
+    killed = 0
+    for row in sorted(status.clients, key=lambda r: (r.instance, r.common_name)):
+        if row.common_name not in doomed or row.instance not in status.ports:
+            continue
+        port = status.ports[row.instance]
+        if row.client_id is None:
+            killed += kill_client(c, port, row.common_name)
+            continue
+        answer = command(c, port, f"client-kill {row.client_id} {message}")[0]
+        if answer.startswith("SUCCESS"):
+            killed += 1
+        elif "not found" not in answer.lower():
+            raise ProvisioningError("management", f"OpenVPN refused to disconnect {row.common_name}: {answer}")
+    return killed

@@ -26,6 +26,7 @@ from fabric import Connection
 from nodes.ssh import ProvisioningError, command_error, is_root, run_root
 
 RUN_DIR = "/etc/openvpn/lanhub/run"
+CCD_DIR = "/etc/openvpn/server/ccd"
 ROLLBACK_DIR = "/etc/openvpn/lanhub/rollback"  # previous versions of this run's files; exists only during a run
 FIREWALL_RULES = "/etc/openvpn/lanhub/firewall.rules"
 MANAGED_PREFIXES = ("/etc/openvpn/", "/etc/sysctl.d/")  # a planner bug must not be able to write /etc/passwd
@@ -378,13 +379,15 @@ def _instance_state(c: Connection) -> tuple[bool, set[str], set[str]]:
 
 def _start(c: Connection, name: str, systemd: bool) -> None:
     p = {k: shlex.quote(v) for k, v in _paths(name).items()}
+    # Directories the configs name but no file may fill: a server without downstreams has an empty ccd dir.
+    run_root(c, f"mkdir -p -m 700 {RUN_DIR} && mkdir -p {CCD_DIR}", hide=True)
     if systemd:
         run_root(c, f"systemctl enable --quiet {p['unit']} && systemctl restart {p['unit']}", hide=True)
         return
     # </dev/null: the daemon must not hold the SSH channel open; its own output goes to --log-append. The options
     # come after --config so they win over any writepid/log lines in the file.
     out = run_root(c, (
-        f"mkdir -p -m 700 {RUN_DIR} && rm -f {p['pid']} && "
+        f"rm -f {p['pid']} && "
         f"openvpn --cd {p['dir']} --config {p['conf']} --daemon {p['base']} --writepid {p['pid']} "
         f"--log-append {p['log']} </dev/null >&2 || {{ echo @@ >&2; tail -n 5 {p['log']} >&2; exit 1; }}; "
         f"i=0; while [ ! -s {p['pid']} ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done"), hide=True, warn=True)
@@ -526,7 +529,9 @@ def _probe_instances(c: Connection, names: list[str], configs: dict) -> dict[str
             proto = "tcp" if conf.get("proto", "udp").startswith("tcp") else "udp"
             status["listening"] = (proto, conf.get("port", "1194")) in listening
         dev = conf.get("dev", "")
-        if dev and not re.fullmatch(r"tun|tap", dev):  # a generic "tun" gets a kernel-chosen name: nothing to check
+        # A link client's device exists only once its tunnel is up, which depends on the other end; the link ping
+        # below reports that. A generic "tun" gets a kernel-chosen name: nothing to check either.
+        if dev and name.startswith("server/") and not re.fullmatch(r"tun|tap", dev):
             status["device_up"] = devices.get(dev, False)
         result[name] = status
     return result

@@ -151,6 +151,9 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     # Without these the kernel never hands the downstreams' prefixes to OpenVPN (verified: players fail).
     lines += [f"route {_net(r.prefix)}" for r in plan.routes[node.name] if r.via in downstreams]
     lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
+    # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
+    # links of downstream nodes sit silent until ping-restart, a minute or two later.
+    lines += ["explicit-exit-notify 1"]
     lines += _common_tail(UDP_MANAGEMENT, "lanhub-udp")
     return RenderedFile(f"{SERVER_DIR}/lanhub-udp.conf", _text(lines), instance=UDP_INSTANCE)
 

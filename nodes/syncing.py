@@ -138,7 +138,8 @@ def _sync(node: Node, run: SyncRun) -> None:
         # Clients whose client-config-dir file changed reconnect to pick it up (OpenVPN reads it on connect),
         # and revoked certificates lose any session still open: the CRL only stops new handshakes.
         status = management.node_status(c)
-        killed = management.kill_clients(c, status, revoked | reconnect_for(result.changed))
+        killed = management.kill_clients(c, status, revoked, message="HALT")
+        killed += management.kill_clients(c, status, reconnect_for(result.changed) - revoked, message="RESTART")
     notes = result.notes + result.verify.get("warnings", [])
     run.log += "".join(f"note: {n}\n" for n in notes) + (f"disconnected {killed} client(s)\n" if killed else "")
     run.changed_files = sorted(result.changed)
@@ -160,7 +161,7 @@ def poll_status(node: Node) -> str:
             status = management.node_status(c, links=provisioning.node_links(services.plan_lan(node.lan).plan,
                                                                              node.name))
             revoked = set(RevokedCertificate.objects.filter(lan=node.lan).values_list("common_name", flat=True))
-            killed = management.kill_clients(c, status, revoked)
+            killed = management.kill_clients(c, status, revoked, message="HALT")
     except ProvisioningError as exc:
         return _missed_poll(node, exc.message)
     _store_status(node, status)

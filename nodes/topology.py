@@ -8,16 +8,22 @@ Modes (``LanSpec.mode``):
 - ``mesh``: a link for every pair of healthy nodes; the higher-ranked node is upstream. At most 255 nodes,
   because an upstream has 254 link addresses (.2 to .255 of its UDP pool).
 - ``hierarchical``: a primary per region, the region's other nodes attach to it, and the primaries of sibling
-  regions link to each other, recursively along the region path. A group with more than ceil(sqrt(n)) members
-  is split into sub-groups whose primaries (the best-ranked members) mesh, members joining the sub-primary
-  with the lowest RTT; that keeps tunnels per node near 2*sqrt(n) for region trees of modest depth.
+  regions link to it, recursively along the region path. A group with more than ceil(sqrt(n)) members is split
+  into sub-groups around heads that link to each other. No node gets more than floor(2*sqrt(n)) tunnels, however
+  deep the region tree (n = healthy nodes not pinned; a node also takes every node pinned to it, see
+  ``_Hierarchy``). With a full RTT matrix (every pair of healthy unpinned nodes measured, or estimated from
+  coordinates by the caller) the plan is RTT-aware: a group's primary is its most central best-priority node,
+  big groups are split by RTT clustering, and shortcut links are added between primaries and heads where the
+  planned path is much longer than the direct RTT. With partial or no RTTs it follows rank.
 - ``auto``: ``mesh`` for up to 5 healthy nodes (every tunnel direct, at most 4 per node, which is within
   2*sqrt(n)), else ``hierarchical`` (which follows the regions and splits big ones). Two nodes give one link
-  with the older node upstream, as a hub would.
+  with the older node upstream, as a hub would. A pin cycle is an error in ``hierarchical`` mode; ``auto``
+  joins it to the primary as ``hub`` does, so a LAN that planned at 5 nodes still plans at 6.
 
-Rank is (-priority, order, name): it picks primaries and, in mesh and among sibling primaries, the upstream
-side of a link. A pinned upstream replaces a node's default attachment in every mode (in mesh it only fixes the
-link's direction). If pins cut a group of nodes off, their best-ranked node is linked to the LAN primary.
+Rank is (-priority, order, name): it picks primaries (among equal priorities, centrality decides when RTTs are
+known) and, in mesh and among sibling primaries, the upstream side of a link. A pinned upstream replaces a
+node's default attachment in every mode (in mesh it only fixes the link's direction). If pins cut a group of
+nodes off, their best-ranked node is linked to the LAN primary.
 """
 
 from __future__ import annotations
@@ -171,9 +177,9 @@ def plan_lan(
     healthy = sorted((n for n in nodes if n.healthy), key=rank_key)
     rtt = _rtt_lookup(rtts)
     mode = _resolve_mode(lan.mode, healthy)
-    if mode == "hierarchical":
-        _reject_pin_cycles(nodes)
-    builder = _LinkBuilder(healthy, by_name, rtt)
+    if lan.mode == "hierarchical":
+        _reject_pin_cycles(nodes)  # auto mode joins a pin cycle to the primary instead, as at <= 5 nodes
+    builder = _LinkBuilder(healthy, by_name, rtt, previous={frozenset(pair) for pair in (link_addresses or {})})
     primaries = builder.build(mode)
     links = _assign_addresses(builder.oriented(), pools, link_addresses or {})
     weights = {pair: rtt(*pair) for pair in builder.pairs}
@@ -305,15 +311,23 @@ def _allocate_pools(lan, supernet, nodes_by_age) -> dict[str, NodePools]:
 
 # --- links ------------------------------------------------------------------------------------------------
 
-def _rtt_lookup(rtts):
-    table: dict[frozenset[str], float] = {}
-    for key, value in (rtts or {}).items():
-        table[key if isinstance(key, frozenset) else frozenset(key)] = float(value)
+class _Rtt:
+    """RTT between two nodes in ms; RTT_UNKNOWN (one "hop") for a pair nobody measured."""
 
-    def rtt(a: str, b: str) -> float:
-        return table.get(frozenset((a, b)), RTT_UNKNOWN)
+    def __init__(self, rtts):
+        self.table: dict[frozenset[str], float] = {}
+        for key, value in (rtts or {}).items():
+            self.table[key if isinstance(key, frozenset) else frozenset(key)] = float(value)
 
-    return rtt
+    def __call__(self, a: str, b: str) -> float:
+        return self.table.get(frozenset((a, b)), RTT_UNKNOWN)
+
+    def known(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) in self.table
+
+
+def _rtt_lookup(rtts) -> _Rtt:
+    return _Rtt(rtts)
 
 
 def _resolve_mode(mode: str, healthy: Sequence[NodeSpec]) -> str:
@@ -325,14 +339,16 @@ def _resolve_mode(mode: str, healthy: Sequence[NodeSpec]) -> str:
 class _LinkBuilder:
     """Collects links as unordered pairs with a direction, applying the mode, the pins and a final repair."""
 
-    def __init__(self, healthy: Sequence[NodeSpec], by_name: Mapping[str, NodeSpec], rtt):
+    def __init__(self, healthy: Sequence[NodeSpec], by_name: Mapping[str, NodeSpec], rtt, previous=frozenset()):
         self.healthy = list(healthy)
+        self.previous = previous  # pairs linked in the plan before this one (from link_addresses)
         self.names = {n.name for n in healthy}
         self.rank = {n.name: i for i, n in enumerate(healthy)}
         self.by_name = by_name
         self.rtt = rtt
         self.direction: dict[frozenset[str], tuple[str, str]] = {}
         self.degree: dict[str, int] = {n.name: 0 for n in healthy}
+        self.adj: dict[str, set[str]] = {n.name: set() for n in healthy}
         # A pin to a healthy node replaces the default attachment; a pin to a down node is ignored for now.
         self.pins = {
             n.name: n.pinned_upstream for n in healthy if n.pinned_upstream in self.names
@@ -347,6 +363,8 @@ class _LinkBuilder:
         if pair not in self.direction:
             self.degree[up] += 1
             self.degree[down] += 1
+            self.adj[up].add(down)
+            self.adj[down].add(up)
         self.direction[pair] = (up, down)
 
     def link_ranked(self, a: str, b: str) -> None:
@@ -403,15 +421,39 @@ class _LinkBuilder:
 
 
 class _Hierarchy:
-    """Region tree to links: a primary per region, members attach to it, sibling primaries mesh."""
+    """Region tree to links: a primary per region, members attach to it, sibling primaries link, then shortcuts.
+
+    Tunnel budget: every node keeps at most ``floor(2*sqrt(n))`` tunnels (n = healthy nodes that are not
+    pinned), whatever the depth of the region tree. Links are only ever added to a node with a free slot, and a
+    group's primary keeps ``RESERVE`` slots free for the levels above it; when the primary of a group is full,
+    the group's other units attach to the closest unit already joined that has room (a deeper tree rather than
+    a fuller node). Pinned links come on top (a node gets one extra tunnel per node pinned to it).
+
+    Stretch: with measured RTTs, a group's primary (among its best-priority units) is its most central unit,
+    big groups are split by RTT clustering around central heads, and a final pass adds shortcut links between
+    primaries and heads (the "core") where the planned path is more than ``SHORTCUT_STRETCH`` times the direct
+    RTT, shortest pairs first (a greedy spanner), within the tunnel budget. Leaves stay single-homed, so their
+    route files hold one default route and stay stable as the LAN grows.
+    """
+
+    RESERVE = 2  # slots a group's primary keeps for the levels above it
+    SHORTCUT_STRETCH = 1.1  # add a core shortcut when the planned path is longer than this times the direct RTT
+    KEEP_STRETCH = 1.2  # ... or this, for a link that exists already (hysteresis: links do not flap)
+    INCUMBENT_MARGIN = 0.1  # a unit already linked to its group stays its centre unless another is 10% better
+    LLOYD_ROUNDS = 3
 
     def __init__(self, builder: _LinkBuilder, free: list[str]):
         self.b = builder
         self.free = free
         n = len(free)
         self.group_max = max(2, math.ceil(math.sqrt(n)))
-        self.budget = max(1, math.floor(2 * math.sqrt(n)))
+        self.budget = max(2, math.floor(2 * math.sqrt(n)))
         self.reps: set[str] = set()
+        # RTT-driven choices need every pair measured (a partial matrix would read unmeasured pairs as 1 ms).
+        names = frozenset(free)
+        self.measured = n > 2 and sum(len(pair) == 2 and pair <= names for pair in builder.rtt.table) >= n * (n - 1) // 2
+
+    # -- the region tree ---------------------------------------------------------------------------------
 
     def run(self) -> dict[str, str]:
         members: dict[str, list[str]] = {"": []}
@@ -428,70 +470,203 @@ class _Hierarchy:
             units = sorted(members[path] + child_reps[path], key=self.b.rank.__getitem__)
             if not units:
                 continue
-            primary = self.connect(units)
+            primary = self.connect(units, self.RESERVE if path else 0)
             primaries[path] = primary
             self.reps.add(primary)
             if path:
                 child_reps[path.rpartition("/")[0]].append(primary)
+        if self.measured:
+            self._shortcuts()
         return primaries
 
-    def connect(self, units: list[str]) -> str:
+    def connect(self, units: list[str], reserve: int, primary: str | None = None) -> str:
         """Link one group (units ranked best first) and return its primary."""
+        primary = primary or self._primary(units)
         if len(units) > self.group_max:
-            heads = self._heads(units)
+            heads, groups = self._cluster(units, primary, reserve)
             if len(heads) < len(units):
-                groups = self._assign(units, heads)
                 for head in heads:
-                    self.connect(groups[head])
+                    self._join(head, groups[head], len(heads) - 1 + (reserve if head == primary else 0))
                 self.reps.update(heads)
-                return self.connect(heads)
-        primary = units[0]
-        reps = [u for u in units if u == primary or u in self.reps]
-        # Every sibling primary links to the group's primary; the other sibling pairs link directly (lower
-        # stretch) only while both stay within the tunnel budget.
-        for rep in reps[1:]:
-            self.b.link_ranked(primary, rep)
-        for a, b in combinations(reps[1:], 2):
-            if self.b.degree[a] < self.budget and self.b.degree[b] < self.budget:
-                self.b.link_ranked(a, b)
-        for leaf in (u for u in units if u not in reps):
-            self.b.link(self._attach_point(primary, reps, leaf), leaf)
+                return self.connect(heads, reserve, primary)
+        self._join(primary, units, reserve)
         return primary
 
-    def _capacity(self, head: str, heads: int) -> int:
-        """Members a sub-group head can still take, keeping room for links to the other heads."""
-        return max(0, min(self.group_max - 1, self.budget - self.b.degree[head] - (heads - 1)))
+    def _usable(self, unit: str, primary: str, reserve: int) -> int:
+        return self.budget - self.b.degree[unit] - (reserve if unit == primary else 0)
 
-    def _heads(self, units: list[str]) -> list[str]:
-        """The best-ranked units head sub-groups; more heads join while the heads lack room for the rest."""
-        heads = units[: math.ceil(len(units) / self.group_max)]
-        rest = units[len(heads):]
-        while rest and sum(self._capacity(h, len(heads)) for h in heads) < len(rest):
-            # The least-loaded remaining unit (best-ranked on ties) becomes another head.
-            extra = min(rest, key=lambda u: (self.b.degree[u], self.b.rank[u]))
-            rest.remove(extra)
+    def _join(self, primary: str, units: list[str], reserve: int) -> None:
+        """A tree over the group within the budget (primary first), then sibling primaries link directly.
+
+        When the primary is full, a unit attaches to the closest node with room among those already joined to
+        the primary, including the nodes its sub-regions joined to it earlier (they lie inside this region
+        too). The primary thus spends no slot on a level it cannot afford, however many levels it heads.
+        """
+        rtt, rank = self.b.rtt, self.b.rank
+        reps = [u for u in units if u != primary and u in self.reps]
+        leaves = [u for u in units if u != primary and u not in self.reps]
+        joined: list[str] | None = None
+        # Busy units (sibling primaries) first, while the primary has room; then the rest, closest first.
+        for unit in reps + sorted(leaves, key=lambda u: (rtt(primary, u), rank[u])):
+            if self._usable(primary, primary, reserve) > 0:
+                point = primary
+            else:
+                if joined is None:
+                    joined = self._component(primary)
+                open_ = [j for j in joined if self._usable(j, primary, reserve) > 0]
+                open_ = open_ or [j for j in joined if self.b.degree[j] < self.budget] or [primary]
+                point = min(open_, key=lambda j: (rtt(unit, j), rank[j]))
+            self.b.link_ranked(point, unit) if unit in self.reps else self.b.link(point, unit)
+            if joined is not None:
+                joined.extend(self._component(unit, exclude=set(joined)))
+        if not self.measured:
+            # Without RTTs there is nothing to choose shortcuts by: sibling primaries link directly (fewer hops)
+            # while both keep a free slot.
+            for a, b in combinations(reps, 2):
+                if self._usable(a, primary, reserve) > 1 and self._usable(b, primary, reserve) > 1:
+                    self.b.link_ranked(a, b)
+
+    def _component(self, start: str, exclude: set[str] | None = None) -> list[str]:
+        """Nodes linked to start (breadth first), not crossing into ``exclude``."""
+        seen = {start} | (exclude or set())
+        order, queue = [start], [start]
+        while queue:
+            node = queue.pop()
+            for nbr in sorted(self.b.adj[node], key=self.b.rank.__getitem__):
+                if nbr not in seen:
+                    seen.add(nbr)
+                    order.append(nbr)
+                    queue.append(nbr)
+        return order
+
+    def _primary(self, units: list[str]) -> str:
+        """Highest priority wins; among equals the most central unit (by RTT), else the best-ranked."""
+        best = self.b.by_name[units[0]].priority
+        candidates = [u for u in units if self.b.by_name[u].priority == best]
+        return self._centre(candidates, units)
+
+    def _centre(self, candidates: list[str], group: list[str]) -> str:
+        """The candidate with the least RTT to the group (a sample of it, for big groups).
+
+        Hysteresis: the candidates already linked to most of the group in the previous plan (``link_addresses``)
+        count INCUMBENT_MARGIN closer, so a small RTT change does not move a primary and all its links.
+        """
+        if len(candidates) == 1 or not self.measured:
+            return min(candidates, key=self.b.rank.__getitem__)
+        rtt, previous = self.b.rtt, self.b.previous
+        sample = group if len(group) <= 64 else group[:: math.ceil(len(group) / 64)]
+        scores = {c: sum(rtt(c, u) for u in sample if u != c) for c in candidates}
+        if previous:
+            held = {c: sum(frozenset((c, u)) in previous for u in group) for c in candidates}
+            most = max(held.values())
+            for c in candidates:
+                if most and held[c] == most:  # the centre(s) of the previous plan, by links into the group
+                    scores[c] *= 1 - self.INCUMBENT_MARGIN
+        return min(candidates, key=lambda c: (scores[c], self.b.rank[c]))
+
+    def _cluster(self, units: list[str], primary: str, reserve: int) -> tuple[list[str], dict[str, list[str]]]:
+        """Split a big group around heads: farthest-first seeds, a few rounds of nearest-head + medoid, by RTT.
+
+        Without RTTs every distance ties, so the best-ranked units head the sub-groups and fill in rank order.
+        """
+        rtt, rank, degree = self.b.rtt, self.b.rank, self.b.degree
+        count = math.ceil(len(units) / self.group_max)
+
+        def room(head: str, heads: int) -> int:
+            extra = reserve if head == primary else 0
+            return max(0, min(self.group_max - 1, self.budget - degree[head] - (heads - 1) - extra))
+
+        fresh = sorted(units, key=lambda u: (degree[u], rank[u]))  # least-loaded first: best heads
+        heads = [primary]
+        if self.measured:
+            nearest = {u: rtt(u, primary) for u in units}
+            while len(heads) < count:
+                head = max((u for u in fresh if u not in heads), key=lambda u: (nearest[u], -degree[u], -rank[u]))
+                heads.append(head)
+                for u in units:
+                    nearest[u] = min(nearest[u], rtt(u, head))
+        else:
+            heads += [u for u in fresh if u != primary][: count - 1]
+        groups = self._assign(units, heads, room)
+        for _ in range(self.LLOYD_ROUNDS if self.measured else 0):
+            moved = [primary] + [
+                self._centre([u for u in members if room(u, len(heads)) > 0] or [head], members)
+                for head, members in groups.items() if head != primary
+            ]
+            if moved == heads:
+                break
+            heads = moved
+            groups = self._assign(units, heads, room)
+        # More heads join while the heads lack room for the rest (a head that is busy elsewhere has little).
+        while sum(room(h, len(heads)) for h in heads) < len(units) - len(heads):
+            extra = next(u for u in fresh if u not in heads)
             heads.append(extra)
-        return sorted(heads, key=self.b.rank.__getitem__)
+            groups = self._assign(units, heads, room)
+        return heads, groups
 
-    def _assign(self, units: list[str], heads: list[str]) -> dict[str, list[str]]:
-        """Each other unit joins the closest head (by RTT) that has room; rank breaks ties."""
-        groups: dict[str, list[str]] = {head: [head] for head in heads}
-        room = {head: self._capacity(head, len(heads)) for head in heads}
-        for unit in units:
-            if unit in groups:
-                continue
-            open_heads = [h for h in heads if room[h] > 0] or heads
-            head = min(open_heads, key=lambda h: (self.b.rtt(unit, h), self.b.rank[h]))
+    def _assign(self, units: list[str], heads: list[str], room) -> dict[str, list[str]]:
+        """Each other unit joins the closest head with room; units closest to some head choose first."""
+        rtt, rank = self.b.rtt, self.b.rank
+        left = {h: room(h, len(heads)) for h in heads}
+        groups: dict[str, list[str]] = {h: [h] for h in heads}
+        others = [u for u in units if u not in groups]
+        order = sorted(others, key=lambda u: (min(rtt(u, h) for h in heads), rank[u]))
+        for unit in order:
+            open_heads = [h for h in heads if left[h] > 0] or heads
+            head = min(open_heads, key=lambda h: (rtt(unit, h), rank[h]))
             groups[head].append(unit)
-            room[head] -= 1
-        return groups
+            left[head] -= 1
+        return {h: sorted(g, key=rank.__getitem__) for h, g in groups.items()}
 
-    def _attach_point(self, primary: str, reps: list[str], leaf: str) -> str:
-        """The primary, unless it is already at the tunnel budget; then the closest sibling primary."""
-        if self.b.degree[primary] < self.budget or len(reps) == 1:
-            return primary
-        spare = [r for r in reps if self.b.degree[r] < self.budget] or reps
-        return min(spare, key=lambda r: (self.b.degree[r] >= self.budget, self.b.rtt(leaf, r), self.b.rank[r]))
+    # -- shortcuts ---------------------------------------------------------------------------------------
+
+    def _shortcuts(self) -> None:
+        """Greedy spanner over the core: shortest pairs first, link when the planned path is too long.
+
+        Distances are kept as an all-pairs matrix over the core (leaves carry no transit traffic), updated
+        in O(core^2) per new link.
+        """
+        rtt, degree = self.b.rtt, self.b.degree
+        core = sorted(self.reps, key=self.b.rank.__getitem__)
+        index = {name: i for i, name in enumerate(core)}
+        size = len(core)
+        inf = float("inf")
+        dist = [[0.0 if i == j else inf for j in range(size)] for i in range(size)]
+        for a, b in self.b.direction:
+            if a in index and b in index:
+                i, j = index[a], index[b]
+                dist[i][j] = dist[j][i] = min(dist[i][j], rtt(a, b))
+        for k in range(size):
+            dk = dist[k]
+            for i in range(size):
+                dik = dist[i][k]
+                if dik == inf:
+                    continue
+                di = dist[i]
+                for j in range(size):
+                    if dik + dk[j] < di[j]:
+                        di[j] = dik + dk[j]
+        pairs = sorted(
+            ((rtt(a, b), self.b.rank[a], self.b.rank[b], a, b) for a, b in combinations(core, 2)
+             if rtt.known(a, b) and frozenset((a, b)) not in self.b.direction),
+        )
+        for w, _, _, a, b in pairs:
+            if degree[a] >= self.budget or degree[b] >= self.budget:
+                continue
+            i, j = index[a], index[b]
+            limit = self.KEEP_STRETCH if frozenset((a, b)) in self.b.previous else self.SHORTCUT_STRETCH
+            if dist[i][j] <= limit * w:
+                continue
+            self.b.link_ranked(a, b)
+            di, dj = dist[i], dist[j]
+            for x in range(size):
+                dxa, dxb = dist[x][i], dist[x][j]
+                via_a, via_b = dxa + w, dxb + w
+                row = dist[x]
+                for y in range(size):
+                    best = min(via_a + dj[y], via_b + di[y])
+                    if best < row[y]:
+                        row[y] = best
 
 
 def _assign_addresses(oriented, pools, previous: Mapping[tuple[str, str], str]) -> tuple[LinkPlan, ...]:

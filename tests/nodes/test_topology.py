@@ -2,9 +2,12 @@
 
 import ipaddress
 import math
+import random
 from itertools import combinations
 
 from django.test import SimpleTestCase
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nodes.topology import LanSpec, NodeSpec, PlanError, plan_lan
 
@@ -180,3 +183,122 @@ class RouteTests(SimpleTestCase):
         plan = plan_lan(LanSpec(mode="hub"), nodes(5))
         self.assertEqual([(str(r.prefix), r.via) for r in plan.routes["n3"]], [("10.0.0.0/8", "n0")])
         self.assertEqual(len(plan.routes["n0"]), 4)
+
+
+REGION_TREE = [
+    "asia/cn/east", "asia/cn/north", "asia/cn/south/gz", "asia/cn/south/sz", "asia/hk", "asia/jp/kanto",
+    "asia/jp", "europe/de/fra", "europe/de/ber", "europe/uk", "europe", "na/us/east/nyc", "na/us/east/dc",
+    "na/us/west", "na/ca", "sa/br", "",
+]
+
+
+@st.composite
+def deep_lans(draw):
+    """Deep region trees, skewed sizes, priorities that make one node primary of many levels, maybe RTTs."""
+    count = draw(st.integers(2, 400))
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    regions = rng.sample(REGION_TREE, rng.randint(1, len(REGION_TREE)))
+    weights = [rng.random() ** 3 for _ in regions]  # a few big regions, many small ones
+    lan = []
+    for i in range(count):
+        region = rng.choices(regions, weights)[0]
+        priority = 5 if i < rng.choice([0, 1, 3]) else rng.choice([0, 0, 0, 1])
+        lan.append(NodeSpec(f"n{i}", region=region, priority=priority, order=i))
+    rtts = None
+    if rng.random() < 0.5:
+        where = {n.name: (rng.random() * 100, rng.random() * 100) for n in lan}
+        rtts = {(a.name, b.name): 1 + math.dist(where[a.name], where[b.name])
+                for a, b in combinations(lan, 2)}
+    return lan, rtts
+
+
+class TunnelBudgetTests(SimpleTestCase):
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(deep_lans())
+    def test_no_node_exceeds_two_root_n_tunnels_however_deep_the_region_tree(self, case):
+        lan, rtts = case
+        plan = plan_lan(LanSpec(mode="hierarchical", pool_prefix=20), lan, rtts=rtts)
+        limit = 2 * math.sqrt(len(lan))
+        self.assertLessEqual(max(plan.tunnels(n.name) for n in lan), limit)
+        self.assertEqual(set(plan.primaries), _ancestors({n.region for n in lan}))
+
+    def test_one_node_that_is_primary_of_every_level_stays_within_budget(self):
+        lan = [NodeSpec("boss", region="a/b/c/d/e", priority=9)]
+        lan += [NodeSpec(f"n{i}", region="/".join("abcde"[: i % 5 + 1]), order=i) for i in range(99)]
+        plan = plan_lan(LanSpec(mode="hierarchical", pool_prefix=20), lan)
+        self.assertEqual({plan.primaries[p] for p in ("", "a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/e")}, {"boss"})
+        self.assertLessEqual(max(plan.tunnels(n.name) for n in lan), 20)
+
+
+def _ancestors(regions):
+    out = set()
+    for region in regions:
+        out.add(region)
+        while region:
+            region = region.rpartition("/")[0]
+            out.add(region)
+    return out
+
+
+def ring(count, region="eu"):
+    """Nodes on a circle of radius 50 ms with RTT = 1 + distance: every pair measured."""
+    where = {f"n{i}": (50 * math.cos(2 * math.pi * i / count), 50 * math.sin(2 * math.pi * i / count))
+             for i in range(count)}
+    rtts = {(a, b): 1 + math.dist(where[a], where[b]) for a, b in combinations(sorted(where), 2)}
+    return [NodeSpec(name, region=region, order=int(name[1:])) for name in where], rtts
+
+
+class RttAwareTests(SimpleTestCase):
+    def test_among_equal_priorities_the_most_central_node_is_primary(self):
+        lan = [NodeSpec(f"n{i}", region="eu", order=i) for i in range(7)]
+        rtts = {(f"n{a}", f"n{b}"): 1 + abs(a - b) for a, b in combinations(range(7), 2)}  # on a line
+        plan = plan_lan(LanSpec(mode="hierarchical"), lan, rtts=rtts)
+        self.assertEqual(plan.primaries["eu"], "n3")
+
+    def test_priority_still_wins_over_centrality(self):
+        lan = [NodeSpec(f"n{i}", region="eu", order=i, priority=1 if i == 6 else 0) for i in range(7)]
+        rtts = {(f"n{a}", f"n{b}"): 1 + abs(a - b) for a, b in combinations(range(7), 2)}
+        self.assertEqual(plan_lan(LanSpec(mode="hierarchical"), lan, rtts=rtts).primaries["eu"], "n6")
+
+    def test_an_incumbent_primary_survives_a_small_rtt_change(self):
+        # Seven nodes on a line in eu (n3 in the middle), 42 far away in asia: eu is one group, not split.
+        lan = [NodeSpec(f"n{i}", region="eu" if i < 7 else "asia", order=i) for i in range(49)]
+        x = {f"n{i}": i if i < 7 else 1000 + i for i in range(49)}
+        rtts = {(a, b): 1 + abs(x[a] - x[b]) for a, b in combinations(sorted(x), 2)}
+        first = plan_lan(LanSpec(mode="hierarchical"), lan, rtts=rtts)
+        self.assertEqual(first.primaries["eu"], "n3")
+        previous = {(l.upstream, l.downstream): str(l.address) for l in first.links}
+        # n2 becomes slightly more central than n3 (4% by sum of RTTs): alone, that would move the primary...
+        nudged = {k: v * (0.9 if "n2" in k else 1) for k, v in rtts.items()}
+        self.assertEqual(plan_lan(LanSpec(mode="hierarchical"), lan, rtts=nudged).primaries["eu"], "n2")
+        # ... but not past the incumbent's margin.
+        again = plan_lan(LanSpec(mode="hierarchical"), lan, rtts=nudged, link_addresses=previous)
+        self.assertEqual(again.primaries["eu"], "n3")
+        self.assertEqual({p for p in link_pairs(again) if "n3" in p}, {p for p in link_pairs(first) if "n3" in p})
+
+    def test_shortcuts_between_heads_cut_stretch_within_the_budget(self):
+        lan, rtts = ring(100)
+        plan = plan_lan(LanSpec(mode="hierarchical"), lan, rtts=rtts)
+        self.assertLessEqual(max(plan.tunnels(n.name) for n in lan), 20)
+        path = plan.path("n0", "n50")
+        along = sum(rtts[tuple(sorted(p, key=lambda x: int(x[1:])))] for p in zip(path, path[1:]))
+        self.assertLess(along / rtts[("n0", "n50")], 1.5)
+        # Leaves stay single-homed: one default route each.
+        leaves = [n.name for n in lan if plan.tunnels(n.name) == 1]
+        self.assertGreater(len(leaves), 70)
+        self.assertTrue(all(len(plan.routes[leaf]) == 1 for leaf in leaves))
+
+    def test_without_a_full_rtt_matrix_the_plan_follows_rank_as_before(self):
+        lan = [NodeSpec(f"n{i}", region="eu", order=i) for i in range(30)]
+        rtts = {(f"n{a}", f"n{b}"): 1 + abs(a - b) for a, b in combinations(range(30), 2)}  # on a line
+        self.assertIn(plan_lan(LanSpec(mode="hierarchical"), lan, rtts=rtts).primaries["eu"], ("n14", "n15"))
+        # Unmeasured pairs would read as 1 ms: no centrality, clustering or shortcuts without every pair.
+        partial = dict(list(rtts.items())[:100])
+        self.assertEqual(plan_lan(LanSpec(mode="hierarchical"), lan, rtts=partial).primaries["eu"], "n0")
+
+    def test_auto_mode_joins_a_pin_cycle_to_the_primary_instead_of_failing(self):
+        lan = nodes(6) + [NodeSpec("a", order=7, pinned_upstream="b"), NodeSpec("b", order=8, pinned_upstream="a")]
+        plan = plan_lan(LanSpec(), lan)
+        self.assertEqual(plan.mode, "hierarchical")
+        self.assertIn(("a", "b"), {tuple(sorted(p)) for p in link_pairs(plan)})
+        self.assertEqual(len([p for p in link_pairs(plan) if {"a", "b"} & set(p)]), 2)

@@ -125,9 +125,18 @@ class Command(BaseCommand):
         for a in addresses:
             for b, address in addresses.items():
                 if a != b:
-                    rtt = lab.ping(lab.players[a], address, count=1, timeout=3)
+                    rtt = self.ping(lab, lab.players[a], address)
                     shown = f"{rtt:.2f} ms" if rtt is not None else "NO ANSWER"
                     self.stdout.write(f"  ping {a} -> {b} ({address}): {shown}")
+
+    @staticmethod
+    def ping(lab, host, address, attempts=5):
+        """The first packets may race the last route the clients install: try a few times (bounded)."""
+        for _ in range(attempts):
+            rtt = lab.ping(host, address, count=1, timeout=1)
+            if rtt is not None:
+                return rtt
+        return None
 
     # --- down / status ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""The only place that looks up objects a URL names (convention 2).
+
+Host-facing helpers return the object or raise Http404, also when it belongs to another host: a 403 would tell
+charlie that alice's node 7 exists. Public helpers take a token from a link; a token that cannot be one of ours
+(wrong alphabet or length) is rejected before it reaches the database, with its own reason so the page can say
+"the link is cut short" rather than "unknown".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from django.http import Http404
+
+from nodes.models import Lan, Node
+from players.models import TOKEN_BYTES, Invite, Player
+
+# secrets.token_urlsafe(n) gives ceil(4n/3) characters of the URL-safe base64 alphabet, no padding.
+TOKEN_LENGTH = math.ceil(TOKEN_BYTES * 4 / 3)
+TOKEN_RE = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
+
+
+class LinkNotFound(Http404):
+    """A public link that leads nowhere; `reason` is "malformed" or "unknown" and picks the page's wording."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _pk(value) -> int:
+    # URL converters already give ints; this guards callers that pass strings from forms.
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Http404("No such object.") from None
+
+
+def get_lan_for_host(request, slug: str) -> Lan:
+    lan = Lan.objects.filter(owner=request.user, slug=slug).first() if request.user.is_authenticated else None
+    if lan is None:
+        raise Http404("No such LAN.")
+    return lan
+
+
+def get_node_for_host(request, pk, *, operators: bool = False) -> Node:
+    """`operators=True` also lets a user who may view every node in the admin read it (the admin's sync-progress
+    element polls the node status endpoint); hosts still see only their own."""
+    if not request.user.is_authenticated:
+        raise Http404("No such node.")
+    query = Node.objects.select_related("lan").filter(pk=_pk(pk))
+    if not (operators and request.user.is_staff and request.user.has_perm("nodes.view_node")):
+        query = query.filter(lan__owner=request.user)
+    node = query.first()
+    if node is None:
+        raise Http404("No such node.")
+    return node
+
+
+def get_player_for_host(request, pk) -> Player:
+    player = (Player.objects.select_related("lan").filter(pk=_pk(pk), lan__owner=request.user).first()
+              if request.user.is_authenticated else None)
+    if player is None:
+        raise Http404("No such player.")
+    return player
+
+
+def get_invite_for_host(request, pk) -> Invite:
+    invite = (Invite.objects.select_related("lan").filter(pk=_pk(pk), lan__owner=request.user).first()
+              if request.user.is_authenticated else None)
+    if invite is None:
+        raise Http404("No such invite.")
+    return invite
+
+
+def check_token(token: str) -> str:
+    if not TOKEN_RE.fullmatch(token or ""):
+        raise LinkNotFound("malformed")
+    return token
+
+
+def get_invite_by_token(token: str) -> Invite:
+    """The invite a /join/ link names, usable or not (the page explains why it is not)."""
+    invite = Invite.objects.select_related("lan__owner").filter(token=check_token(token)).first()
+    if invite is None:
+        raise LinkNotFound("unknown")
+    return invite
+
+
+def get_player_by_token(token: str) -> Player:
+    """The player a /me/ link names, revoked or not (a revoked player's page says so with a 410)."""
+    player = Player.objects.select_related("lan__owner").filter(token=check_token(token)).first()
+    if player is None:
+        raise LinkNotFound("unknown")
+    return player
+
+
+def get_lan_node(lan: Lan, ref: str) -> Node:
+    """A node of `lan` named by pk or by name (profile download URLs accept either)."""
+    query = Node.objects.filter(lan=lan)
+    node = query.filter(pk=int(ref)).first() if ref.isdigit() else query.filter(name=ref).first()
+    if node is None:
+        raise Http404("No such server on this LAN.")
+    return node

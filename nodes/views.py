@@ -1,0 +1,174 @@
+"""Host pages: LANs, the LAN dashboard, nodes and their sync status.
+
+Each view authorizes through lanhub.access, validates with a form, calls one service and renders or redirects.
+Reading helpers (`_dashboard`, `_status`) only read, with a fixed number of queries the tests pin down.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.db.models import Count, F, Prefetch, Window
+from django.db.models.functions import RowNumber
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from lanhub.access import get_lan_for_host, get_node_for_host
+from nodes import services, svg
+from nodes.forms import LanForm, NodeForm, add_service_error
+from nodes.models import Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
+from players.forms import InviteForm
+
+ACTIVE_RUN = (SyncStatus.QUEUED, SyncStatus.RUNNING)
+
+
+# --- LANs -------------------------------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+def lan_list(request):
+    return _render_lan_list(request, LanForm())
+
+
+@require_POST
+@login_required
+def lan_create(request):
+    form = LanForm(request.POST)
+    if form.is_valid():
+        try:
+            lan = services.create_lan(owner=request.user, **form.cleaned_data)
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            return redirect("nodes:lan_detail", slug=lan.slug)
+    return _render_lan_list(request, form)
+
+
+def _render_lan_list(request, form, status=200):
+    # Queries: the LANs of this host, with node and player counts in one aggregate query.
+    lans = (Lan.objects.filter(owner=request.user)
+            .annotate(node_total=Count("nodes", distinct=True), player_total=Count("players", distinct=True)))
+    return render(request, "nodes/lan_list.html", {"lans": lans, "form": form}, status=status)
+
+
+@require_GET
+@login_required
+def lan_detail(request, slug):
+    lan = get_lan_for_host(request, slug)
+    return render(request, "nodes/lan_detail.html", _dashboard(request, lan))
+
+
+@require_POST
+@login_required
+def node_add(request, slug):
+    lan = get_lan_for_host(request, slug)
+    form = NodeForm(request.POST, lan=lan)
+    if form.is_valid():
+        try:
+            node = services.create_node(lan=lan, requested_by=request.user, **form.service_fields())
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            return redirect("nodes:node_detail", pk=node.pk)
+    return render(request, "nodes/lan_detail.html", _dashboard(request, lan, node_form=form))
+
+
+@require_GET
+@login_required
+def lan_topology_svg(request, slug):
+    lan = get_lan_for_host(request, slug)
+    nodes = list(lan.nodes.order_by("created_at", "pk"))
+    links = list(Link.objects.filter(lan=lan).select_related("upstream", "downstream"))
+    body = svg.render_topology(nodes, links, title=f"{lan.name}: servers by region and the links between them")
+    response = HttpResponse(body, content_type="image/svg+xml; charset=utf-8")
+    response["Cache-Control"] = "no-store"  # the picture changes as links go up and down
+    return response
+
+
+def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
+    """Everything the LAN dashboard shows, in a fixed number of queries (see tests/nodes/test_views.py)."""
+    latest_runs = SyncRun.objects.annotate(
+        rank=Window(RowNumber(), partition_by=F("node_id"), order_by=(F("created_at").desc(), F("pk").desc()))
+    ).filter(rank=1)
+    nodes = list(lan.nodes.order_by("created_at", "pk")
+                 .prefetch_related(Prefetch("sync_runs", queryset=latest_runs, to_attr="latest")))
+    sessions = list(VpnSession.objects.filter(node__lan=lan).select_related("node", "player")
+                    .order_by("node__name", "common_name"))
+    by_player = {s.player_id: s for s in sessions if s.player_id}
+    players = list(lan.players.all())
+    for player in players:
+        player.session = by_player.get(player.pk)
+    for node in nodes:
+        node.run = node.latest[0] if node.latest else None
+        node.online = sum(1 for s in sessions if s.node_id == node.pk)
+    invites = list(lan.invites.all())
+    for invite in invites:
+        invite.url = request.build_absolute_uri(reverse("players:join", args=[invite.token]))
+        invite.qr = svg.qr_svg(invite.url) if invite.problem() is None else ""
+    return {
+        "lan": lan, "nodes": nodes, "sessions": sessions, "players": players, "invites": invites,
+        "links": list(Link.objects.filter(lan=lan).select_related("upstream", "downstream")),
+        "online_total": sum(1 for s in sessions if s.player_id),
+        "node_form": node_form or NodeForm(lan=lan),
+        "invite_form": invite_form or InviteForm(),
+    }
+
+
+# --- Nodes ------------------------------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+def node_detail(request, pk):
+    node = get_node_for_host(request, pk)
+    runs = list(node.sync_runs.all()[:10])
+    sessions = list(node.sessions.select_related("player"))
+    return render(request, "nodes/node_detail.html",
+                  {"node": node, "lan": node.lan, "runs": runs, "run": runs[0] if runs else None,
+                   "sessions": sessions})
+
+
+@require_POST
+@login_required
+def node_sync(request, pk):
+    node = get_node_for_host(request, pk)
+    services.request_sync(node, reason="sync requested by the host", requested_by=request.user)
+    return redirect("nodes:node_detail", pk=node.pk)
+
+
+@require_GET
+def node_status(request, pk):
+    """JSON for the progress bars on the dashboard, the node page and the admin (static/js/sync-progress.js)."""
+    if not request.user.is_authenticated:
+        return JsonResponse({"error": "Sign in first."}, status=401)
+    node = get_node_for_host(request, pk, operators=True)
+    runs = list(node.sync_runs.all()[:5])
+    return JsonResponse(_status(node, runs), headers={"Cache-Control": "no-store"})
+
+
+def _status(node: Node, runs: list[SyncRun]) -> dict:
+    run = runs[0] if runs else None
+    active = node.sync_state == SyncState.RUNNING or (run is not None and run.status in ACTIVE_RUN)
+    return {
+        "node": node.name,
+        "state": node.state,
+        "state_label": node.get_state_display(),
+        "healthy": node.healthy,
+        "sync_state": node.sync_state,
+        "active": active,
+        "status": run.status if run else None,
+        "status_label": run.get_status_display() if run else "No sync yet",
+        "current_step": (run.current_step if run else "") or "",
+        "progress": run.progress if run else 0,
+        "last_error": node.last_error or (run.error if run else ""),
+        "openvpn_version": node.openvpn_version,
+        "runs": [
+            {"kind": r.kind, "status": r.status, "status_label": r.get_status_display(), "reason": r.reason,
+             "current_step": r.current_step, "progress": r.progress, "error": r.error,
+             "created_at": r.created_at.isoformat(), "finished_at": r.finished_at and r.finished_at.isoformat()}
+            for r in runs
+        ],
+    }

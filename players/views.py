@@ -1,0 +1,337 @@
+"""Invites and players: the host's buttons, the friend's join page, the player's own page and the lobby.
+
+Public pages are reached by token only (lanhub.access.get_*_by_token). A token that cannot be ours, or names
+nothing, gets a 404 page; an invite that is expired, used up or revoked, and a revoked player, get a 410 page that
+says which. Every page here is a thin view: authorize, validate, call one service, render or redirect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import wraps
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from lanhub.access import (LinkNotFound, get_invite_by_token, get_invite_for_host, get_lan_for_host, get_lan_node,
+                           get_player_by_token, get_player_for_host)
+from lanhub.middleware import CSP
+from nodes.forms import add_service_error
+from nodes.models import Lan, VpnSession
+from nodes.svg import qr_svg
+from nodes.views import _dashboard
+from players import ranking, services
+from players.forms import ChooseNodeForm, InviteForm, JoinForm, RttForm
+from players.models import Player
+
+RTT_SESSION_KEY = "lanhub.rtt.{}"  # per player: {node pk: ms or None}, as the player's browser measured
+LOBBY_POLL_SECONDS = 5
+
+# Wording of the pages a public link can end on: (status, title, explanation).
+LINK_PROBLEMS = {
+    "malformed": (404, "This link is incomplete",
+                  "Part of the link seems to be missing or mistyped. Copy the whole link again from the message "
+                  "you were sent."),
+    "unknown": (404, "This link leads nowhere",
+                "There is no invite or player page at this address. Ask the host for a new link."),
+    "expired": (410, "This invite has expired",
+                "Invites work for a limited time, and this one's time is up. Ask the host for a fresh link."),
+    "used_up": (410, "This invite has been used up",
+                "As many people as the host allowed have already joined with this link. Ask the host for another."),
+    "revoked": (410, "This invite was withdrawn",
+                "The host switched this link off. If you should still join, ask them for a new one."),
+    "not_found": (404, "This link leads nowhere",
+                  "There is no invite at this address. Ask the host for a new link."),
+    "player_revoked": (410, "This player was removed",
+                       "The host removed this player from the LAN, so its profiles no longer connect. Ask the host "
+                       "for a new invite if that was a mistake."),
+}
+
+
+def _link_problem(request, reason: str, lan: Lan | None = None) -> HttpResponse:
+    status, title, text = LINK_PROBLEMS[reason]
+    return render(request, "players/link_problem.html",
+                  {"title": title, "text": text, "reason": reason, "lan": lan}, status=status)
+
+
+def public_link(view):
+    """Turn LinkNotFound (a malformed or unknown token) into its own explanatory 404 page."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        try:
+            return view(request, *args, **kwargs)
+        except LinkNotFound as exc:
+            return _link_problem(request, exc.reason)
+
+    return wrapper
+
+
+def active_player(view):
+    """Resolve /me/<token>/ to its player; a revoked player gets the 410 page (and never a profile)."""
+
+    @public_link
+    @wraps(view)
+    def wrapper(request, token, *args, **kwargs):
+        player = get_player_by_token(token)
+        if player.revoked_at:
+            return _link_problem(request, "player_revoked", lan=player.lan)
+        return view(request, player, *args, **kwargs)
+
+    return wrapper
+
+
+def client_address(request) -> str | None:
+    """The peer's address. X-Forwarded-For is not trusted: anyone can send it, and it would defeat the join limit;
+    a deployment behind a proxy must have the proxy set REMOTE_ADDR (gunicorn --forwarded-allow-ips)."""
+    address = request.META.get("REMOTE_ADDR") or ""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+# --- Host: invites and players ----------------------------------------------------------------------------------
+
+
+@require_POST
+@login_required
+def invite_create(request, slug):
+    lan = get_lan_for_host(request, slug)
+    form = InviteForm(request.POST)
+    if form.is_valid():
+        try:
+            services.create_invite(lan=lan, created_by=request.user, note=form.cleaned_data["note"],
+                                   ttl=form.ttl(), max_uses=form.cleaned_data["max_uses"])
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            messages.success(request, "Invite created: copy the link or show the QR code to your friends.")
+            return redirect(reverse("nodes:lan_detail", args=[lan.slug]) + "#invites")
+    return render(request, "nodes/lan_detail.html", _dashboard(request, lan, invite_form=form))
+
+
+@require_POST
+@login_required
+def invite_revoke(request, pk):
+    invite = get_invite_for_host(request, pk)
+    services.revoke_invite(invite)
+    messages.success(request, "Invite withdrawn: its link no longer works.")
+    return redirect(reverse("nodes:lan_detail", args=[invite.lan.slug]) + "#invites")
+
+
+@require_POST
+@login_required
+def player_revoke(request, pk):
+    player = get_player_for_host(request, pk)
+    services.revoke_player(player)
+    messages.success(request, f"{player.nickname} is revoked: every server refuses them after its next sync.")
+    return redirect(reverse("nodes:lan_detail", args=[player.lan.slug]) + "#players")
+
+
+@require_POST
+@login_required
+def player_reissue(request, pk):
+    player = get_player_for_host(request, pk)
+    try:
+        services.reissue_player(player)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, f"{player.nickname} has a new certificate; their old profile stops working.")
+    return redirect(reverse("nodes:lan_detail", args=[player.lan.slug]) + "#players")
+
+
+@require_GET
+@login_required
+def host_lobby(request, slug):
+    lan = get_lan_for_host(request, slug)
+    fragment = reverse("players:host_lobby_fragment", args=[lan.slug])
+    return render(request, "players/lobby.html", _lobby(lan, fragment_url=fragment, back=None, me=None))
+
+
+@require_GET
+@login_required
+def host_lobby_fragment(request, slug):
+    lan = get_lan_for_host(request, slug)
+    return _lobby_fragment(request, lan, me=None)
+
+
+# --- Friends: joining -------------------------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@public_link
+def join(request, token):
+    invite = get_invite_by_token(token)
+    problem = invite.problem()
+    if problem:
+        return _link_problem(request, problem, lan=invite.lan)
+    form = JoinForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST":
+        try:
+            services.check_join_rate(client_address(request), limit=settings.LANHUB_JOIN_RATE)
+        except services.RateLimited as exc:
+            response = render(request, "players/rate_limited.html", {"message": str(exc), "lan": invite.lan},
+                              status=429)
+            response["Retry-After"] = "3600"
+            return response
+        if form.is_valid():
+            try:
+                player = services.redeem_invite(token=invite.token, nickname=form.cleaned_data["nickname"],
+                                                client_address=client_address(request))
+            except services.InviteUnusable as exc:  # used up or revoked while the friend was typing
+                return _link_problem(request, exc.reason, lan=invite.lan)
+            except ValidationError as exc:
+                add_service_error(form, exc)
+            else:
+                return redirect("players:player_home", token=player.token)
+    return render(request, "players/join.html", {"invite": invite, "lan": invite.lan, "form": form})
+
+
+# --- The player's own page --------------------------------------------------------------------------------------
+
+
+@require_GET
+@active_player
+def player_home(request, player):
+    context = _player_context(request, player)
+    response = render(request, "players/player.html", context)
+    response["Content-Security-Policy"] = _probe_csp(context["ranked"])
+    return response
+
+
+@require_POST
+@active_player
+def player_rtt(request, player):
+    """The browser posts the times it measured; they are kept in the session and the ranking is re-rendered."""
+    nodes = services.ready_nodes(player.lan)
+    form = RttForm(request.POST, node_ids=[n.pk for n in nodes])
+    if not form.is_valid():
+        return HttpResponse(" ".join(form.errors.get("rtts", ["Bad request."])), status=400,
+                            content_type="text/plain; charset=utf-8")
+    request.session[RTT_SESSION_KEY.format(player.pk)] = {str(k): v for k, v in form.cleaned_data["rtts"].items()}
+    return render(request, "players/_ranking.html", _player_context(request, player, nodes=nodes))
+
+
+@require_POST
+@active_player
+def player_choose(request, player):
+    form = ChooseNodeForm(request.POST, nodes=services.ready_nodes(player.lan))
+    if form.is_valid():
+        try:
+            services.choose_node(player, form.chosen())
+        except ValidationError as exc:
+            messages.error(request, " ".join(exc.messages))
+        else:
+            messages.success(request, f"Your profile now starts with {form.chosen().name}. Download it again.")
+    else:
+        messages.error(request, "That server is not available; pick one from the list.")
+    return redirect(reverse("players:player_home", args=[player.token]) + "#download")
+
+
+@require_POST
+@active_player
+def player_lost_device(request, player):
+    try:
+        services.reissue_player(player)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, "Done: the old profile is switched off at the next server sync. Download a new "
+                                  "profile on each device you still use.")
+    return redirect("players:player_home", token=player.token)
+
+
+@require_GET
+@active_player
+def profile_download(request, player, node_ref):
+    ranked = _ranking(request, player)
+    nodes = [node for node, _ in ranked]
+    node = get_lan_node(player.lan, node_ref)
+    if node not in nodes:
+        raise Http404("That server is not ready for players yet.")
+    profile = services.build_profile(player, node=node, ranked=nodes)
+    response = HttpResponse(profile.content, content_type="application/x-openvpn-profile")
+    response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'
+    response["Cache-Control"] = "no-store"  # it holds the player's private key
+    return response
+
+
+@require_GET
+@active_player
+def lobby(request, player):
+    fragment = reverse("players:lobby_fragment", args=[player.token])
+    back = reverse("players:player_home", args=[player.token])
+    return render(request, "players/lobby.html", _lobby(player.lan, fragment_url=fragment, back=back, me=player))
+
+
+@require_GET
+@active_player
+def lobby_fragment(request, player):
+    return _lobby_fragment(request, player.lan, me=player)
+
+
+# --- Reading helpers --------------------------------------------------------------------------------------------
+
+
+def _ranking(request, player: Player, nodes=None) -> list[ranking.Ranked]:
+    nodes = services.ready_nodes(player.lan) if nodes is None else nodes
+    stored = request.session.get(RTT_SESSION_KEY.format(player.pk)) or {}
+    return ranking.rank_nodes(
+        nodes, rtts={int(k): v for k, v in stored.items()},
+        client_country=ranking.country_of(client_address(request)), countries=ranking.CountryTable.load(),
+        default_node_id=player.lan.default_node_id,
+    )
+
+
+def _player_context(request, player: Player, nodes=None) -> dict:
+    ranked = _ranking(request, player, nodes)
+    ready = [node for node, _ in ranked]
+    chosen = next((n for n in ready if n.pk == player.preferred_node_id), ready[0] if ready else None)
+    download_url = (reverse("players:profile_download", args=[player.token, chosen.name]) if chosen else None)
+    measured = RTT_SESSION_KEY.format(player.pk) in request.session
+    return {
+        "player": player, "lan": player.lan, "ranked": ranked, "chosen": chosen, "download_url": download_url,
+        "download_qr": qr_svg(request.build_absolute_uri(download_url)) if download_url else "",
+        "measured": measured,
+        "choose_form": ChooseNodeForm(nodes=ready, initial={"node": chosen.pk} if chosen else None),
+    }
+
+
+def _probe_csp(ranked) -> str:
+    """The page's CSP, widened so its script may time a request to each node (and to nothing else)."""
+    origins = []
+    for node, _ in ranked:
+        host = node.public_address
+        host = f"[{host}]" if ":" in host else host  # an IPv6 literal needs brackets in an origin
+        origins += [f"http://{host}:{node.tcp_port}", f"https://{host}:{node.tcp_port}"]
+    return CSP.replace("connect-src 'self'", " ".join(["connect-src 'self'", *origins]))
+
+
+def _lobby(lan: Lan, *, fragment_url: str, back: str | None, me: Player | None) -> dict:
+    return {"lan": lan, "fragment_url": fragment_url, "back": back, "me": me, "poll_seconds": LOBBY_POLL_SECONDS,
+            **_lobby_rows(lan)}
+
+
+def _lobby_rows(lan: Lan) -> dict:
+    """Who is online now, per node. Queries: the LAN's nodes, and the player sessions with their players."""
+    nodes = list(lan.nodes.all())
+    sessions = list(VpnSession.objects.filter(node__lan=lan, player__isnull=False, player__revoked_at__isnull=True)
+                    .select_related("player").order_by("player__nickname"))
+    for node in nodes:
+        node.players_online = [s for s in sessions if s.node_id == node.pk]
+    return {"lobby_nodes": [n for n in nodes if n.players_online or n.state == "ready"],
+            "online_total": len(sessions)}
+
+
+def _lobby_fragment(request, lan: Lan, *, me: Player | None) -> HttpResponse:
+    response = render(request, "players/_lobby_rows.html", {"lan": lan, "me": me, **_lobby_rows(lan)})
+    response["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,153 @@
+"""The pages as a person uses them, in a real browser against a real server (live_server).
+
+Node addresses are loopback addresses (127.0.0.x) on ports nothing listens on: the player page's script times a
+request to every node, and a test must never send traffic anywhere but this machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from django.utils import timezone
+
+from nodes import services as node_services
+from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus, VpnSession
+from players import services as player_services
+from tests.browser.conftest import PHONE, screenshot
+
+PASSWORD = "a-long-test-password"
+
+
+@pytest.fixture
+def cast(transactional_db):
+    """Alice hosts "Game Night" with Hangzhou and Hong Kong ready; charlie hosts another LAN; bob has joined."""
+    User = get_user_model()
+    alice = User.objects.create_user("alice", "alice@example.org", PASSWORD)
+    charlie = User.objects.create_user("charlie", "charlie@example.org", PASSWORD)
+    lan = node_services.create_lan(owner=alice, name="Game Night", slug="gamenight")
+    node_services.create_lan(owner=charlie, name="Office", slug="office")
+    hangzhou = node_services.create_node(lan=lan, name="hangzhou", region="asia/cn/east", country="CN",
+                                         public_address="127.0.0.2", ssh_host="127.0.0.2", tcp_port=47001,
+                                         latitude=30.27, longitude=120.15)
+    hongkong = node_services.create_node(lan=lan, name="hongkong", region="asia/hk", country="HK",
+                                         public_address="127.0.0.3", ssh_host="127.0.0.3", tcp_port=47002)
+    Node.objects.filter(lan=lan).update(state=NodeState.READY, openvpn_version="2.6.14")
+    invite = player_services.create_invite(lan=lan, created_by=alice, note="Friday crew",
+                                           ttl=dt.timedelta(hours=48), max_uses=5)
+    bob = player_services.redeem_invite(token=invite.token, nickname="bob")
+    cache.delete("join-rate:127.0.0.1")
+    return {"alice": alice, "charlie": charlie, "lan": lan, "hangzhou": hangzhou, "hongkong": hongkong,
+            "invite": invite, "bob": bob}
+
+
+def sign_in(page, live_server, username, next_url="/lans/"):
+    page.goto(f"{live_server.url}/accounts/login/?next={next_url}")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}{next_url}")
+
+
+def test_an_admin_adds_a_hong_kong_node_and_sees_its_sync_queued(page, live_server, cast):
+    get_user_model().objects.create_superuser("root", "root@example.org", PASSWORD)
+    page.goto(f"{live_server.url}/admin/")
+    page.fill("#id_username", "root")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.goto(f"{live_server.url}/admin/nodes/node/add/")
+    page.fill("#id_lan", str(cast["lan"].pk))
+    page.fill("#id_name", "hongkong2")
+    page.fill("#id_region", "asia/hk")
+    page.fill("#id_public_address", "127.0.0.4")
+    page.fill("#id_ssh_host", "127.0.0.4")
+    page.fill("#id_country", "HK")
+    page.click("input[name=_continue]")  # "Save and continue editing": stay on the node's page
+
+    node = Node.objects.get(name="hongkong2")
+    page.wait_for_url(re.compile(rf"/admin/nodes/node/{node.pk}/change/"))
+    assert node.sync_runs.first().status == SyncStatus.QUEUED
+    sync = page.locator(".lh-sync")
+    assert "Queued" in sync.locator(".lh-sync-step").inner_text()
+    # static/js/sync-progress.js polled /nodes/<pk>/status.json (as an operator) and marked the element.
+    page.wait_for_selector(".lh-sync[data-status='queued'][data-active='true']")
+
+
+def test_a_friend_joins_and_downloads_a_profile_that_starts_with_the_chosen_node(new_page, live_server, cast):
+    page = new_page(PHONE)
+    page.goto(f"{live_server.url}/join/{cast['invite'].token}/")
+    assert "Game Night" in page.inner_text(".hero")
+    page.fill("#id_nickname", "dave")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/me/[A-Za-z0-9_-]{32}/$"))
+    # The page times each node from the browser and swaps in the measured ranking; wait for it to settle.
+    page.wait_for_selector("#ranking[data-measure='done']")
+    assert page.locator("#ranking li").count() == 2
+
+    # Pick the server the ranking did not put first, so the download proves the choice took effect.
+    other = page.locator("#ranking li:not(.chosen)")
+    name = other.locator(".name").inner_text()
+    other.get_by_role("button", name="Use this server").click()
+    page.wait_for_selector(".messages .success")
+    assert name in page.inner_text("#download")
+    address, tcp_port = {"hangzhou": ("127.0.0.2", "47001"), "hongkong": ("127.0.0.3", "47002")}[name]
+    page.wait_for_selector("#ranking[data-measure='done']")
+    screenshot(page, "player")
+
+    with page.expect_download() as info:
+        page.click("#download-button")
+    download = info.value
+    assert download.suggested_filename == f"gamenight-dave-{name}.ovpn"
+    profile = open(download.path()).read()
+    remotes = re.findall(r"^remote (\S+) (\d+) (udp|tcp)$", profile, flags=re.M)
+    assert remotes[:2] == [(address, "1194", "udp"), (address, tcp_port, "tcp")]
+    for tag in ("ca", "cert", "key", "tls-crypt"):
+        assert f"<{tag}>" in profile and f"</{tag}>" in profile
+    assert re.search(r"(?m)^client$", profile)
+
+
+def test_the_lobby_shows_a_player_coming_online_without_a_reload(new_page, live_server, cast):
+    bob, hongkong = cast["bob"], cast["hongkong"]
+    page = new_page(PHONE)
+    page.goto(f"{live_server.url}/me/{bob.token}/lobby/")
+    assert "0 players online" in page.inner_text("#lobby")
+    page.evaluate("window.__noReload = true")  # survives only if the page is never reloaded
+
+    VpnSession.objects.create(node=hongkong, instance="server-udp", common_name=bob.common_name, player=bob,
+                              vpn_address="10.2.0.6", connected_since=timezone.now())
+    page.wait_for_selector(".lobby-player[data-player='bob']", timeout=15_000)
+    assert page.evaluate("window.__noReload") is True
+    assert "10.2.0.6" in page.inner_text(".lobby-player[data-player='bob']")
+    assert "bob (you)" in page.inner_text("#lobby")
+    screenshot(page, "lobby")
+
+
+def test_a_host_cannot_open_another_hosts_lan(page, live_server, cast):
+    sign_in(page, live_server, "charlie")
+    response = page.goto(f"{live_server.url}/lans/gamenight/")
+    assert response.status == 404
+    assert "Game Night" not in page.content()
+    assert page.goto(f"{live_server.url}/lans/gamenight/topology.svg").status == 404
+
+
+def test_the_host_dashboard_shows_servers_topology_invites_and_players(page, live_server, cast):
+    lan, hangzhou, hongkong, bob = cast["lan"], cast["hangzhou"], cast["hongkong"], cast["bob"]
+    Link.objects.filter(lan=lan).update(state=LinkState.UP, rtt_ms=31.0)
+    VpnSession.objects.create(node=hongkong, instance="server-udp", common_name=bob.common_name, player=bob,
+                              vpn_address="10.2.0.6", connected_since=timezone.now())
+    run = hangzhou.sync_runs.first()
+    SyncRun.objects.filter(pk=run.pk).update(status=SyncStatus.RUNNING, current_step="upload configs", progress=60)
+    SyncRun.objects.filter(node=hongkong).update(status=SyncStatus.COMPLETED, progress=100)
+
+    sign_in(page, live_server, "alice")
+    page.goto(f"{live_server.url}/lans/gamenight/")
+    card = page.locator(".node-card", has_text="hangzhou")
+    card.locator(".lh-sync[data-status='running']").wait_for()  # set by sync-progress.js from status.json
+    assert "Running — upload configs" in card.locator(".lh-sync-step").inner_text()
+    assert page.locator("img.topology").evaluate("img => img.complete && img.naturalWidth > 0")
+    assert "10.2.0.6" in page.inner_text("#players")
+    assert lan.ssh_public_key in page.inner_text("#add-server")
+    screenshot(page, "dashboard")

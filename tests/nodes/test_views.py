@@ -1,0 +1,357 @@
+"""Host pages: LAN list and creation, the dashboard, nodes, sync, status JSON and the topology picture.
+
+Every view is tested for success, the wrong method (405) and another host's object (404). The last class walks
+every host URL as charlie against alice's objects.
+"""
+
+from types import SimpleNamespace
+
+from django.contrib.auth import get_user_model
+from django.test import SimpleTestCase
+from django.urls import reverse
+
+from nodes import svg
+from nodes.models import Lan, Link, LinkState, Node, SyncRun, SyncStatus, VpnSession
+from tests.base import BaseTestCase
+
+
+class HostTestCase(BaseTestCase):
+    def setUp(self):
+        self.client.force_login(self.alice)
+
+
+class LanListTests(HostTestCase):
+    def test_it_lists_only_the_hosts_own_lans(self):
+        response = self.client.get(reverse("nodes:lan_list"))
+        self.assertContains(response, "Game Night")
+        self.assertNotContains(response, "Office")
+
+    def test_it_lists_lans_in_a_fixed_number_of_queries(self):
+        # 1 session, 2 user, 3 the host's LANs with node and player counts (one aggregate query).
+        with self.assertNumQueries(3):
+            self.client.get(reverse("nodes:lan_list"))
+
+    def test_it_sends_a_visitor_to_the_login_page(self):
+        self.client.logout()
+        response = self.client.get(reverse("nodes:lan_list"))
+        self.assertRedirects(response, reverse("login") + "?next=" + reverse("nodes:lan_list"))
+
+    def test_the_site_root_leads_to_the_lan_list(self):
+        self.assertRedirects(self.client.get("/"), reverse("nodes:lan_list"))
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(reverse("nodes:lan_list")).status_code, 405)
+
+    def test_the_login_page_renders(self):
+        self.client.logout()
+        self.assertContains(self.client.get(reverse("login")), "Sign in")
+
+
+class LanCreateTests(HostTestCase):
+    def test_it_creates_a_lan_and_opens_its_dashboard(self):
+        response = self.client.post(reverse("nodes:lan_create"), {
+            "name": "Weekend", "slug": "", "supernet": "10.0.0.0/8", "pool_prefix": 16, "topology_mode": "auto"})
+        lan = Lan.objects.get(owner=self.alice, slug="weekend")
+        self.assertRedirects(response, reverse("nodes:lan_detail", args=[lan.slug]))
+        self.assertTrue(lan.ca_cert and lan.ssh_public_key)
+
+    def test_it_shows_a_service_error_on_the_form_and_creates_nothing(self):
+        before = Lan.objects.count()
+        response = self.client.post(reverse("nodes:lan_create"), {
+            "name": "Again", "slug": "gamenight", "supernet": "10.0.0.0/8", "pool_prefix": 16,
+            "topology_mode": "auto"})
+        self.assertEqual(response.status_code, 200)
+        self.assertContains(response, "already exists")
+        self.assertEqual(Lan.objects.count(), before)
+
+    def test_it_rejects_a_public_supernet(self):
+        response = self.client.post(reverse("nodes:lan_create"), {
+            "name": "Public", "supernet": "8.8.8.0/24", "pool_prefix": 16, "topology_mode": "auto"})
+        self.assertContains(response, "not a private range")
+        self.assertFalse(Lan.objects.filter(name="Public").exists())
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(reverse("nodes:lan_create")).status_code, 405)
+
+
+class DashboardTests(HostTestCase):
+    def setUp(self):
+        super().setUp()
+        self.hangzhou = self.add_node("hangzhou", country="CN")
+        self.hongkong = self.add_node("hongkong", region="asia/hk", public_address="203.0.113.20", country="HK")
+        VpnSession.objects.create(node=self.hongkong, instance="server-udp", common_name=self.bob.common_name,
+                                  player=self.bob, vpn_address="10.1.0.6")
+
+    def url(self):
+        return reverse("nodes:lan_detail", args=[self.lan.slug])
+
+    def test_it_shows_nodes_sync_progress_invites_players_and_the_deploy_key(self):
+        response = self.client.get(self.url())
+        self.assertContains(response, "hangzhou")
+        self.assertContains(response, 'data-status-url="/nodes/%d/status.json"' % self.hangzhou.pk)
+        self.assertContains(response, "Queued")  # adding a node queued a sync of it
+        self.assertContains(response, self.lan.ssh_public_key)
+        self.assertContains(response, "/join/%s/" % self.invite.token)
+        self.assertContains(response, 'class="qr"')
+        self.assertContains(response, "10.1.0.6")  # bob is online on hongkong
+        self.assertContains(response, reverse("nodes:lan_topology_svg", args=[self.lan.slug]))
+
+    def test_it_loads_in_a_fixed_number_of_queries(self):
+        # 1 session, 2 user, 3 the LAN, 4 its nodes, 5 the latest sync run of each (one window query),
+        # 6 VPN sessions with node and player, 7 players, 8 invites, 9 links with both ends,
+        # 10 the upstream choices of the add-server form.
+        with self.assertNumQueries(10):
+            self.client.get(self.url())
+        self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
+        with self.assertNumQueries(10):  # the same with one more node
+            self.client.get(self.url())
+
+    def test_it_shows_the_last_error_of_a_node(self):
+        Node.objects.filter(pk=self.hangzhou.pk).update(last_error="SSH: host key changed")
+        self.assertContains(self.client.get(self.url()), "SSH: host key changed")
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(self.url()).status_code, 405)
+
+    def test_another_hosts_lan_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(self.url()).status_code, 404)
+
+
+class NodeAddTests(HostTestCase):
+    def url(self, lan=None):
+        return reverse("nodes:node_add", args=[(lan or self.lan).slug])
+
+    def data(self, **overrides):
+        data = {"name": "hongkong", "region": "asia/hk", "priority": 0, "public_address": "203.0.113.20",
+                "udp_port": 1194, "tcp_port": 443, "ssh_host": "", "ssh_port": 22, "ssh_user": "root",
+                "country": "hk", "latitude": "", "longitude": "", "udp_pool": "", "tcp_pool": "",
+                "pinned_upstream": ""}
+        data.update(overrides)
+        return data
+
+    def test_it_adds_a_node_queues_its_sync_and_opens_its_page(self):
+        response = self.client.post(self.url(), self.data())
+        node = Node.objects.get(lan=self.lan, name="hongkong")
+        self.assertRedirects(response, reverse("nodes:node_detail", args=[node.pk]))
+        self.assertEqual(node.ssh_host, "203.0.113.20")  # defaults to the public address
+        self.assertEqual(node.country, "HK")
+        self.assertTrue(node.udp_pool)  # planned
+        self.assertEqual(node.sync_runs.get().status, SyncStatus.QUEUED)
+
+    def test_it_shows_field_errors_and_adds_nothing(self):
+        response = self.client.post(self.url(), self.data(name="Hong Kong!", udp_port=70000))
+        self.assertEqual(response.status_code, 200)
+        self.assertContains(response, "Use 1–32 lowercase letters")
+        self.assertContains(response, "less than or equal to 65535")
+        self.assertFalse(Node.objects.filter(lan=self.lan).exists())
+
+    def test_it_shows_a_duplicate_name_as_a_form_error(self):
+        self.add_node("hongkong")
+        response = self.client.post(self.url(), self.data())
+        self.assertEqual(response.status_code, 200)
+        self.assertContains(response, "already exists")
+        self.assertEqual(Node.objects.filter(lan=self.lan).count(), 1)
+
+    def test_it_refuses_an_upstream_from_another_lan(self):
+        office = self.add_node("office", lan=self.charlies_lan)
+        response = self.client.post(self.url(), self.data(pinned_upstream=office.pk))
+        self.assertContains(response, "Select a valid choice")
+        self.assertFalse(Node.objects.filter(lan=self.lan).exists())
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+    def test_another_hosts_lan_is_not_found(self):
+        response = self.client.post(self.url(self.charlies_lan), self.data())
+        self.assertEqual(response.status_code, 404)
+        self.assertFalse(Node.objects.filter(name="hongkong").exists())
+
+
+class NodePageTests(HostTestCase):
+    def setUp(self):
+        super().setUp()
+        self.node = self.add_node("hangzhou")
+
+    def test_it_shows_details_progress_and_the_last_runs(self):
+        SyncRun.objects.create(node=self.node, status=SyncStatus.FAILED, log="step ensure_openvpn: apt failed",
+                               error="apt-get install openvpn failed")
+        response = self.client.get(reverse("nodes:node_detail", args=[self.node.pk]))
+        self.assertContains(response, "hangzhou")
+        self.assertContains(response, "apt-get install openvpn failed")
+        self.assertContains(response, "step ensure_openvpn: apt failed")
+        self.assertContains(response, 'class="lh-sync"')
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(reverse("nodes:node_detail", args=[self.node.pk])).status_code, 405)
+
+    def test_another_hosts_node_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(reverse("nodes:node_detail", args=[self.node.pk])).status_code, 404)
+
+
+class NodeSyncTests(HostTestCase):
+    def setUp(self):
+        super().setUp()
+        self.node = self.add_node("hangzhou")
+
+    def test_it_queues_a_sync_and_returns_to_the_node(self):
+        before = self.node.sync_runs.count()
+        response = self.client.post(reverse("nodes:node_sync", args=[self.node.pk]))
+        self.assertRedirects(response, reverse("nodes:node_detail", args=[self.node.pk]))
+        self.assertEqual(self.node.sync_runs.count(), before + 1)
+        self.assertEqual(self.node.sync_runs.first().reason, "sync requested by the host")
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(reverse("nodes:node_sync", args=[self.node.pk])).status_code, 405)
+
+    def test_another_hosts_node_is_not_found_and_not_synced(self):
+        before = self.node.sync_runs.count()
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.post(reverse("nodes:node_sync", args=[self.node.pk])).status_code, 404)
+        self.assertEqual(self.node.sync_runs.count(), before)
+
+
+class NodeStatusTests(HostTestCase):
+    def setUp(self):
+        super().setUp()
+        self.node = self.add_node("hangzhou")
+        SyncRun.objects.filter(node=self.node).update(status=SyncStatus.RUNNING, current_step="upload files",
+                                                      progress=40)
+        Node.objects.filter(pk=self.node.pk).update(last_error="", openvpn_version="2.6.14")
+
+    def url(self):
+        return reverse("nodes:node_status", args=[self.node.pk])
+
+    def test_it_reports_state_step_progress_and_runs(self):
+        data = self.client.get(self.url()).json()
+        self.assertEqual(data["state"], "new")
+        self.assertEqual(data["sync_state"], "idle")
+        self.assertEqual(data["status"], "running")
+        self.assertEqual(data["current_step"], "upload files")
+        self.assertEqual(data["progress"], 40)
+        self.assertTrue(data["active"])
+        self.assertEqual(data["openvpn_version"], "2.6.14")
+        self.assertEqual(data["last_error"], "")
+        self.assertEqual(len(data["runs"]), 1)
+
+    def test_the_status_url_is_the_one_the_admin_polls(self):
+        self.assertEqual(self.url(), "/nodes/%d/status.json" % self.node.pk)
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(self.url()).status_code, 405)
+
+    def test_another_hosts_node_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(self.url()).status_code, 404)
+
+    def test_an_operator_who_may_view_nodes_in_the_admin_can_read_it(self):
+        admin = get_user_model().objects.create_superuser("root", "root@example.org", "root-password")
+        self.client.force_login(admin)
+        self.assertEqual(self.client.get(self.url()).json()["node"], "hangzhou")
+
+    def test_a_visitor_gets_401_json(self):
+        self.client.logout()
+        self.assertEqual(self.client.get(self.url()).status_code, 401)
+
+
+class TopologySvgTests(HostTestCase):
+    def setUp(self):
+        super().setUp()
+        self.hangzhou = self.add_node("hangzhou", priority=10)
+        self.hongkong = self.add_node("hongkong", region="asia/hk", public_address="203.0.113.20")
+        Link.objects.filter(lan=self.lan).update(state=LinkState.UP, rtt_ms=31.6)
+
+    def url(self):
+        return reverse("nodes:lan_topology_svg", args=[self.lan.slug])
+
+    def test_it_draws_nodes_by_region_and_links_with_rtt(self):
+        response = self.client.get(self.url())
+        self.assertEqual(response["Content-Type"], "image/svg+xml; charset=utf-8")
+        body = response.content.decode()
+        self.assertIn(">asia/cn/east<", body)
+        self.assertIn(">asia/hk<", body)
+        self.assertIn(">hangzhou<", body)
+        self.assertIn(">32 ms<", body)
+        self.assertNotIn("<style", body)  # served under style-src 'self'
+
+    def test_it_draws_in_a_fixed_number_of_queries(self):
+        # 1 session, 2 user, 3 the LAN, 4 its nodes, 5 its links with both ends.
+        with self.assertNumQueries(5):
+            self.client.get(self.url())
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(self.url()).status_code, 405)
+
+    def test_another_hosts_lan_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(self.url()).status_code, 404)
+
+
+class SvgRenderingTests(SimpleTestCase):
+    """nodes/svg.py is pure: plain objects in, SVG text out."""
+
+    def node(self, pk, name, region, **kw):
+        fields = {"pk": pk, "name": name, "region": region, "priority": 0, "created_at": pk, "state": "ready",
+                  "healthy": True, "public_address": "203.0.113.%d" % pk}
+        fields.update(kw)
+        return SimpleNamespace(**fields)
+
+    def test_regions_become_columns_and_the_leader_comes_first(self):
+        a = self.node(1, "a", "eu")
+        b = self.node(2, "b", "asia", priority=1)
+        c = self.node(3, "c", "asia", priority=5)
+        pos = svg.layout([a, b, c])
+        self.assertEqual(pos[c.pk][0], pos[b.pk][0])  # same column
+        self.assertLess(pos[c.pk][1], pos[b.pk][1])  # higher priority on top
+        self.assertLess(pos[b.pk][0], pos[a.pk][0])  # "asia" left of "eu"
+
+    def test_names_are_escaped(self):
+        evil = self.node(1, "<script>", "x&y")
+        body = svg.render_topology([evil], [])
+        self.assertNotIn("<script>", body)
+        self.assertIn("&lt;script&gt;", body)
+        self.assertIn("x&amp;y", body)
+
+    def test_a_down_link_is_dashed_red_and_labelled_with_its_rtt(self):
+        a, b = self.node(1, "a", "r1"), self.node(2, "b", "r2")
+        link = SimpleNamespace(upstream_id=1, downstream_id=2, upstream=a, downstream=b, state="down", rtt_ms=None)
+        body = svg.render_topology([a, b], [link])
+        self.assertIn('stroke="#c62828" stroke-width="2.5" stroke-dasharray="6 4"', body)
+        self.assertIn(">down<", body)
+
+    def test_an_empty_lan_says_what_to_do(self):
+        self.assertIn("No servers yet", svg.render_topology([], []))
+
+
+class AnotherHostsObjectsTests(HostTestCase):
+    """Charlie, a host too, walks every host URL with alice's objects: each one is a 404, and nothing changes."""
+
+    def test_every_host_url_is_not_found_for_another_host(self):
+        node = self.add_node("hangzhou")
+        lan, invite, player = self.lan, self.invite, self.bob
+        urls = [
+            ("get", reverse("nodes:lan_detail", args=[lan.slug])),
+            ("get", reverse("nodes:lan_topology_svg", args=[lan.slug])),
+            ("post", reverse("nodes:node_add", args=[lan.slug])),
+            ("get", reverse("nodes:node_detail", args=[node.pk])),
+            ("post", reverse("nodes:node_sync", args=[node.pk])),
+            ("get", reverse("nodes:node_status", args=[node.pk])),
+            ("post", reverse("players:invite_create", args=[lan.slug])),
+            ("post", reverse("players:invite_revoke", args=[invite.pk])),
+            ("post", reverse("players:player_revoke", args=[player.pk])),
+            ("post", reverse("players:player_reissue", args=[player.pk])),
+            ("get", reverse("players:host_lobby", args=[lan.slug])),
+            ("get", reverse("players:host_lobby_fragment", args=[lan.slug])),
+        ]
+        runs, serial = SyncRun.objects.count(), player.serial
+        self.client.force_login(self.charlie)
+        for method, url in urls:
+            with self.subTest(url=url):
+                self.assertEqual(getattr(self.client, method)(url, {"hours": 1, "max_uses": 1}).status_code, 404)
+        invite.refresh_from_db()
+        player.refresh_from_db()
+        self.assertIsNone(invite.revoked_at)
+        self.assertEqual((player.revoked_at, player.serial), (None, serial))
+        self.assertEqual(SyncRun.objects.count(), runs)
+        self.assertEqual(lan.invites.count(), 1)

@@ -1,0 +1,472 @@
+"""Invites, joining, the player's page, profile downloads and the lobby, through the views.
+
+Each view: success, wrong method (405), another host's object (404). Error paths count rows before and after:
+a failed join creates nothing.
+"""
+
+import datetime as dt
+import json
+import re
+import threading
+import unittest
+
+from django.core.cache import cache
+from django.db import connection, connections
+from django.test import Client, TransactionTestCase, override_settings
+from django.urls import reverse
+from django.utils import timezone
+
+from nodes import services as node_services
+from nodes.models import Node, NodeState, RevokedCertificate, VpnSession
+from players import services
+from players.models import Invite, Player
+from tests.base import BaseTestCase
+
+CLIENT_ADDRESS = "127.0.0.1"  # what Django's test client sends as REMOTE_ADDR
+
+
+def join_url(token):
+    return reverse("players:join", args=[token])
+
+
+def me_url(player, name="player_home", *args):
+    return reverse(f"players:{name}", args=[player.token, *args])
+
+
+def ready(*nodes):
+    Node.objects.filter(pk__in=[n.pk for n in nodes]).update(state=NodeState.READY)
+    for n in nodes:
+        n.refresh_from_db()
+
+
+def remotes(profile: str) -> list[tuple[str, str, str]]:
+    return re.findall(r"^remote (\S+) (\d+) (udp|tcp)$", profile, flags=re.M)
+
+
+class HostTestCase(BaseTestCase):
+    def setUp(self):
+        self.client.force_login(self.alice)
+
+
+# --- Host: invites and players ----------------------------------------------------------------------------------
+
+
+class InviteCreateTests(HostTestCase):
+    def url(self, lan=None):
+        return reverse("players:invite_create", args=[(lan or self.lan).slug])
+
+    def test_it_creates_an_invite_with_the_given_expiry_and_limit(self):
+        response = self.client.post(self.url(), {"hours": 48, "max_uses": 3, "note": "weekend"})
+        self.assertRedirects(response, reverse("nodes:lan_detail", args=[self.lan.slug]) + "#invites",
+                             fetch_redirect_response=False)
+        invite = Invite.objects.get(note="weekend")
+        self.assertEqual(invite.max_uses, 3)
+        self.assertAlmostEqual((invite.expires_at - timezone.now()).total_seconds(), 48 * 3600, delta=60)
+
+    def test_it_refuses_more_than_720_hours_and_creates_nothing(self):
+        before = Invite.objects.count()
+        response = self.client.post(self.url(), {"hours": 721, "max_uses": 3})
+        self.assertEqual(response.status_code, 200)
+        self.assertContains(response, "less than or equal to 720")
+        self.assertEqual(Invite.objects.count(), before)
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+    def test_another_hosts_lan_is_not_found(self):
+        response = self.client.post(self.url(self.charlies_lan), {"hours": 1, "max_uses": 1})
+        self.assertEqual(response.status_code, 404)
+        self.assertFalse(self.charlies_lan.invites.exists())
+
+
+class InviteRevokeTests(HostTestCase):
+    def url(self):
+        return reverse("players:invite_revoke", args=[self.invite.pk])
+
+    def test_it_withdraws_the_invite(self):
+        self.client.post(self.url())
+        self.invite.refresh_from_db()
+        self.assertIsNotNone(self.invite.revoked_at)
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+    def test_another_hosts_invite_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.post(self.url()).status_code, 404)
+        self.invite.refresh_from_db()
+        self.assertIsNone(self.invite.revoked_at)
+
+
+class PlayerRevokeTests(HostTestCase):
+    def url(self):
+        return reverse("players:player_revoke", args=[self.bob.pk])
+
+    def test_it_revokes_the_player_and_adds_the_certificate_to_the_crl(self):
+        self.client.post(self.url())
+        self.bob.refresh_from_db()
+        self.assertIsNotNone(self.bob.revoked_at)
+        self.assertTrue(RevokedCertificate.objects.filter(lan=self.lan, serial=self.bob.serial).exists())
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+    def test_another_hosts_player_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.post(self.url()).status_code, 404)
+        self.bob.refresh_from_db()
+        self.assertIsNone(self.bob.revoked_at)
+
+
+class PlayerReissueTests(HostTestCase):
+    def url(self):
+        return reverse("players:player_reissue", args=[self.bob.pk])
+
+    def test_it_issues_a_new_certificate_and_revokes_the_old_one(self):
+        old = self.bob.serial
+        self.client.post(self.url())
+        self.bob.refresh_from_db()
+        self.assertNotEqual(self.bob.serial, old)
+        self.assertTrue(RevokedCertificate.objects.filter(lan=self.lan, serial=old).exists())
+
+    def test_a_revoked_player_gets_a_message_not_a_traceback(self):
+        services.revoke_player(self.bob)
+        response = self.client.post(self.url(), follow=True)
+        self.assertContains(response, "This player was revoked by the host.")
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+    def test_another_hosts_player_is_not_found(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.post(self.url()).status_code, 404)
+
+
+# --- Joining ----------------------------------------------------------------------------------------------------
+
+
+class JoinTests(BaseTestCase):
+    def setUp(self):
+        cache.delete(f"join-rate:{CLIENT_ADDRESS}")
+        self.addCleanup(cache.delete, f"join-rate:{CLIENT_ADDRESS}")
+
+    def counts(self):
+        return Player.objects.count(), RevokedCertificate.objects.count()
+
+    def test_the_invite_page_names_the_lan_and_its_host(self):
+        response = self.client.get(join_url(self.invite.token))
+        self.assertContains(response, "Game Night")
+        self.assertContains(response, "alice")
+        self.assertContains(response, 'name="nickname"')
+
+    def test_joining_creates_one_player_and_opens_their_page(self):
+        before = Player.objects.count()
+        response = self.client.post(join_url(self.invite.token), {"nickname": "dave"})
+        dave = Player.objects.get(nickname="dave")
+        self.assertRedirects(response, me_url(dave), fetch_redirect_response=False)
+        self.assertEqual(Player.objects.count(), before + 1)
+        self.assertEqual(dave.joined_from, CLIENT_ADDRESS)
+        self.invite.refresh_from_db()
+        self.assertEqual(self.invite.uses, 2)
+
+    def assertProblem(self, token, status, wording, method="post"):
+        before = self.counts()
+        response = getattr(self.client, method)(join_url(token), {"nickname": "erin"})
+        self.assertContains(response, wording, status_code=status)
+        self.assertEqual(self.counts(), before)
+        self.assertNotContains(response, 'name="nickname"', status_code=status)
+
+    def test_an_expired_invite_gets_410_and_creates_nothing(self):
+        Invite.objects.filter(pk=self.invite.pk).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+        self.assertProblem(self.invite.token, 410, "This invite has expired")
+        self.assertProblem(self.invite.token, 410, "This invite has expired", method="get")
+
+    def test_a_used_up_invite_gets_410_and_creates_nothing(self):
+        Invite.objects.filter(pk=self.invite.pk).update(max_uses=1)  # bob used it
+        self.assertProblem(self.invite.token, 410, "This invite has been used up")
+
+    def test_a_revoked_invite_gets_410_and_creates_nothing(self):
+        services.revoke_invite(self.invite)
+        self.assertProblem(self.invite.token, 410, "This invite was withdrawn")
+
+    def test_a_malformed_token_gets_404_and_creates_nothing(self):
+        for token in (self.invite.token[:-1], self.invite.token + "x", "a" * 31 + "!", "%20" * 12):
+            with self.subTest(token=token):
+                self.assertProblem(token, 404, "This link is incomplete")
+
+    def test_an_unknown_token_gets_404_and_creates_nothing(self):
+        self.assertProblem("A" * 32, 404, "This link leads nowhere")
+
+    def test_a_taken_nickname_is_a_form_error_whatever_its_case(self):
+        before = self.counts()
+        response = self.client.post(join_url(self.invite.token), {"nickname": "BOB"})
+        self.assertContains(response, "is taken on this LAN")
+        self.assertEqual(self.counts(), before)
+
+    def test_an_invalid_nickname_is_a_form_error(self):
+        before = self.counts()
+        response = self.client.post(join_url(self.invite.token), {"nickname": "no spaces please"})
+        self.assertContains(response, "Use 2–32 letters")
+        self.assertEqual(self.counts(), before)
+
+    @override_settings(LANHUB_JOIN_RATE=2)
+    def test_joins_past_the_rate_limit_get_429_and_create_nothing(self):
+        for nickname in ("dave", "erin"):
+            self.assertEqual(self.client.post(join_url(self.invite.token), {"nickname": nickname}).status_code, 302)
+        before = self.counts()
+        response = self.client.post(join_url(self.invite.token), {"nickname": "frank"})
+        self.assertContains(response, "Too many people joined from your address", status_code=429)
+        self.assertEqual(self.counts(), before)
+
+    def test_it_rejects_other_methods(self):
+        self.assertEqual(self.client.put(join_url(self.invite.token)).status_code, 405)
+
+
+@unittest.skipUnless(connection.vendor == "postgresql",
+                     "needs PostgreSQL row locks (select_for_update); SQLite serialises whole-database writes, "
+                     "so it cannot show the race. Run with DATABASE_URL=postgres://...")
+@override_settings(LANHUB_JOIN_RATE=1000)
+class ConcurrentJoinTests(TransactionTestCase):
+    """Fifty friends click a one-use invite at the same moment: exactly one becomes a player."""
+
+    THREADS = 50
+
+    def setUp(self):
+        from django.contrib.auth import get_user_model
+
+        alice = get_user_model().objects.create_user("alice", "alice@example.org", "alice-password")
+        lan = node_services.create_lan(owner=alice, name="Game Night", slug="gamenight")
+        self.invite = services.create_invite(lan=lan, created_by=alice, max_uses=1)
+        cache.delete(f"join-rate:{CLIENT_ADDRESS}")
+
+    def test_fifty_concurrent_redemptions_of_a_one_use_invite_create_exactly_one_player(self):
+        barrier = threading.Barrier(self.THREADS)
+        statuses, lock = [], threading.Lock()
+
+        def join(i):
+            try:
+                client = Client()
+                barrier.wait()
+                status = client.post(join_url(self.invite.token), {"nickname": f"friend{i}"}).status_code
+                with lock:
+                    statuses.append(status)
+            finally:
+                connections.close_all()  # each thread has its own connection; leave none open
+
+        threads = [threading.Thread(target=join, args=(i,)) for i in range(self.THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        self.assertEqual(sorted(statuses), [302] + [410] * (self.THREADS - 1))
+        self.assertEqual(Player.objects.count(), 1)
+        self.invite.refresh_from_db()
+        self.assertEqual(self.invite.uses, 1)
+
+
+# --- The player's page ------------------------------------------------------------------------------------------
+
+
+class PlayerPageTestCase(BaseTestCase):
+    def setUp(self):
+        self.hangzhou = self.add_node("hangzhou", country="CN", public_address="203.0.113.10")
+        self.hongkong = self.add_node("hongkong", region="asia/hk", country="HK", public_address="203.0.113.20",
+                                      tcp_port=8443)
+        self.pending = self.add_node("pending", region="eu", public_address="203.0.113.30")
+        ready(self.hangzhou, self.hongkong)
+
+
+class PlayerHomeTests(PlayerPageTestCase):
+    def test_it_ranks_the_ready_nodes_and_offers_the_download_and_a_qr_code(self):
+        response = self.client.get(me_url(self.bob))
+        self.assertContains(response, "Hi bob")
+        self.assertContains(response, me_url(self.bob, "profile_download", "hangzhou"))
+        self.assertContains(response, "in the order the host added servers")  # 127.0.0.1 has no country
+        self.assertContains(response, 'class="qr"')
+        self.assertContains(response, "Tunnelblick")
+        self.assertContains(response, "sudo openvpn --config")
+        self.assertContains(response, me_url(self.bob, "lobby"))
+        self.assertNotContains(response, "pending")
+        self.assertContains(response, 'data-measure="auto"')
+
+    def test_its_csp_lets_the_page_time_requests_to_the_nodes_and_nothing_else(self):
+        csp = self.client.get(me_url(self.bob))["Content-Security-Policy"]
+        self.assertIn("connect-src 'self' http://203.0.113.10:443 https://203.0.113.10:443 "
+                      "http://203.0.113.20:8443 https://203.0.113.20:8443;", csp)
+        self.assertIn("script-src 'self';", csp)
+        self.assertNotIn("203.0.113.30", csp)
+
+    def test_the_default_node_comes_first_when_nothing_else_is_known(self):
+        self.lan.default_node = self.hongkong
+        self.lan.save(update_fields=["default_node"])
+        response = self.client.get(me_url(self.bob))
+        self.assertEqual(response.context["ranked"][0], (self.hongkong, "the host's default server"))
+
+    def test_it_loads_in_a_fixed_number_of_queries(self):
+        # 1 the player with LAN and host, 2 the ready nodes (the session is not touched: no cookie yet).
+        with self.assertNumQueries(2):
+            self.client.get(me_url(self.bob))
+
+    def test_a_revoked_player_gets_410_and_no_download(self):
+        services.revoke_player(self.bob)
+        response = self.client.get(me_url(self.bob))
+        self.assertContains(response, "This player was removed", status_code=410)
+        self.assertNotContains(response, ".ovpn", status_code=410)
+
+    def test_a_malformed_or_unknown_token_gets_404(self):
+        self.assertContains(self.client.get("/me/short/"), "This link is incomplete", status_code=404)
+        self.assertContains(self.client.get("/me/%s/" % ("B" * 32)), "This link leads nowhere", status_code=404)
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(me_url(self.bob)).status_code, 405)
+
+
+class BrowserMeasurementTests(PlayerPageTestCase):
+    def post(self, rtts, player=None):
+        return self.client.post(me_url(player or self.bob, "player_rtt"), {"rtts": json.dumps(rtts)})
+
+    def test_measured_times_re_rank_the_nodes_and_stay_in_the_session(self):
+        response = self.post({str(self.hangzhou.pk): 180.0, str(self.hongkong.pk): 21.4})
+        self.assertEqual([n.name for n, _ in response.context["ranked"]], ["hongkong", "hangzhou"])
+        self.assertContains(response, "21 ms from your browser")
+        page = self.client.get(me_url(self.bob))
+        self.assertEqual(page.context["ranked"][0][1], "21 ms from your browser")
+        self.assertContains(page, 'data-measure="done"')
+
+    def test_a_node_that_did_not_answer_is_kept_and_nodes_of_other_lans_are_ignored(self):
+        office = self.add_node("office", lan=self.charlies_lan)
+        response = self.post({str(self.hangzhou.pk): None, str(self.hongkong.pk): 50, str(office.pk): 1})
+        ranked = response.context["ranked"]
+        self.assertEqual([n.name for n, _ in ranked], ["hongkong", "hangzhou"])
+        self.assertIn("did not answer your browser", ranked[1][1])
+
+    def test_garbage_is_a_400(self):
+        self.assertEqual(self.client.post(me_url(self.bob, "player_rtt"), {"rtts": "{not json"}).status_code, 400)
+        self.assertEqual(self.post({str(self.hangzhou.pk): -5}).status_code, 400)
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(me_url(self.bob, "player_rtt")).status_code, 405)
+
+
+class ChooseNodeTests(PlayerPageTestCase):
+    def test_the_player_picks_another_node(self):
+        response = self.client.post(me_url(self.bob, "player_choose"), {"node": self.hongkong.pk})
+        self.assertRedirects(response, me_url(self.bob) + "#download", fetch_redirect_response=False)
+        self.bob.refresh_from_db()
+        self.assertEqual(self.bob.preferred_node, self.hongkong)
+        page = self.client.get(me_url(self.bob))
+        self.assertEqual(page.context["chosen"], self.hongkong)
+
+    def test_a_node_that_is_not_ready_or_of_another_lan_cannot_be_chosen(self):
+        office = self.add_node("office", lan=self.charlies_lan)
+        ready(office)
+        for node in (self.pending, office):
+            with self.subTest(node=node.name):
+                response = self.client.post(me_url(self.bob, "player_choose"), {"node": node.pk}, follow=True)
+                self.assertContains(response, "That server is not available")
+                self.bob.refresh_from_db()
+                self.assertIsNone(self.bob.preferred_node)
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(me_url(self.bob, "player_choose")).status_code, 405)
+
+
+class LostDeviceTests(PlayerPageTestCase):
+    def test_it_reissues_the_certificate_and_revokes_the_old_one(self):
+        old = self.bob.serial
+        response = self.client.post(me_url(self.bob, "player_lost_device"), follow=True)
+        self.assertContains(response, "the old profile is switched off")
+        self.bob.refresh_from_db()
+        self.assertNotEqual(self.bob.serial, old)
+        self.assertTrue(RevokedCertificate.objects.filter(serial=old).exists())
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(me_url(self.bob, "player_lost_device")).status_code, 405)
+
+
+class ProfileDownloadTests(PlayerPageTestCase):
+    def download(self, ref):
+        return self.client.get(me_url(self.bob, "profile_download", ref))
+
+    def test_the_profile_parses_and_starts_with_the_chosen_node_over_udp_then_tcp(self):
+        services.choose_node(self.bob, self.hongkong)
+        response = self.download("hongkong")
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response["Content-Disposition"], 'attachment; filename="gamenight-bob-hongkong.ovpn"')
+        profile = response.content.decode()
+        self.assertRegex(profile, r"(?m)^client$")
+        for tag in ("ca", "cert", "key", "tls-crypt"):
+            block = rf"(?s)<{tag}>\n(#[^\n]*\n)*-----BEGIN [^\n]+-----\n.+-----END [^\n]+-----\n</{tag}>"
+            self.assertRegex(profile, block)
+        self.assertEqual(remotes(profile)[:3], [("203.0.113.20", "1194", "udp"), ("203.0.113.20", "8443", "tcp"),
+                                                ("203.0.113.10", "1194", "udp")])
+        self.assertNotIn("203.0.113.30", profile)  # the node that is not ready is no fallback
+
+    def test_a_node_can_be_named_by_primary_key(self):
+        response = self.download(str(self.hangzhou.pk))
+        self.assertEqual(remotes(response.content.decode())[0], ("203.0.113.10", "1194", "udp"))
+
+    def test_a_node_that_is_not_ready_or_of_another_lan_is_not_found(self):
+        office = self.add_node("office", lan=self.charlies_lan)
+        ready(office)
+        self.assertEqual(self.download("pending").status_code, 404)
+        self.assertEqual(self.download(str(office.pk)).status_code, 404)
+        self.assertEqual(self.download("office").status_code, 404)
+
+    def test_a_revoked_player_gets_410_and_no_profile(self):
+        services.revoke_player(self.bob)
+        response = self.download("hongkong")
+        self.assertEqual(response.status_code, 410)
+        self.assertNotIn(b"<key>", response.content)
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(me_url(self.bob, "profile_download", "hongkong")).status_code, 405)
+
+
+# --- Lobby ------------------------------------------------------------------------------------------------------
+
+
+class LobbyTests(PlayerPageTestCase):
+    def setUp(self):
+        super().setUp()
+        VpnSession.objects.create(node=self.hongkong, instance="server-udp", common_name=self.bob.common_name,
+                                  player=self.bob, vpn_address="10.2.0.6")
+        VpnSession.objects.create(node=self.hangzhou, instance="link", common_name="link-hongkong")  # not a player
+
+    def test_the_player_lobby_shows_who_is_online_with_a_copy_button(self):
+        response = self.client.get(me_url(self.bob, "lobby"))
+        self.assertContains(response, "bob (you)")
+        self.assertContains(response, 'data-copy="10.2.0.6"')
+        self.assertContains(response, me_url(self.bob, "lobby_fragment"))
+        self.assertNotContains(response, "link-hongkong")
+
+    def test_the_live_fragment_is_just_the_rows(self):
+        response = self.client.get(me_url(self.bob, "lobby_fragment"))
+        self.assertContains(response, "1 player online")
+        self.assertNotContains(response, "<html")
+        self.assertEqual(response["Cache-Control"], "no-store")
+
+    def test_the_fragment_loads_in_a_fixed_number_of_queries(self):
+        # 1 the player, 2 the LAN's nodes, 3 player sessions with their players.
+        with self.assertNumQueries(3):
+            self.client.get(me_url(self.bob, "lobby_fragment"))
+
+    def test_the_host_sees_the_same_lobby(self):
+        self.client.force_login(self.alice)
+        response = self.client.get(reverse("players:host_lobby", args=[self.lan.slug]))
+        self.assertContains(response, 'data-copy="10.2.0.6"')
+        response = self.client.get(reverse("players:host_lobby_fragment", args=[self.lan.slug]))
+        self.assertContains(response, "bob")
+
+    def test_a_revoked_player_has_no_lobby(self):
+        services.revoke_player(self.bob)
+        self.assertEqual(self.client.get(me_url(self.bob, "lobby")).status_code, 410)
+        self.assertEqual(self.client.get(me_url(self.bob, "lobby_fragment")).status_code, 410)
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(me_url(self.bob, "lobby")).status_code, 405)
+        self.assertEqual(self.client.post(me_url(self.bob, "lobby_fragment")).status_code, 405)
+
+    def test_another_host_gets_404(self):
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(reverse("players:host_lobby", args=[self.lan.slug])).status_code, 404)
