@@ -3,6 +3,7 @@
 Private keys are never shown: the sealed columns are excluded from every form and list.
 """
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Count
@@ -56,8 +57,33 @@ class LanAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{lan}: {len(changed)} node(s) will sync.")
 
 
+class NodeAdminForm(forms.ModelForm):
+    """Plans the LAN with the node as entered, so an impossible node is a form error, not a failed save."""
+
+    class Meta:
+        model = Node
+        exclude = SEALED
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.errors or not cleaned.get("lan"):
+            return cleaned
+        candidate = Node(pk=self.instance.pk, lan=cleaned["lan"], created_at=self.instance.created_at)
+        for field in services.NODE_FIELDS:
+            if field in cleaned:
+                setattr(candidate, field, cleaned[field])
+        if not candidate.ssh_host:
+            candidate.ssh_host = candidate.public_address
+        try:
+            services.check_node(candidate)
+        except ValidationError as exc:
+            raise ValidationError(exc.messages)
+        return cleaned
+
+
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
+    form = NodeAdminForm
     list_display = ("name", "lan", "region", "priority", "public_address", "state", "healthy", "sync_state",
                     "udp_pool", "tcp_pool", "openvpn_version", "last_seen_at")
     list_filter = ("state", "healthy", "sync_state", "lan")

@@ -6,6 +6,7 @@ writes more than one row is atomic, and Celery tasks are enqueued only after the
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 
@@ -159,7 +160,7 @@ def accept_host_key(node: Node, *, key_line: str) -> Node:
 
 
 def node_specs(lan: Lan, nodes: list[Node]) -> list[topology.NodeSpec]:
-    by_pk = {n.pk: n for n in nodes}
+    by_pk = {n.pk: n for n in nodes if n.pk is not None}  # a candidate being checked has no pk yet
     return [
         topology.NodeSpec(
             name=n.name, region=n.region, priority=n.priority, order=index, healthy=n.healthy,
@@ -240,10 +241,49 @@ def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: La
 @transaction.atomic
 def request_sync(node: Node, *, reason: str, requested_by=None, kind: str = "sync") -> SyncRun:
     """Queue a sync of one node; the task is sent only after the surrounding transaction commits."""
-    from nodes import tasks  # tasks import services; import here to keep that one-way at import time
-
     run = SyncRun.objects.create(node=node, kind=kind, reason=reason[:200], status=SyncStatus.QUEUED)
     # A sync already running compares this generation when it ends and goes again if it moved.
     Node.objects.filter(pk=node.pk).update(sync_generation=F("sync_generation") + 1)
-    tasks.sync_node.delay_on_commit(node.pk, run.pk)
+    transaction.on_commit(lambda: enqueue_sync(node.pk, run.pk))
     return run
+
+
+def enqueue_sync(node_id: int, run_id: int) -> bool:
+    """Send the sync task (after commit, like delay_on_commit). A broker that is down must not turn a saved
+    change into an error page: the run stays queued and the periodic sweep (requeue_stale_runs) sends it later."""
+    from kombu.exceptions import OperationalError
+
+    from nodes import tasks
+
+    try:
+        tasks.sync_node.delay(node_id, run_id)
+    except OperationalError as exc:
+        log.warning("could not queue sync run %s of node %s, the sweep will retry: %s", run_id, node_id, exc)
+        return False
+    return True
+
+
+def requeue_stale_runs(*, older_than_s: int = 120) -> int:
+    """Re-send queued runs of idle nodes that nobody picked up (the broker was down, a worker was lost)."""
+    cutoff = timezone.now() - datetime.timedelta(seconds=older_than_s)
+    stale = SyncRun.objects.filter(status=SyncStatus.QUEUED, kind="sync", created_at__lt=cutoff,
+                                   node__sync_state="idle").order_by("node_id", "created_at")
+    latest = {}
+    for run in stale:
+        latest.setdefault(run.node_id, run)  # one run per node carries every change
+    return sum(enqueue_sync(node_id, run.pk) for node_id, run in latest.items())
+
+
+def check_node(node: Node) -> None:
+    """Raise ValidationError when the LAN could not be planned with `node` as given (added or changed).
+
+    Forms call this so that an impossible node (overlapping pools, a cyclic pin, a full supernet) is an error on
+    the form, before anything is saved."""
+    lan = node.lan
+    nodes = [n for n in lan.nodes.order_by("created_at", "pk")]
+    nodes = [node if n.pk == node.pk else n for n in nodes] if node.pk else [*nodes, node]
+    spec = topology.LanSpec(supernet=lan.supernet, pool_prefix=lan.pool_prefix, mode=lan.topology_mode)
+    try:
+        topology.plan_lan(spec, node_specs(lan, nodes))
+    except topology.PlanError as exc:
+        raise ValidationError(str(exc))

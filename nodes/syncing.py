@@ -76,12 +76,10 @@ def queue_retry(run: SyncRun) -> SyncRun:
 
 
 def _continue_if_requested(node: Node, generation: int) -> None:
-    from nodes import tasks
-
     if Node.objects.filter(pk=node.pk, sync_generation__gt=generation).exists():
         pending = SyncRun.objects.filter(node=node, status=SyncStatus.QUEUED).order_by("created_at").first()
         if pending is not None:
-            tasks.sync_node.delay(node.pk, pending.pk)
+            services.enqueue_sync(node.pk, pending.pk)
 
 
 def _start(run: SyncRun) -> None:

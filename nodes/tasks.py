@@ -48,6 +48,9 @@ def check_drift(node_id: int) -> str:
 
 @shared_task
 def check_all_drift() -> int:
+    from nodes import services
+
+    services.requeue_stale_runs()
     ids = list(Node.objects.filter(state="ready", healthy=True).values_list("pk", flat=True))
     for node_id in ids:
         check_drift.delay(node_id)

@@ -451,7 +451,8 @@ class _Hierarchy:
         self.reps: set[str] = set()
         # RTT-driven choices need every pair measured (a partial matrix would read unmeasured pairs as 1 ms).
         names = frozenset(free)
-        self.measured = n > 2 and sum(len(pair) == 2 and pair <= names for pair in builder.rtt.table) >= n * (n - 1) // 2
+        known = sum(len(pair) == 2 and pair <= names for pair in builder.rtt.table)
+        self.measured = n > 2 and known >= n * (n - 1) // 2
 
     # -- the region tree ---------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from lanhub.secrets import seal, unseal
 from nodes import services as node_services
 from nodes.models import Lan, Node, NodeState
 from players import profiles
-from players.models import NICKNAME_RE, Invite, Player
+from players.models import NICKNAME_RE, Invite, Player, new_token
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
 INVITE_MAX_TTL = dt.timedelta(days=30)
@@ -127,7 +127,9 @@ def reissue_player(player: Player) -> Player:
         raise ValidationError("This player was revoked by the host.")
     old_serial, old_name = player.serial, player.common_name
     _issue_certificate(player, lan=player.lan)
-    player.save(update_fields=["common_name", "cert_pem", "key_sealed", "serial", "issued_at"])
+    # The lost device may have the personal page bookmarked: a new link, or it could fetch the new profile.
+    player.token = new_token()
+    player.save(update_fields=["common_name", "cert_pem", "key_sealed", "serial", "issued_at", "token"])
     node_services.revoke_certificate(lan=player.lan, serial=old_serial, common_name=old_name,
                                      reason=f"device lost; replaced for {player.nickname}")
     return player

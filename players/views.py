@@ -240,12 +240,13 @@ def player_choose(request, player):
 @active_player
 def player_lost_device(request, player):
     try:
-        services.reissue_player(player)
+        player = services.reissue_player(player)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
-        messages.success(request, "Done: the old profile is switched off at the next server sync. Download a new "
-                                  "profile on each device you still use.")
+        messages.success(request, "Done: the old profile is switched off at the next server sync, and this page "
+                                  "has a new address — bookmark it. Download a new profile on each device you "
+                                  "still use.")
     return redirect("players:player_home", token=player.token)
 
 

@@ -373,12 +373,15 @@ class ChooseNodeTests(PlayerPageTestCase):
 
 class LostDeviceTests(PlayerPageTestCase):
     def test_it_reissues_the_certificate_and_revokes_the_old_one(self):
-        old = self.bob.serial
+        old, old_page = self.bob.serial, me_url(self.bob, "player_home")
         response = self.client.post(me_url(self.bob, "player_lost_device"), follow=True)
         self.assertContains(response, "the old profile is switched off")
         self.bob.refresh_from_db()
         self.assertNotEqual(self.bob.serial, old)
         self.assertTrue(RevokedCertificate.objects.filter(serial=old).exists())
+        # The lost device's bookmark no longer opens the page (nor its downloads); the new address does.
+        self.assertEqual(self.client.get(old_page).status_code, 404)
+        self.assertEqual(response.redirect_chain[-1][0], me_url(self.bob, "player_home"))
 
     def test_it_rejects_a_get(self):
         self.assertEqual(self.client.get(me_url(self.bob, "player_lost_device")).status_code, 405)

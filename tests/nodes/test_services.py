@@ -1,0 +1,155 @@
+"""The node services: planning stored in rows, syncs requested for exactly the nodes that change, revocation,
+the one-sync-per-node claim, and health failover. SSH goes to a closed loopback port where a failure is wanted."""
+
+import socket
+
+from cryptography import x509
+from django.core.exceptions import ValidationError
+from django.test import override_settings
+
+from nodes import services, syncing
+from nodes.files import desired_files
+from nodes.models import Link, Node, SyncRun, SyncState, SyncStatus
+from players import services as player_services
+from tests.base import BaseTestCase
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mark_synced(lan):
+    """Pretend every node applied its current files, as a completed sync records."""
+    lan_plan = services.plan_lan(lan)
+    for node in lan_plan.nodes.values():
+        files = desired_files(lan, node, lan_plan)
+        Node.objects.filter(pk=node.pk).update(applied_files={p: f.sha256 for p, f in files.items()}, state="ready")
+
+
+class PlanningTests(BaseTestCase):
+    def test_adding_two_nodes_gives_the_reference_pools_and_link(self):
+        self.add_node("hangzhou", region="asia/cn/east")
+        self.add_node("hongkong", region="asia/hk", public_address="203.0.113.11", ssh_host="203.0.113.11")
+        pools = dict(Node.objects.filter(lan=self.lan).values_list("name", "udp_pool"))
+        self.assertEqual(pools, {"hangzhou": "10.251.0.0/16", "hongkong": "10.249.0.0/16"})
+        link = Link.objects.get(lan=self.lan)
+        self.assertEqual((link.upstream.name, link.downstream.name, link.address),
+                         ("hangzhou", "hongkong", "10.251.0.2"))
+
+    def test_a_node_keeps_its_pools_when_an_older_one_is_removed(self):
+        hz = self.add_node("hangzhou")
+        self.add_node("hongkong", region="asia/hk")
+        services.delete_node(hz)
+        self.assertEqual(Node.objects.get(lan=self.lan, name="hongkong").udp_pool, "10.249.0.0/16")
+        self.assertFalse(Link.objects.filter(lan=self.lan).exists())
+
+    def test_only_the_nodes_whose_files_change_are_synced(self):
+        self.lan.topology_mode = "hub"
+        self.lan.save()
+        self.add_node("hangzhou")
+        self.add_node("hongkong", region="asia/hk")
+        mark_synced(self.lan)
+        before = set(SyncRun.objects.values_list("pk", flat=True))
+        self.add_node("singapore", region="asia/sg")
+        queued = set(SyncRun.objects.exclude(pk__in=before).values_list("node__name", flat=True))
+        self.assertEqual(queued, {"hangzhou", "singapore"})  # Hong Kong already routes everything via Hangzhou
+
+    def test_an_impossible_node_is_refused_before_anything_is_saved(self):
+        self.add_node("hangzhou", udp_pool="10.251.0.0/16", tcp_pool="10.250.0.0/16")
+        candidate = Node(lan=self.lan, name="hongkong", public_address="203.0.113.11", ssh_host="203.0.113.11",
+                         udp_pool="10.251.0.0/17", tcp_pool="10.248.0.0/16")
+        with self.assertRaises(ValidationError) as ctx:
+            services.check_node(candidate)
+        self.assertIn("hangzhou", str(ctx.exception))
+        self.assertEqual(Node.objects.filter(lan=self.lan).count(), 1)
+
+
+class RevocationTests(BaseTestCase):
+    def test_revoking_a_player_puts_the_serial_in_the_crl_and_syncs_every_node(self):
+        self.add_node("hangzhou")
+        self.add_node("hongkong", region="asia/hk")
+        mark_synced(self.lan)
+        before = set(SyncRun.objects.values_list("pk", flat=True))
+        player_services.revoke_player(self.bob)
+        self.lan.refresh_from_db()
+        crl = x509.load_pem_x509_crl(self.lan.crl_pem.encode())
+        self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(int(self.bob.serial, 16)))
+        queued = set(SyncRun.objects.exclude(pk__in=before).values_list("node__name", flat=True))
+        self.assertEqual(queued, {"hangzhou", "hongkong"})
+
+    def test_a_lost_device_revokes_the_old_certificate_and_keeps_the_player(self):
+        old_serial = self.bob.serial
+        player = player_services.reissue_player(self.bob)
+        self.assertNotEqual(player.serial, old_serial)
+        self.lan.refresh_from_db()
+        crl = x509.load_pem_x509_crl(self.lan.crl_pem.encode())
+        self.assertIsNotNone(crl.get_revoked_certificate_by_serial_number(int(old_serial, 16)))
+        self.assertIsNone(crl.get_revoked_certificate_by_serial_number(int(player.serial, 16)))
+        self.assertIsNone(player.revoked_at)
+
+
+class SyncRunTests(BaseTestCase):
+    def test_a_second_sync_finds_the_node_claimed_and_leaves_its_run_queued(self):
+        node = self.add_node("hangzhou")
+        run = SyncRun.objects.filter(node=node).latest("created_at")
+        Node.objects.filter(pk=node.pk).update(sync_state=SyncState.RUNNING)
+        result = syncing.run_sync(node, run_id=run.pk)
+        self.assertEqual(result.status, SyncStatus.QUEUED)
+        self.assertEqual(result.steps, [])
+
+    def test_a_duplicate_delivery_of_a_finished_run_does_nothing(self):
+        node = self.add_node("hangzhou")
+        run = SyncRun.objects.filter(node=node).latest("created_at")
+        SyncRun.objects.filter(pk=run.pk).update(status=SyncStatus.COMPLETED)
+        result = syncing.run_sync(node, run_id=run.pk)
+        self.assertEqual(result.status, SyncStatus.COMPLETED)
+        self.assertEqual(Node.objects.get(pk=node.pk).sync_state, SyncState.IDLE)
+
+    def test_an_unreachable_node_fails_retryably_and_keeps_its_state(self):
+        node = self.add_node("hangzhou", ssh_host="127.0.0.1", ssh_port=closed_port())
+        run = SyncRun.objects.filter(node=node).latest("created_at")
+        result = syncing.run_sync(node, run_id=run.pk)
+        self.assertEqual(result.status, SyncStatus.FAILED)
+        self.assertTrue(result.retryable)
+        self.assertTrue(result.error.startswith("connect:"), result.error)
+        node.refresh_from_db()
+        self.assertEqual((node.state, node.sync_state), ("failed", SyncState.IDLE))
+        self.assertIn("127.0.0.1", node.last_error)
+
+    def test_a_ready_node_that_fails_a_sync_stays_ready_on_its_old_files(self):
+        node = self.add_node("hangzhou", ssh_host="127.0.0.1", ssh_port=closed_port())
+        Node.objects.filter(pk=node.pk).update(state="ready", applied_files={"/etc/x": "abc"})
+        run = services.request_sync(node, reason="test")
+        syncing.run_sync(node, run_id=run.pk)
+        node.refresh_from_db()
+        self.assertEqual(node.state, "ready")
+        self.assertEqual(node.applied_files, {"/etc/x": "abc"})
+
+    def test_stale_queued_runs_are_sent_again_once_per_node(self):
+        node = self.add_node("hangzhou")
+        SyncRun.objects.filter(node=node).update(created_at=node.created_at.replace(year=2000))
+        with self.captureOnCommitCallbacks(execute=False):
+            sent = services.requeue_stale_runs()
+        self.assertEqual(sent, 1)
+
+
+@override_settings(LANHUB_DOWN_AFTER_POLLS=3)
+class HealthTests(BaseTestCase):
+    def test_a_primary_that_misses_polls_is_marked_down_and_its_region_fails_over(self):
+        self.lan.topology_mode = "hub"
+        self.lan.save()
+        hz = self.add_node("hangzhou", ssh_host="127.0.0.1", ssh_port=closed_port())
+        self.add_node("hongkong", region="asia/hk")
+        self.add_node("singapore", region="asia/sg")
+        Node.objects.filter(lan=self.lan).update(state="ready")
+        self.assertEqual(set(Link.objects.values_list("upstream__name", flat=True)), {"hangzhou"})
+        outcomes = [syncing.poll_status(hz) for _ in range(3)]
+        self.assertEqual(outcomes, ["missed", "missed", "down"])
+        self.assertFalse(Node.objects.get(pk=hz.pk).healthy)
+        # Hong Kong, next by age, is the new hub; Hangzhou keeps its pools for when it returns.
+        self.assertEqual(list(Link.objects.values_list("upstream__name", "downstream__name")),
+                         [("hongkong", "singapore")])
+        self.assertEqual(Node.objects.get(pk=hz.pk).udp_pool, "10.251.0.0/16")

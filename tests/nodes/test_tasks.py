@@ -1,0 +1,61 @@
+"""The tasks through a real Celery worker on Redis: results land in the database, connection errors retry."""
+
+import time
+
+from django.contrib.auth import get_user_model
+from django.test import TransactionTestCase
+
+from nodes import services, tasks
+from nodes.models import SyncRun, SyncStatus
+from tests.celery_worker import real_worker
+from tests.nodes.test_services import closed_port
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class WorkerTests(TransactionTestCase):
+    def setUp(self):
+        host = get_user_model().objects.create_user("alice", password="alice-password")
+        self.lan = services.create_lan(owner=host, name="Game night", slug="gamenight")
+
+    def test_a_queued_sync_is_run_by_the_worker_and_recorded(self):
+        with real_worker():
+            # create_node commits, then sends the task (autocommit: on_commit runs at once).
+            node = services.create_node(lan=self.lan, name="hangzhou", public_address="127.0.0.1",
+                                        ssh_host="127.0.0.1", ssh_port=closed_port())
+            run = wait_for(lambda: SyncRun.objects.filter(node=node, status=SyncStatus.FAILED).first(),
+                           10, "the worker to record the failed run")
+        self.assertTrue(run.error.startswith("connect:"), run.error)
+        self.assertIsNotNone(run.started_at)
+        self.assertIsNotNone(run.finished_at)
+
+    def test_a_connection_error_is_retried_with_a_new_run(self):
+        tasks.RETRY_BACKOFF = 1  # the schedule's shape, not its length, is under test here
+        try:
+            with real_worker():
+                node = services.create_node(lan=self.lan, name="hangzhou", public_address="127.0.0.1",
+                                            ssh_host="127.0.0.1", ssh_port=closed_port())
+                retry = wait_for(lambda: SyncRun.objects.filter(node=node, reason__startswith="retry:",
+                                                                status=SyncStatus.FAILED).first(),
+                                 15, "a retried run to fail again")
+        finally:
+            tasks.RETRY_BACKOFF = 5
+        self.assertTrue(retry.retryable)
+        self.assertGreaterEqual(SyncRun.objects.filter(node=node, status=SyncStatus.FAILED).count(), 2)
+
+    def test_the_status_poll_task_counts_a_missed_poll(self):
+        node = services.create_node(lan=self.lan, name="hangzhou", public_address="127.0.0.1",
+                                    ssh_host="127.0.0.1", ssh_port=closed_port())
+        with real_worker():
+            outcome = tasks.poll_status.delay(node.pk).get(timeout=15)
+        self.assertEqual(outcome, "missed")
+        node.refresh_from_db()
+        self.assertEqual(node.missed_polls, 1)
