@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
@@ -178,13 +179,32 @@ def plan_lan(lan: Lan) -> LanPlan:
     links = list(lan.links.select_related("upstream", "downstream"))
     spec = topology.LanSpec(supernet=lan.supernet, pool_prefix=lan.pool_prefix, mode=lan.topology_mode)
     specs = node_specs(lan, nodes)
-    rtts = {frozenset((l.upstream.name, l.downstream.name)): l.rtt_ms for l in links if l.rtt_ms}
+    # Measured link RTTs win; pairs without a link are estimated from the nodes' coordinates, so the planner
+    # can choose central primaries and shortcuts when every node has a location.
+    rtts = estimated_rtts(nodes)
+    rtts.update({frozenset((l.upstream.name, l.downstream.name)): l.rtt_ms for l in links if l.rtt_ms})
     addresses = {(l.upstream.name, l.downstream.name): l.address for l in links}
     try:
         plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses)
     except topology.PlanError as exc:
         raise ValidationError(str(exc))
     return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
+
+
+def estimated_rtts(nodes: list[Node]) -> dict[frozenset[str], float]:
+    """RTT guesses from great-circle distance: light in fibre covers ~100 km per ms of round trip, plus 1 ms."""
+    located = [n for n in nodes if n.latitude is not None and n.longitude is not None]
+    rtts = {}
+    for i, a in enumerate(located):
+        for b in located[i + 1:]:
+            rtts[frozenset((a.name, b.name))] = 1.0 + _distance_km(a, b) / 100.0
+    return rtts
+
+
+def _distance_km(a: Node, b: Node) -> float:
+    lat1, lon1, lat2, lon2 = map(math.radians, (a.latitude, a.longitude, b.latitude, b.longitude))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(min(1.0, math.sqrt(h)))
 
 
 @transaction.atomic

@@ -35,6 +35,7 @@ key /etc/openvpn/lanhub/pki/node.key
 dh none
 tls-crypt /etc/openvpn/lanhub/pki/tls-crypt.key
 crl-verify /etc/openvpn/lanhub/pki/crl.pem
+explicit-exit-notify 1
 keepalive 10 60
 persist-key
 persist-tun

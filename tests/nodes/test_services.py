@@ -153,3 +153,14 @@ class HealthTests(BaseTestCase):
         self.assertEqual(list(Link.objects.values_list("upstream__name", "downstream__name")),
                          [("hongkong", "singapore")])
         self.assertEqual(Node.objects.get(pk=hz.pk).udp_pool, "10.251.0.0/16")
+
+
+class EstimatedRttTests(BaseTestCase):
+    def test_located_nodes_get_rtts_from_distance_and_measured_links_win(self):
+        self.add_node("hangzhou", latitude=30.27, longitude=120.15)
+        self.add_node("hongkong", region="asia/hk", latitude=22.32, longitude=114.17)
+        self.add_node("nowhere", region="asia/x")
+        nodes = list(Node.objects.filter(lan=self.lan))
+        rtts = services.estimated_rtts(nodes)
+        self.assertEqual(list(rtts), [frozenset({"hangzhou", "hongkong"})])
+        self.assertAlmostEqual(rtts[frozenset({"hangzhou", "hongkong"})], 1 + 1058 / 100, delta=0.5)

@@ -93,7 +93,9 @@ class Command(BaseCommand):
     def run_queued_syncs(self, lan):
         """Carry out the syncs the services queued, here and now, until none is left (bounded)."""
         for _ in range(MAX_SYNC_ROUNDS):
-            queued = list(SyncRun.objects.filter(node__lan=lan, status=SyncStatus.QUEUED).select_related("node"))
+            # Oldest servers first: they are the upstreams, so a new link finds its other end already running.
+            queued = list(SyncRun.objects.filter(node__lan=lan, status=SyncStatus.QUEUED).select_related("node")
+                          .order_by("node__created_at", "created_at"))
             if not queued:
                 return
             for run in queued:
