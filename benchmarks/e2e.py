@@ -8,7 +8,8 @@ lab in network namespaces and writes var/e2e-figures.json when it passes. Target
 register both servers, invite, join, download, tunnels up, traffic across servers) under 60 s.
 
 If the run fails, the figures are not printed from an older file as if they were new: the script says the test
-failed and exits with its status. The run is bounded: it is stopped after --timeout seconds (default 900).
+failed and exits with its status. The run gets a Redis cache prefix and Celery queue of its own (see
+isolated_redis). The run is bounded: it is stopped after --timeout seconds (default 900).
 
 The test records the duration of every completed sync run (sync_<node>_<run>_s), not register -> ready per node;
 the table lists those runs under each node. A node is ready after its last run, and the second node's arrival
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,12 +44,23 @@ ROWS = (  # key, label, unit
 )
 
 
+def isolated_redis() -> dict[str, str]:
+    """A cache prefix and a Celery queue of this run's own on the shared Redis.
+
+    Without them the run shares `lanhub:1:join-rate:127.0.0.1` with every earlier run and with `make run` (the test
+    joins from 127.0.0.1, so after a few runs in an hour the join view answers 429), and its worker consumes, and
+    real_worker purges, the `lanhub` queue that any other checkout's tests use at the same time.
+    """
+    run = f"lanhub-e2e-{os.getpid()}"
+    return {"CACHE_PREFIX": run, "CELERY_QUEUE": run}
+
+
 def run_e2e(timeout: float) -> int:
     command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "tests/e2e", "-q", "-s",
                "-p", "no:cacheprovider"]
     print("$ " + " ".join(command), flush=True)
     try:
-        return subprocess.run(command, cwd=ROOT, timeout=timeout).returncode
+        return subprocess.run(command, cwd=ROOT, env={**os.environ, **isolated_redis()}, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         print(f"tests/e2e did not finish within {timeout:.0f} s and was stopped")
         return 124

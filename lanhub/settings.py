@@ -66,8 +66,11 @@ def _database():
     if not config.get("ENGINE"):
         raise ImproperlyConfigured(f"DATABASE_URL has an unknown scheme: {url!r}")
     if config["ENGINE"].endswith("sqlite3"):
-        # SQLite serialises writers; a timeout keeps the worker and the web from failing on a busy file.
+        # SQLite serialises writers; a timeout keeps the worker and the web from failing on a busy file. Tests
+        # get a file too: the default in-memory test database uses a shared cache, whose table locks fail at
+        # once instead of waiting, and the real-worker tests write from several threads.
         config.setdefault("OPTIONS", {})["timeout"] = 20
+        config["TEST"] = {"NAME": str(VAR_DIR / "test-lanhub.sqlite3")}
     config["CONN_MAX_AGE"] = _typed("CONN_MAX_AGE", env.int, 60)
     config["CONN_HEALTH_CHECKS"] = True
     return config

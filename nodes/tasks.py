@@ -1,6 +1,7 @@
 """Celery tasks: take a primary key, re-fetch, call a service. Retries live here; the logic does not."""
 
 from celery import shared_task
+from django.db import OperationalError
 
 from nodes import syncing
 from nodes.models import Lan, Node
@@ -10,7 +11,9 @@ RETRY_BACKOFF = 5
 MAX_RETRIES = 5
 
 
-@shared_task(bind=True, acks_late=True, max_retries=MAX_RETRIES)
+# A database that is briefly busy (a locked SQLite file, a failover) is retried too: the run stays queued meanwhile.
+@shared_task(bind=True, acks_late=True, max_retries=MAX_RETRIES, autoretry_for=(OperationalError,),
+             retry_backoff=2)
 def sync_node(self, node_id: int, run_id: int | None = None) -> str:
     node = Node.objects.filter(pk=node_id).first()
     if node is None:

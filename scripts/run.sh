@@ -9,12 +9,12 @@ $PY manage.py migrate --noinput
 $PY manage.py collectstatic --noinput -v 0
 $PY manage.py ensure_admin
 
-procs="web,worker,beat"
+procs=(web worker beat)
 if ! scripts/redis.sh check; then
   echo "==> Nothing answers at ${REDIS_URL:-redis://127.0.0.1:6379/0}; starting a private Redis under var/redis"
-  procs="redis,$procs"
+  procs=(redis "${procs[@]}")
 fi
 port="${PORT:-8000}"
 echo "==> LanHub is starting at http://127.0.0.1:$port/  (admin: http://127.0.0.1:$port/admin/)  Ctrl-C stops it."
 export PORT="$port"
-exec .venv/bin/honcho -f Procfile start "$procs"
+exec .venv/bin/honcho -f Procfile start "${procs[@]}"

@@ -12,5 +12,8 @@ if [ -z "${REDIS_URL:-}" ]; then
   export REDIS_URL
   trap 'scripts/redis.sh stop-private "$private_port"' EXIT
 fi
+# A queue and cache prefix of this run's own: a `make run` worker or another test run on the same Redis must not
+# take this run's tasks, and rate-limit counters must not carry over between runs.
+export CELERY_QUEUE="lanhub-test-$$" CACHE_PREFIX="lanhub-test-$$"
 echo "==> Tests on ${DATABASE_URL:-SQLite} with Redis at $REDIS_URL"
 .venv/bin/python -m pytest "$@"
