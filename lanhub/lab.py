@@ -488,6 +488,11 @@ class Lab:
         self.state["detached"] = True
         self._save()
         _unregister(self)
+        if self._lock_fd is not None:
+            # The lock dies with this process anyway; release it now so this process can build other labs (they
+            # will find the host routes taken and say so until this lab is downed).
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def owner_alive(self) -> bool:
         pid = self.state.get("pid")

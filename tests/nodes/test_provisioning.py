@@ -17,6 +17,7 @@ import pytest
 from lanhub import pki
 from nodes import provisioning as p
 from nodes import render
+from nodes.render import RenderedFile
 from nodes.ssh import ProvisioningError, open_connection
 from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
 from tests.nodes.test_ssh import stand_in
@@ -27,14 +28,7 @@ UDP = "server/lanhub-udp"
 TCP = "server/lanhub-tcp"
 
 
-@dataclass(frozen=True)
-class File:
-    """The shape upload_files takes (nodes/render.py's RenderedFile has these fields too)."""
-
-    path: str
-    content: str
-    mode: int = 0o644
-    instance: str | None = None
+File = RenderedFile  # the shape upload_files takes
 
     @property
     def hash(self) -> str:

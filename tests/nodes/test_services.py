@@ -164,3 +164,22 @@ class EstimatedRttTests(BaseTestCase):
         rtts = services.estimated_rtts(nodes)
         self.assertEqual(list(rtts), [frozenset({"hangzhou", "hongkong"})])
         self.assertAlmostEqual(rtts[frozenset({"hangzhou", "hongkong"})], 1 + 1058 / 100, delta=0.5)
+
+
+class CrlRenewalTests(BaseTestCase):
+    def test_a_crl_close_to_lapsing_is_resigned_and_reaches_every_node(self):
+        self.add_node("hangzhou")
+        mark_synced(self.lan)
+        number = self.lan.crl_number
+        self.assertFalse(services.renew_crl(self.lan))  # fresh: nothing to do
+        import datetime
+
+        from django.utils import timezone
+
+        Lan = type(self.lan)
+        Lan.objects.filter(pk=self.lan.pk).update(crl_next_update=timezone.now() + datetime.timedelta(days=2))
+        self.assertTrue(services.renew_crl(self.lan))
+        self.lan.refresh_from_db()
+        self.assertEqual(self.lan.crl_number, number + 1)
+        self.assertGreater((self.lan.crl_next_update - timezone.now()).days, 25)
+        self.assertTrue(SyncRun.objects.filter(node__name="hangzhou", reason="CRL renewed").exists())

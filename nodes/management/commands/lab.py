@@ -14,7 +14,11 @@ from nodes import services, syncing
 from nodes.models import Lan, SyncRun, SyncStatus
 from players import services as player_services
 
-POINTER = Path(settings.VAR_DIR) / "lab.json"
+def pointer() -> Path:
+    """Where `lab up` records the lab it left running, for `lab down` in a later process."""
+    return Path(settings.VAR_DIR) / "lab.json"
+
+
 # Regions for the names the README uses; any other name gets its own region.
 REGIONS = {"hangzhou": "asia/cn/east", "shanghai": "asia/cn/east", "beijing": "asia/cn/north",
            "hongkong": "asia/hk", "singapore": "asia/sg", "tokyo": "asia/jp", "frankfurt": "europe/de"}
@@ -49,8 +53,8 @@ class Command(BaseCommand):
     # --- up -----------------------------------------------------------------------------------------------------
 
     def up(self, names, nicks, slug):
-        if POINTER.exists():
-            raise CommandError(f"A lab is up already ({POINTER}); run `manage.py lab down` first.")
+        if pointer().exists():
+            raise CommandError(f"A lab is up already ({pointer()}); run `manage.py lab down` first.")
         reason = Lab.requirements_missing()
         if reason:
             raise CommandError(f"The lab cannot run here: {reason}")
@@ -67,7 +71,7 @@ class Command(BaseCommand):
             lab.down()
             raise
         lab.detach()
-        POINTER.write_text(json.dumps({"state_dir": str(lab.state_dir), "lan": lan.pk}))
+        pointer().write_text(json.dumps({"state_dir": str(lab.state_dir), "lan": lan.pk}))
         self.stdout.write(self.style.SUCCESS(
             f"Lab up in {time.monotonic() - started:.1f}s: LAN {lan.slug!r} owned by 'labhost' "
             f"(password {password}). `manage.py lab down` removes it."))
@@ -143,27 +147,27 @@ class Command(BaseCommand):
     # --- down / status ------------------------------------------------------------------------------------------
 
     def load(self):
-        if not POINTER.exists():
+        if not pointer().exists():
             return None, None
-        pointer = json.loads(POINTER.read_text())
+        recorded = json.loads(pointer().read_text())
         try:
-            return Lab.load(pointer["state_dir"]), pointer
+            return Lab.load(recorded["state_dir"]), recorded
         except (OSError, ValueError, KeyError):
-            return None, pointer
+            return None, recorded
 
     def down(self):
-        lab, pointer = self.load()
-        if pointer is None:
+        lab, recorded = self.load()
+        if recorded is None:
             self.stdout.write("No lab is up.")
             return
         if lab is not None:
             lab.down()
-        Lan.objects.filter(pk=pointer.get("lan")).delete()
-        POINTER.unlink()
+        Lan.objects.filter(pk=recorded.get("lan")).delete()
+        pointer().unlink()
         self.stdout.write(self.style.SUCCESS("Lab removed: namespaces, processes, routes and its LAN."))
 
     def status(self):
-        lab, pointer = self.load()
+        lab, _ = self.load()
         if lab is None:
             self.stdout.write("No lab is up.")
             return
