@@ -260,10 +260,18 @@ def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: La
 
 @transaction.atomic
 def request_sync(node: Node, *, reason: str, requested_by=None, kind: str = "sync") -> SyncRun:
-    """Queue a sync of one node; the task is sent only after the surrounding transaction commits."""
-    run = SyncRun.objects.create(node=node, kind=kind, reason=reason[:200], status=SyncStatus.QUEUED)
+    """Queue a sync of one node; the task is sent only after the surrounding transaction commits.
+
+    A sync reads the plan when it runs, so one queued run carries any number of changes: a request that finds
+    one waiting joins it (ten revocations in a row mean one more sync per node, not ten)."""
     # A sync already running compares this generation when it ends and goes again if it moved.
     Node.objects.filter(pk=node.pk).update(sync_generation=F("sync_generation") + 1)
+    waiting = SyncRun.objects.select_for_update().filter(node=node, kind=kind, status=SyncStatus.QUEUED).first()
+    if waiting is not None:
+        waiting.reason = f"{waiting.reason}; {reason}"[:200]
+        waiting.save(update_fields=["reason"])
+        return waiting
+    run = SyncRun.objects.create(node=node, kind=kind, reason=reason[:200], status=SyncStatus.QUEUED)
     transaction.on_commit(lambda: enqueue_sync(node.pk, run.pk))
     return run
 

@@ -76,10 +76,13 @@ def queue_retry(run: SyncRun) -> SyncRun:
 
 
 def _continue_if_requested(node: Node, generation: int) -> None:
+    """Requests made while this sync ran may postdate the plan it applied: run once more for them."""
     if Node.objects.filter(pk=node.pk, sync_generation__gt=generation).exists():
         pending = SyncRun.objects.filter(node=node, status=SyncStatus.QUEUED).order_by("created_at").first()
         if pending is not None:
             services.enqueue_sync(node.pk, pending.pk)
+        else:  # the request joined the run that just finished, after it had read the plan
+            services.request_sync(node, reason="changes made while the last sync ran")
 
 
 def _start(run: SyncRun) -> None:
@@ -128,6 +131,9 @@ def _sync(node: Node, run: SyncRun) -> None:
     revoked = set(RevokedCertificate.objects.filter(lan=lan).values_list("common_name", flat=True))
     recorder = StepRecorder(run)
     with open_connection(node, pin=lambda key: services.accept_host_key(node, key_line=key)) as c:
+        # Revoked players go first, before the slower steps: HALT stops their clients, and the new CRL uploaded
+        # below refuses any that come back; the second pass after the upload catches one that raced it.
+        halted = _halt_revoked(c, revoked)
         result = provisioning.apply(
             c, files=files, remove=set(node.applied_files) - set(files), wanted=wanted,
             restart=lambda changed: instances_to_restart(changed, files, wanted),
@@ -136,16 +142,37 @@ def _sync(node: Node, run: SyncRun) -> None:
         # Clients whose client-config-dir file changed reconnect to pick it up (OpenVPN reads it on connect),
         # and revoked certificates lose any session still open: the CRL only stops new handshakes.
         status = management.node_status(c)
-        killed = management.kill_clients(c, status, revoked, message="HALT")
+        killed = halted + management.kill_clients(c, status, revoked, message="HALT")
         killed += management.kill_clients(c, status, reconnect_for(result.changed) - revoked, message="RESTART")
     notes = result.notes + result.verify.get("warnings", [])
     run.log += "".join(f"note: {n}\n" for n in notes) + (f"disconnected {killed} client(s)\n" if killed else "")
+    _store_link_states(node, links, result.verify.get("links", {}))
     run.changed_files = sorted(result.changed)
     run.restarted = sorted(set(result.restarted) | set(result.instances.started))
     Node.objects.filter(pk=node.pk).update(
         applied_files={path: f.sha256 for path, f in files.items()}, state=NodeState.READY, last_error="",
         openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0,
     )
+
+
+def _halt_revoked(c, revoked: set[str]) -> int:
+    """Disconnect revoked clients on the instances already running; a node being set up has none yet."""
+    if not revoked:
+        return 0
+    try:
+        return management.kill_clients(c, management.node_status(c), revoked, message="HALT")
+    except ProvisioningError:
+        return 0  # no instance answers yet (first sync, or one is down): the pass after the upload handles it
+
+
+def _store_link_states(node: Node, links, rtts: dict) -> None:
+    """What verify measured on each of this node's links (None: no answer yet)."""
+    now = timezone.now()
+    for link in links:
+        if link.device in rtts:
+            rtt = rtts[link.device]
+            Link.objects.filter(downstream=node, upstream__name=link.upstream).update(
+                state=LinkState.UP if rtt is not None else LinkState.DOWN, rtt_ms=rtt, updated_at=now)
 
 
 # --- Status ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ def mark_synced(lan):
     for node in lan_plan.nodes.values():
         files = desired_files(lan, node, lan_plan)
         Node.objects.filter(pk=node.pk).update(applied_files={p: f.sha256 for p, f in files.items()}, state="ready")
+    SyncRun.objects.filter(node__lan=lan, status=SyncStatus.QUEUED).update(status=SyncStatus.COMPLETED)
 
 
 class PlanningTests(BaseTestCase):
@@ -92,6 +93,15 @@ class RevocationTests(BaseTestCase):
 
 
 class SyncRunTests(BaseTestCase):
+    def test_requests_join_the_run_already_waiting(self):
+        node = self.add_node("hangzhou")
+        first = services.request_sync(node, reason="one")
+        second = services.request_sync(node, reason="two")
+        self.assertEqual(first.pk, second.pk)
+        self.assertEqual(SyncRun.objects.filter(node=node, status=SyncStatus.QUEUED).count(), 1)
+        self.assertTrue(second.reason.endswith("one; two"))
+
+
     def test_a_second_sync_finds_the_node_claimed_and_leaves_its_run_queued(self):
         node = self.add_node("hangzhou")
         run = SyncRun.objects.filter(node=node).latest("created_at")
