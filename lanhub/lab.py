@@ -42,6 +42,8 @@ NETNS_ETC = Path("/etc/netns")
 NODES_NET, PLAYERS_NET = "203.0.113", "198.51.100"
 HOST_ADDR, WAN_HOST_ADDR = "198.18.0.1", "198.18.0.2"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")  # "n-" + name must fit a 15-char interface name
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+FIRST_UID = 2000  # lab users get the first uid/gid from here that the host's passwd/group does not use
 PREFIX_RE = re.compile(r"^lh[0-9a-f]{4}-")
 FIRST_HOST = 10  # node i gets 203.0.113.(10+i), player i 198.51.100.(10+i)
 
@@ -114,14 +116,23 @@ class _Host:
 
 
 class NodeHost(_Host):
-    """A server: its own sshd on ``address``:22 and its own /etc/{ssh,openvpn,sysctl.d} (under /etc/netns/<ns>)."""
+    """A server: its own sshd on ``address``:22 and its own /etc/{ssh,openvpn,sysctl.d} (under /etc/netns/<ns>).
+
+    A node made with ``user=`` also has its own /etc/{passwd,shadow,group,sudoers.d}: the host's accounts plus
+    ``user`` (a login with the same authorized keys as root, and passwordless sudo unless ``sudo=False``).
+    """
+
+    def __init__(self, lab: Lab, name: str, ns: str, address: str, user: str | None = None):
+        super().__init__(lab, name, ns, address)
+        self.user = user
 
     @property
     def etc_dir(self) -> Path:
         return NETNS_ETC / self.ns
 
     def etc_path(self, relative: str) -> Path:
-        """Host path of the node's ``/etc/<relative>`` (only ssh/, openvpn/ and sysctl.d/ are per node)."""
+        """Host path of the node's ``/etc/<relative>`` (only ssh/, openvpn/ and sysctl.d/ are per node, and with a
+        lab user also passwd, shadow, group and sudoers.d/)."""
         return self.etc_dir / relative
 
     def authorize(self, public_key_line: str) -> None:
@@ -343,15 +354,74 @@ class Lab:
         self._save()
         return player
 
-    def add_node(self, name: str, address: str | None = None) -> NodeHost:
+    def add_node(self, name: str, address: str | None = None, *, user: str | None = None,
+                 sudo: bool = True) -> NodeHost:
+        """A node with its own sshd. ``user``: also a non-root login of that name, with the same authorized keys as
+        root and ``NOPASSWD: ALL`` sudo (none with ``sudo=False``); it exists only in the node's /etc view."""
+        if user is not None:
+            self._check_user(user)  # before anything is made
         ns, address = self._add_host("n", name, address)
-        node = NodeHost(self, name, ns, address)
+        node = NodeHost(self, name, ns, address, user)
         self._make_etc(node)
-        self._start_sshd(node)
+        if user is not None:
+            self._make_user(node, user, sudo=sudo)
+        self._start_sshd(node)  # after the user: sshd sees the /etc/netns files that exist when it starts
         self.nodes[name] = node
-        self.state["nodes"][name] = {"ns": ns, "address": address}
+        self.state["nodes"][name] = {"ns": ns, "address": address, **({"user": user} if user else {})}
         self._save()
         return node
+
+    @staticmethod
+    def _check_user(user: str) -> None:
+        if not USER_RE.match(user):
+            raise ValueError(f"bad lab user name {user!r}: want {USER_RE.pattern}")
+        if user in {line.split(":", 1)[0] for line in Path("/etc/passwd").read_text().splitlines()}:
+            raise ValueError(f"{user!r} is already an account on the host; pick a name the host does not have")
+        if not Path("/etc/sudoers.d").is_dir() or not os.access("/usr/bin/sudo", os.X_OK):
+            raise LabError("a lab node with a user needs sudo and /etc/sudoers.d on the host (apt-get install sudo)")
+
+    def _make_user(self, node: NodeHost, user: str, *, sudo: bool) -> None:
+        """/etc/netns/<ns>/{passwd,shadow,group,sudoers.d}: the host's accounts plus ``user``; the host's are untouched.
+
+        The shadow copy carries no password hash ('*', or '!' where the host's is locked): sshd runs with UsePAM no
+        and takes keys only, and sudo is NOPASSWD. The home directory is under /etc/ssh, which only the node has.
+        """
+        etc = node.etc_dir
+        passwd, group = Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
+        taken_ids = {int(f[2]) for f in (line.split(":") for line in (passwd + group).splitlines())
+                     if len(f) > 2 and f[2].isdigit()}
+        uid = next(i for i in range(FIRST_UID, FIRST_UID + 10000) if i not in taken_ids)
+        home = f"/etc/ssh/lanhub-home/{user}"
+        (etc / home[5:]).mkdir(parents=True, mode=0o700)
+        os.chown(etc / home[5:], uid, uid)
+        shadow = []
+        for line in (Path("/etc/shadow").read_text() if Path("/etc/shadow").exists() else "").splitlines():
+            fields = line.split(":")
+            if len(fields) > 1:
+                fields[1] = "!" if fields[1].startswith("!") else "*"
+                shadow.append(":".join(fields))
+        # A last-change day of 0 would make sshd demand a new password; today's day number does not.
+        shadow.append(f"{user}:*:{int(time.time() // 86400)}:0:99999:7:::")
+        shadow_gid = next((int(f[2]) for f in (line.split(":") for line in group.splitlines())
+                           if f[0] == "shadow" and len(f) > 2 and f[2].isdigit()), 0)
+        for rel, text, mode, gid in (
+                ("passwd", passwd.rstrip("\n") + f"\n{user}:x:{uid}:{uid}:LanHub lab user:{home}:/bin/sh\n", 0o644, 0),
+                ("group", group.rstrip("\n") + f"\n{user}:x:{uid}:\n", 0o644, 0),
+                ("shadow", "\n".join(shadow) + "\n", 0o640, shadow_gid)):
+            path = etc / rel
+            path.write_text(text)
+            os.chown(path, 0, gid)
+            path.chmod(mode)
+        sudoers = etc / "sudoers.d"
+        sudoers.mkdir(mode=0o755)  # always the node's own, so the host's sudoers.d grants nothing here
+        if sudo:
+            grant = sudoers / f"lanhub-{user}"
+            grant.write_text(f"# LanHub lab node {node.name}: {user} may run anything as root, no password\n"
+                             f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+            grant.chmod(0o440)
+        # sshd reads authorized keys as the user logging in: public keys, so readable by all (StrictModes allows
+        # a root-owned file that nobody else can write).
+        node.etc_path("ssh/lanhub_authorized_keys").chmod(0o644)
 
     def _make_etc(self, node: NodeHost) -> None:
         """/etc/netns/<ns>/{ssh,openvpn,sysctl.d}: ``ip netns exec`` bind-mounts each over /etc/<entry>."""
@@ -479,7 +549,7 @@ class Lab:
         lab = cls.__new__(cls)
         lab.state, lab.state_dir, lab.base_dir, lab._lock_fd, lab._owner = state, state_dir, BASE_DIR, None, False
         lab.id, lab.prefix = state["id"], state["prefix"]
-        lab.nodes = {n: NodeHost(lab, n, v["ns"], v["address"]) for n, v in state["nodes"].items()}
+        lab.nodes = {n: NodeHost(lab, n, v["ns"], v["address"], v.get("user")) for n, v in state["nodes"].items()}
         lab.players = {n: PlayerHost(lab, n, v["ns"], v["address"]) for n, v in state["players"].items()}
         return lab
 

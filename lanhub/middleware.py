@@ -15,7 +15,8 @@ class ContentSecurityPolicyMiddleware:
         response = self.get_response(request)
         # The admin ships inline scripts of its own; give it the policy it needs and nothing more.
         if request.path.startswith("/admin/"):
-            response.setdefault("Content-Security-Policy", CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline'"))
+            admin_csp = CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline'")
+            response.setdefault("Content-Security-Policy", admin_csp)
         else:
             response.setdefault("Content-Security-Policy", CSP)
         return response

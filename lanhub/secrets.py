@@ -34,4 +34,5 @@ def unseal(token: str) -> str:
     try:
         return _fernet(settings.LANHUB_KEY).decrypt(token.encode()).decode()
     except InvalidToken:
-        raise SecretError("A private key could not be decrypted: LANHUB_KEY differs from the one that sealed it.")
+        raise SecretError(
+            "A private key could not be decrypted: LANHUB_KEY differs from the one that sealed it.") from None

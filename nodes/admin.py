@@ -77,7 +77,7 @@ class NodeAdminForm(forms.ModelForm):
         try:
             services.check_node(candidate)
         except ValidationError as exc:
-            raise ValidationError(exc.messages)
+            raise ValidationError(exc.messages) from None
         return cleaned
 
 

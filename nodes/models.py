@@ -33,7 +33,7 @@ def validate_network(value: str) -> None:
     try:
         net = ipaddress.IPv4Network(value, strict=True)
     except ValueError as exc:
-        raise ValidationError(f"{value!r} is not an IPv4 network in CIDR form: {exc}")
+        raise ValidationError(f"{value!r} is not an IPv4 network in CIDR form: {exc}") from None
     if not net.is_private:
         raise ValidationError(f"{value} is not a private range; a LAN lives inside 10/8, 172.16/12 or 192.168/16.")
 
@@ -128,6 +128,7 @@ class Node(models.Model):
     # Sync bookkeeping: at most one sync runs per node (claimed atomically); a request made while one runs bumps
     # the generation so the running sync knows to go again.
     sync_state = models.CharField(max_length=16, choices=SyncState.choices, default=SyncState.IDLE)
+    sync_claimed_at = models.DateTimeField(null=True, blank=True, editable=False)
     sync_generation = models.PositiveIntegerField(default=0)
     applied_files = models.JSONField(default=dict, blank=True, editable=False)
     # Certificates: the node's server certificate and the client certificate it uses on links.

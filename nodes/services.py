@@ -11,9 +11,10 @@ import logging
 import math
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -187,7 +188,7 @@ def plan_lan(lan: Lan) -> LanPlan:
     try:
         plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses)
     except topology.PlanError as exc:
-        raise ValidationError(str(exc))
+        raise ValidationError(str(exc)) from None
     return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
 
 
@@ -247,7 +248,7 @@ def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: La
     lan_plan = lan_plan or plan_lan(lan)
     lan.refresh_from_db()
     changed = []
-    for name, node in lan_plan.nodes.items():
+    for node in lan_plan.nodes.values():
         files = desired_files(lan, node, lan_plan)
         if {path: f.sha256 for path, f in files.items()} != node.applied_files:
             request_sync(node, reason=reason, requested_by=requested_by)
@@ -293,9 +294,14 @@ def enqueue_sync(node_id: int, run_id: int) -> bool:
 
 def requeue_stale_runs(*, older_than_s: int = 120) -> int:
     """Re-send queued runs of idle nodes that nobody picked up (the broker was down, a worker was lost)."""
-    cutoff = timezone.now() - datetime.timedelta(seconds=older_than_s)
-    stale = SyncRun.objects.filter(status=SyncStatus.QUEUED, kind="sync", created_at__lt=cutoff,
-                                   node__sync_state="idle").order_by("node_id", "created_at")
+    now = timezone.now()
+    cutoff = now - datetime.timedelta(seconds=older_than_s)
+    # A node still claimed long past the task time limit lost its worker; the claim will be taken over.
+    lost = now - datetime.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 60)
+    stale = SyncRun.objects.filter(
+        Q(node__sync_state="idle") | Q(node__sync_claimed_at__lt=lost),
+        status=SyncStatus.QUEUED, kind="sync", created_at__lt=cutoff,
+    ).order_by("node_id", "created_at")
     latest = {}
     for run in stale:
         latest.setdefault(run.node_id, run)  # one run per node carries every change
@@ -314,4 +320,4 @@ def check_node(node: Node) -> None:
     try:
         topology.plan_lan(spec, node_specs(lan, nodes))
     except topology.PlanError as exc:
-        raise ValidationError(str(exc))
+        raise ValidationError(str(exc)) from None

@@ -124,7 +124,7 @@ def _deploy_key(node) -> paramiko.PKey:
     try:
         pem = unseal(node.lan.ssh_private_key_sealed)
     except SecretError as exc:
-        raise ProvisioningError("connect", f"The LAN's SSH deploy key cannot be used: {exc}", permanent=True)
+        raise ProvisioningError("connect", f"The LAN's SSH deploy key cannot be used: {exc}", permanent=True) from None
     for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
         try:
             return cls.from_private_key(io.StringIO(pem))
@@ -140,7 +140,7 @@ def _parse_host_key(line: str) -> paramiko.PKey:
     except (IndexError, binascii.Error, paramiko.SSHException, ValueError) as exc:
         raise ProvisioningError(
             "connect", f"The pinned host key is not an OpenSSH public key line ({exc}); clear it in the admin and "
-            "sync again to pin the key the node presents.", permanent=True)
+            "sync again to pin the key the node presents.", permanent=True) from None
 
 
 def _key_line(key: paramiko.PKey) -> str:

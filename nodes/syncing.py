@@ -9,18 +9,19 @@ for the running sync to pick up when it ends.
 from __future__ import annotations
 
 import logging
-import time
 import traceback
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from nodes import openvpn_mgmt as management
 from nodes import provisioning, services
 from nodes.files import desired_files, instances_to_restart, reconnect_for, wanted_instances
-from nodes.models import Link, LinkState, Node, NodeState, RevokedCertificate, SyncRun, SyncState, SyncStatus, VpnSession
+from nodes.models import (Link, LinkState, Node, NodeState, RevokedCertificate, SyncRun, SyncState, SyncStatus,
+                          VpnSession)
 from nodes.ssh import ProvisioningError, open_connection
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,18 @@ STEP_COUNT = len(provisioning.STEPS)
 
 
 def claim(node: Node) -> bool:
-    return Node.objects.filter(pk=node.pk, sync_state=SyncState.IDLE).update(sync_state=SyncState.RUNNING) == 1
+    """Take the node for one sync. A claim older than the task's hard time limit belongs to a worker that died
+    (killed, OOM, power loss) without releasing it: Celery has killed or forgotten that task, so it is taken over,
+    and the run it left 'running' is closed as errored."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 60)
+    taken = Node.objects.filter(
+        Q(sync_state=SyncState.IDLE) | Q(sync_state=SyncState.RUNNING, sync_claimed_at__lt=stale), pk=node.pk,
+    ).update(sync_state=SyncState.RUNNING, sync_claimed_at=now) == 1
+    if taken:
+        SyncRun.objects.filter(node=node, status=SyncStatus.RUNNING).update(
+            status=SyncStatus.ERRORED, finished_at=now, error="the worker running this sync was lost")
+    return taken
 
 
 def release(node: Node) -> None:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 purpose="${1:-run}"
 packages=(redis-server openvpn openssh-client python3-venv iproute2 iputils-ping)
 if [ "$purpose" = test ]; then
-  packages+=(openssh-server iptables easy-rsa openssl socat chromium)
+  packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium)
 fi
 
 missing=()

@@ -44,8 +44,9 @@ class SettingsTests(SimpleTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
 
     def test_it_uses_postgresql_when_database_url_says_so(self):
-        code = "from django.conf import settings; print(settings.DATABASES['default']['ENGINE'])"
-        result = subprocess.run([sys.executable, "-c", f"import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'lanhub.settings'); django.setup(); {code}"],
+        code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'lanhub.settings'); "
+                "django.setup(); from django.conf import settings; print(settings.DATABASES['default']['ENGINE'])")
+        result = subprocess.run([sys.executable, "-c", code],
                                 cwd=ROOT, env={**os.environ, "DATABASE_URL": "postgres://u@127.0.0.1:5432/x"},
                                 capture_output=True, text=True, timeout=60)
         self.assertIn("postgresql", result.stdout)

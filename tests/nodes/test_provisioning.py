@@ -6,7 +6,6 @@ down what the steps do with any set of files; certificates come from lanhub/pki.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,10 +28,6 @@ TCP = "server/lanhub-tcp"
 
 
 File = RenderedFile  # the shape upload_files takes
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(self.content.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

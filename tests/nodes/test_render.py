@@ -6,7 +6,7 @@ import hashlib
 from django.test import SimpleTestCase
 
 from nodes.render import (
-    FileDiff, RenderedFile, diff, link_device, link_management_ports, render_lan, render_node,
+    FileDiff, RenderedFile, diff, link_device, link_management_ports, render_lan,
 )
 from nodes.topology import LanSpec, NodeSpec, plan_lan
 

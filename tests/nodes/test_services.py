@@ -193,3 +193,22 @@ class CrlRenewalTests(BaseTestCase):
         self.assertEqual(self.lan.crl_number, number + 1)
         self.assertGreater((self.lan.crl_next_update - timezone.now()).days, 25)
         self.assertTrue(SyncRun.objects.filter(node__name="hangzhou", reason="CRL renewed").exists())
+
+
+class StaleClaimTests(BaseTestCase):
+    def test_a_claim_left_by_a_lost_worker_is_taken_over_after_the_time_limit(self):
+        import datetime
+
+        from django.utils import timezone
+
+        node = self.add_node("hangzhou")
+        lost = SyncRun.objects.create(node=node, status=SyncStatus.RUNNING)
+        recent = timezone.now() - datetime.timedelta(seconds=30)
+        Node.objects.filter(pk=node.pk).update(sync_state=SyncState.RUNNING, sync_claimed_at=recent)
+        self.assertFalse(syncing.claim(node))  # a live sync: hands off
+        old = timezone.now() - datetime.timedelta(hours=2)
+        Node.objects.filter(pk=node.pk).update(sync_claimed_at=old)
+        self.assertTrue(syncing.claim(node))
+        lost.refresh_from_db()
+        self.assertEqual(lost.status, SyncStatus.ERRORED)
+        self.assertIn("lost", lost.error)

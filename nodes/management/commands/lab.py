@@ -62,7 +62,7 @@ class Command(BaseCommand):
         try:
             lab = Lab()
         except LabError as exc:
-            raise CommandError(str(exc))
+            raise CommandError(str(exc)) from None
         try:
             lan, password = self.make_lan(slug)
             self.add_servers(lab, lan, names)
