@@ -24,9 +24,10 @@ def setup_periodic_tasks(sender, **kwargs):
                              name="repair drift on every node")
     sender.add_periodic_task(settings.LANHUB_CRL_RENEW_INTERVAL, sender.signature("nodes.tasks.renew_crls"),
                              name="renew CRLs before they lapse")
+    sender.add_periodic_task(24 * 3600, sender.signature("nodes.tasks.prune_runs"), name="prune old sync runs")
 
 
 @app.task(name="lanhub.ping")
 def ping() -> str:
-    """Answers 'pong'; used by /healthz to see that a worker is consuming the queue."""
+    """Answers 'pong': a quick end-to-end check of broker, worker and result store from a shell."""
     return "pong"

@@ -14,7 +14,10 @@ other and the host's lab address.
 Choices worth knowing (see also /work/shared/OPENVPN-NOTES.md):
 - The host link uses /32 peer addresses from 198.18.0.0/15 (RFC 2544, reserved for testing network devices), not a
   documentation /24: a machine's own NIC may sit in 192.0.2.0/24, and the lab must never shadow or answer for it.
-- Host routes to 203.0.113.0/24 and 198.51.100.0/24 can exist once per machine, so a lab with ``host_link=True``
+- The host routes only the low /26 of each segment (203.0.113.0/26, 198.51.100.0/26) into the lab, never the whole
+  /24: other machines in those documentation ranges (this workplace's package registry answers at 203.0.113.80)
+  must stay reachable while a lab is up. Lab hosts therefore get addresses from .10 to .62.
+- Those host routes can exist once per machine, so a lab with ``host_link=True``
   holds an exclusive flock on ``<base>/host-link.lock`` for its lifetime; a second one waits up to
   ``lock_timeout`` seconds and then fails naming the holder. ``host_link=False`` labs never wait.
 - /run and /root are shared by all namespaces: pid, log and status files must have per-namespace paths.
@@ -46,6 +49,7 @@ USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 FIRST_UID = 2000  # lab users get the first uid/gid from here that the host's passwd/group does not use
 PREFIX_RE = re.compile(r"^lh[0-9a-f]{4}-")
 FIRST_HOST = 10  # node i gets 203.0.113.(10+i), player i 198.51.100.(10+i)
+ROUTED = 26  # the host routes <net>.0/26 into the lab, so lab hosts live in .1-.62
 
 
 class LabError(RuntimeError):
@@ -315,8 +319,9 @@ class Lab:
     def _build_host_link(self) -> None:
         veth, wan = self.prefix + "host", self.wan
         for net in (NODES_NET, PLAYERS_NET):
-            if _run(["ip", "route", "show", f"{net}.0/24"]).stdout.strip():
-                raise LabError(f"host already has a route to {net}.0/24; refusing to shadow it")
+            if _run(["ip", "route", "show", f"{net}.0/{ROUTED}"]).stdout.strip():
+                raise LabError(f"host already has a route to {net}.0/{ROUTED} (is a `manage.py lab up` lab still "
+                               "running? `manage.py lab down` removes it); refusing to shadow it")
         self._record("host_links", veth)
         _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "host0", "netns", wan])
         _run(["ip", "addr", "add", f"{HOST_ADDR}/32", "peer", f"{WAN_HOST_ADDR}/32", "dev", veth])
@@ -324,7 +329,7 @@ class Lab:
         _run(["ip", "-n", wan, "addr", "add", f"{WAN_HOST_ADDR}/32", "peer", f"{HOST_ADDR}/32", "dev", "host0"])
         _run(["ip", "-n", wan, "link", "set", "host0", "up"])
         for net in (NODES_NET, PLAYERS_NET):
-            route = [f"{net}.0/24", "via", WAN_HOST_ADDR, "dev", veth, "src", HOST_ADDR]
+            route = [f"{net}.0/{ROUTED}", "via", WAN_HOST_ADDR, "dev", veth, "src", HOST_ADDR]
             self._record("host_routes", route)
             _run(["ip", "route", "add", *route])
 
@@ -336,8 +341,8 @@ class Lab:
         net, bridge = (NODES_NET, "br-nodes") if kind == "n" else (PLAYERS_NET, "br-players")
         count = len(self.nodes) if kind == "n" else len(self.players)
         address = address or f"{net}.{FIRST_HOST + count}"
-        if not address.startswith(net + "."):
-            raise ValueError(f"{address} is outside {net}.0/24")
+        if not address.startswith(net + ".") or not 1 < int(address.rsplit(".", 1)[1]) < 2 ** (32 - ROUTED) - 1:
+            raise ValueError(f"{address} is outside {net}.2-{net}.62, the part of {net}.0/24 the lab routes")
         ns, port = self.prefix + name, f"{kind}-{name}"
         self._add_ns(ns)
         _run(["ip", "-n", self.wan, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])

@@ -69,7 +69,9 @@ def _database():
         # SQLite serialises writers; a timeout keeps the worker and the web from failing on a busy file. Tests
         # get a file too: the default in-memory test database uses a shared cache, whose table locks fail at
         # once instead of waiting, and the real-worker tests write from several threads.
-        config.setdefault("OPTIONS", {})["timeout"] = 20
+        # IMMEDIATE: a transaction takes the write lock when it begins, so a writer waits (up to the timeout)
+        # instead of failing at once with "database is locked" when it upgrades from reading.
+        config.setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
         config["TEST"] = {"NAME": str(VAR_DIR / "test-lanhub.sqlite3")}
     config["CONN_MAX_AGE"] = _typed("CONN_MAX_AGE", env.int, 60)
     config["CONN_HEALTH_CHECKS"] = True

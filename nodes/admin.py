@@ -19,8 +19,25 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(exc.messages)
 
 
+class LanAdminForm(forms.ModelForm):
+    """Plans the LAN with the new settings, so a supernet its pools no longer fit is a form error."""
+
+    class Meta:
+        model = Lan
+        exclude = SEALED + ("ca_cert", "crl_pem")
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.instance.pk and not self.errors:
+            candidate = Lan(pk=self.instance.pk, supernet=cleaned["supernet"], pool_prefix=cleaned["pool_prefix"],
+                            topology_mode=cleaned["topology_mode"])
+            services.plan_lan(candidate)  # its ValidationError becomes the form's error
+        return cleaned
+
+
 @admin.register(Lan)
 class LanAdmin(admin.ModelAdmin):
+    form = LanAdminForm
     list_display = ("name", "slug", "owner", "supernet", "pool_prefix", "topology_mode", "node_count", "created_at")
     list_filter = ("topology_mode",)
     search_fields = ("name", "slug", "owner__username")
@@ -38,7 +55,9 @@ class LanAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            obj.save()
+            # Only what the form changed: a full save would write back a CRL loaded before a concurrent
+            # revocation re-signed it.
+            obj.save(update_fields=[f for f in form.changed_data if f in form.fields])
             services.replan(obj, reason="LAN settings changed", requested_by=request.user)
             return
         lan = services.create_lan(owner=obj.owner, name=obj.name, slug=obj.slug, supernet=obj.supernet,
@@ -62,13 +81,14 @@ class NodeAdminForm(forms.ModelForm):
 
     class Meta:
         model = Node
-        exclude = SEALED
+        exclude = SEALED + ("sync_generation",)
 
     def clean(self):
         cleaned = super().clean()
-        if self.errors or not cleaned.get("lan"):
+        lan = cleaned.get("lan") or (self.instance.lan if self.instance.pk else None)
+        if self.errors or lan is None:
             return cleaned
-        candidate = Node(pk=self.instance.pk, lan=cleaned["lan"], created_at=self.instance.created_at)
+        candidate = Node(pk=self.instance.pk, lan=lan, created_at=self.instance.created_at)
         for field in services.NODE_FIELDS:
             if field in cleaned:
                 setattr(candidate, field, cleaned[field])
@@ -90,7 +110,7 @@ class NodeAdmin(admin.ModelAdmin):
     search_fields = ("name", "region", "public_address", "ssh_host", "lan__name")
     list_select_related = ("lan",)
     raw_id_fields = ("lan", "pinned_upstream")
-    exclude = SEALED + ("server_cert", "link_cert")
+    exclude = SEALED + ("server_cert", "link_cert", "sync_generation")
     readonly_fields = ("state", "sync_state", "missed_polls", "last_seen_at", "openvpn_version", "last_error",
                        "sync_progress", "recent_runs", "authorized_keys_line", "created_at")
     actions = ("sync_nodes",)
@@ -122,8 +142,14 @@ class NodeAdmin(admin.ModelAdmin):
         return format_html("<table><tr><th>when</th><th>kind</th><th>status</th><th>why</th><th>error</th></tr>"
                            "{}</table>", rows) if runs else "No runs yet."
 
+    def get_readonly_fields(self, request, obj=None):
+        # Moving a node to another LAN would strand its certificates: remove it and add it there instead.
+        return (*self.readonly_fields, "lan") if obj else self.readonly_fields
+
     def save_model(self, request, obj, form, change):
-        fields = {f: form.cleaned_data[f] for f in services.NODE_FIELDS if f in form.cleaned_data}
+        # On a change the operator may also clear the pinned host key (to accept a new one) or flip health.
+        keys = services.NODE_FIELDS + (("ssh_host_key", "healthy") if change else ())
+        fields = {f: form.cleaned_data[f] for f in keys if f in form.cleaned_data}
         if change:
             # The form already wrote its values onto obj; the service gets the stored row and the changes.
             original = Node.objects.get(pk=obj.pk)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from fabric import Connection
 
-from nodes.ssh import ProvisioningError, command_error, is_root, run_root
+from nodes.ssh import ProvisioningError, check_sudo, command_error, is_root, run_root
 
 RUN_DIR = "/etc/openvpn/lanhub/run"
 CCD_DIR = "/etc/openvpn/server/ccd"
@@ -66,6 +66,7 @@ def check_os(c: Connection) -> str:
 
 def ensure_openvpn(c: Connection) -> bool:
     """Install the distribution's openvpn package unless an openvpn binary is already there."""
+    check_sudo(c, "ensure_openvpn")  # the first step that needs root: a failing probe below must mean "no openvpn"
     if run_root(c, "command -v openvpn", hide=True, warn=True).ok:
         return False
     # Lock timeout: a fresh cloud server is often still running unattended-upgrades when it is first synced.

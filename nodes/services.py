@@ -18,6 +18,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.text import slugify
 
+from cryptography import x509
+
 from lanhub import pki
 from lanhub.secrets import seal, unseal
 from nodes import topology
@@ -91,7 +93,11 @@ def renew_crl(lan: Lan, *, min_days_left: float = CRL_DAYS / 2) -> bool:
         return False
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
-    sync_changed_nodes(lan, reason="CRL renewed")
+    try:
+        with transaction.atomic():  # the new CRL stays saved even when the LAN cannot be planned right now
+            sync_changed_nodes(lan, reason="CRL renewed")
+    except ValidationError as exc:
+        log.error("CRL of LAN %s renewed, but its nodes could not be planned: %s", lan.pk, "; ".join(exc.messages))
     return True
 
 
@@ -119,8 +125,10 @@ def create_node(*, lan: Lan, requested_by=None, **fields) -> Node:
 
 @transaction.atomic
 def update_node(node: Node, *, requested_by=None, **fields) -> Node:
-    """Change a node's settings; a rename re-issues its certificates (their names carry the node's name)."""
+    """Change a node's settings; a rename re-issues its certificates (their names carry the node's name) and
+    revokes the old ones."""
     renamed = "name" in fields and fields["name"] != node.name
+    old_certificates = node_certificates(node) if renamed else []
     for field, value in fields.items():
         if field not in NODE_FIELDS and field not in ("ssh_host_key", "healthy"):
             raise TypeError(f"unknown node field: {field}")
@@ -129,16 +137,45 @@ def update_node(node: Node, *, requested_by=None, **fields) -> Node:
     if renamed:
         _issue_node_certificates(node)
     node.save()
+    _revoke_all(node.lan, old_certificates, reason=f"node renamed to {node.name}")
     replan(node.lan, reason=f"node {node.name} changed", requested_by=requested_by)
     return node
 
 
 @transaction.atomic
 def delete_node(node: Node, *, requested_by=None) -> None:
-    """Remove a node from the LAN; the others are re-planned and synced without it."""
-    lan, name = node.lan, node.name
+    """Remove a node from the LAN; its certificates are revoked (the server may not be ours any more) and the
+    others are re-planned and synced without it."""
+    lan, name, old_certificates = node.lan, node.name, node_certificates(node)
     node.delete()
+    _revoke_all(lan, old_certificates, reason=f"node {name} removed")
     replan(lan, reason=f"node {name} removed", requested_by=requested_by)
+
+
+def node_certificates(node: Node) -> list[tuple[str, str]]:
+    """(serial in hex, common name) of the node's server and link certificates."""
+    return [(format(x509.load_pem_x509_certificate(pem.encode()).serial_number, "x"), cn)
+            for pem, cn in ((node.server_cert, f"node-{node.name}"), (node.link_cert, f"link-{node.name}")) if pem]
+
+
+def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -> None:
+    """Put certificates in the CRL and re-sign it once; the caller re-plans, which syncs the nodes."""
+    if not certificates:
+        return
+    for serial, common_name in certificates:
+        RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
+                                                 defaults={"common_name": common_name, "reason": reason})
+    lan = Lan.objects.select_for_update().get(pk=lan.pk)
+    _write_crl(lan, now=timezone.now())
+    lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
+
+
+def revoked_names(lan: Lan) -> set[str]:
+    """Common names whose live sessions must be cut: revoked ones, except the names of nodes that exist now
+    (a node re-added under an old name reuses the name with a new certificate)."""
+    names = set(RevokedCertificate.objects.filter(lan=lan).values_list("common_name", flat=True))
+    live = {f"{prefix}-{name}" for name in lan.nodes.values_list("name", flat=True) for prefix in ("node", "link")}
+    return names - live
 
 
 def _issue_node_certificates(node: Node) -> None:
@@ -250,7 +287,10 @@ def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: La
     changed = []
     for node in lan_plan.nodes.values():
         files = desired_files(lan, node, lan_plan)
-        if {path: f.sha256 for path, f in files.items()} != node.applied_files:
+        # A running sync may be applying an older plan than this one, even when this one equals what the node
+        # last applied (a change and its undo): it must go again.
+        running = node.sync_state == "running"
+        if running or {path: f.sha256 for path, f in files.items()} != node.applied_files:
             request_sync(node, reason=reason, requested_by=requested_by)
             changed.append(node)
     return changed
@@ -302,10 +342,28 @@ def requeue_stale_runs(*, older_than_s: int = 120) -> int:
         Q(node__sync_state="idle") | Q(node__sync_claimed_at__lt=lost),
         status=SyncStatus.QUEUED, kind="sync", created_at__lt=cutoff,
     ).order_by("node_id", "created_at")
+    _reap_lost_claims(now)
     latest = {}
     for run in stale:
         latest.setdefault(run.node_id, run)  # one run per node carries every change
     return sum(enqueue_sync(node_id, run.pk) for node_id, run in latest.items())
+
+
+def _reap_lost_claims(now) -> None:
+    """Free nodes whose sync worker died (no periodic check would ever claim a node that is not ready)."""
+    lost = Node.objects.filter(sync_state="running",
+                               sync_claimed_at__lt=now - datetime.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 60))
+    SyncRun.objects.filter(node__in=lost, status=SyncStatus.RUNNING).update(
+        status=SyncStatus.ERRORED, finished_at=now, error="the worker running this sync was lost")
+    lost.update(sync_state="idle")
+
+
+def prune_runs(*, keep_days: int = 14) -> int:
+    """Delete finished runs older than `keep_days`; drift checks add one per node every few minutes."""
+    cutoff = timezone.now() - datetime.timedelta(days=keep_days)
+    deleted, _ = SyncRun.objects.filter(created_at__lt=cutoff).exclude(
+        status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).delete()
+    return deleted
 
 
 def check_node(node: Node) -> None:

@@ -101,6 +101,23 @@ def is_root(c: Connection) -> bool:
     return c.user == "root"
 
 
+def check_sudo(c: Connection, step: str) -> None:
+    """Fail at once, permanently and saying so, when a non-root login cannot ``sudo -n``.
+
+    Without this, the first ``run_root`` probe (``warn=True``) fails for sudo's reason and is read as its own
+    answer ("openvpn is missing"), and the error the operator sees is about the next command, not about sudo.
+    """
+    if is_root(c):
+        return
+    out = c.run("sudo -n true", hide=True, warn=True)
+    if not out.ok:
+        said = (out.stderr or out.stdout or "").strip()[-300:] or f"exit {out.exited}"
+        raise ProvisioningError(
+            step, f"{c.user} cannot run commands as root without a password ({said}): log in as root, or give "
+            f"{c.user} passwordless sudo (e.g. `{c.user} ALL=(ALL) NOPASSWD: ALL` in /etc/sudoers.d/lanhub).",
+            permanent=True)
+
+
 def command_error(step: str, exc: BaseException) -> ProvisioningError:
     """Turn what a Fabric call can raise into the domain error, keeping the useful part of the output."""
     if isinstance(exc, ProvisioningError):

@@ -20,8 +20,7 @@ from django.utils import timezone
 from nodes import openvpn_mgmt as management
 from nodes import provisioning, services
 from nodes.files import desired_files, instances_to_restart, reconnect_for, wanted_instances
-from nodes.models import (Link, LinkState, Node, NodeState, RevokedCertificate, SyncRun, SyncState, SyncStatus,
-                          VpnSession)
+from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncState, SyncStatus, VpnSession
 from nodes.ssh import ProvisioningError, open_connection
 
 log = logging.getLogger(__name__)
@@ -29,23 +28,32 @@ log = logging.getLogger(__name__)
 STEP_COUNT = len(provisioning.STEPS)
 
 
-def claim(node: Node) -> bool:
+def claim(node: Node):
     """Take the node for one sync. A claim older than the task's hard time limit belongs to a worker that died
     (killed, OOM, power loss) without releasing it: Celery has killed or forgotten that task, so it is taken over,
-    and the run it left 'running' is closed as errored."""
+    and the run it left 'running' is closed as errored.
+
+    Returns the claim's token (its timestamp), or None when someone else holds the node."""
     now = timezone.now()
-    stale = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 60)
     taken = Node.objects.filter(
-        Q(sync_state=SyncState.IDLE) | Q(sync_state=SyncState.RUNNING, sync_claimed_at__lt=stale), pk=node.pk,
+        Q(sync_state=SyncState.IDLE) | Q(sync_state=SyncState.RUNNING, sync_claimed_at__lt=lost_before(now)),
+        pk=node.pk,
     ).update(sync_state=SyncState.RUNNING, sync_claimed_at=now) == 1
-    if taken:
-        SyncRun.objects.filter(node=node, status=SyncStatus.RUNNING).update(
-            status=SyncStatus.ERRORED, finished_at=now, error="the worker running this sync was lost")
-    return taken
+    if not taken:
+        return None
+    SyncRun.objects.filter(node=node, status=SyncStatus.RUNNING).update(
+        status=SyncStatus.ERRORED, finished_at=now, error="the worker running this sync was lost")
+    return now
 
 
-def release(node: Node) -> None:
-    Node.objects.filter(pk=node.pk).update(sync_state=SyncState.IDLE)
+def lost_before(now):
+    """Claims older than this were left by a worker that died: past the hard time limit no task still runs."""
+    return now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 60)
+
+
+def release(node: Node, token) -> None:
+    # Only our own claim: a worker that outlived its claim must not free the node under the one that took over.
+    Node.objects.filter(pk=node.pk, sync_claimed_at=token).update(sync_state=SyncState.IDLE)
 
 
 def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> SyncRun:
@@ -58,12 +66,14 @@ def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> Sy
             return SyncRun(node=node, kind=kind, status=SyncStatus.SKIPPED, error="no such run")  # stale task
     if run.status != SyncStatus.QUEUED:
         return run  # a duplicate delivery of a run that already happened
-    if not claim(node):
+    token = claim(node)
+    if token is None:
         if run_id is None:  # a periodic check: the sync that holds the node does the same work
-            _finish(run, SyncStatus.SKIPPED, error="another sync of this node was running")
+            _skip(run, "another sync of this node was running")
         return run  # a requested sync stays queued; the running one picks it up when it ends
-    generation = Node.objects.values_list("sync_generation", flat=True).get(pk=node.pk)
-    try:
+    generation = None
+    try:  # from here on the claim is ours: whatever happens, it is released
+        generation = Node.objects.values_list("sync_generation", flat=True).get(pk=node.pk)
         _start(run)
         _sync(Node.objects.select_related("lan").get(pk=node.pk), run)
         _finish(run, SyncStatus.COMPLETED)
@@ -77,13 +87,17 @@ def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> Sy
         run.log += traceback.format_exc()
         _finish(run, SyncStatus.ERRORED, error=f"{exc.__class__.__name__}: {exc}")
     finally:
-        release(node)
-        _continue_if_requested(node, generation)
+        release(node, token)
+        if generation is not None:
+            _continue_if_requested(node, generation)
     return run
 
 
-def queue_retry(run: SyncRun) -> SyncRun:
-    """A fresh queued run for the task's retry; the failed one stays as the record of the attempt."""
+def queue_retry(run: SyncRun) -> SyncRun | None:
+    """A fresh queued run for the task's retry; the failed one stays as the record of the attempt. None when a
+    run is queued already: it was sent and carries the work (and its own retries), so no second chain starts."""
+    if SyncRun.objects.filter(node=run.node, status=SyncStatus.QUEUED).exists():
+        return None
     return SyncRun.objects.create(node=run.node, kind=run.kind, reason=f"retry: {run.reason}"[:200])
 
 
@@ -106,7 +120,17 @@ def _finish(run: SyncRun, status: str, *, error: str = "") -> None:
     run.status, run.error, run.finished_at = status, error, timezone.now()
     if status == SyncStatus.COMPLETED:
         run.progress, run.current_step = 100, "done"
-    run.save()
+    # An UPDATE of a run still running: a run a takeover closed stays closed, a deleted node's run stays gone,
+    # and a reason appended meanwhile is kept.
+    SyncRun.objects.filter(pk=run.pk, status=SyncStatus.RUNNING).update(
+        status=status, error=error, finished_at=run.finished_at, progress=run.progress,
+        current_step=run.current_step, log=run.log, changed_files=run.changed_files, restarted=run.restarted,
+        retryable=run.retryable)
+
+
+def _skip(run: SyncRun, why: str) -> None:
+    run.status, run.error, run.finished_at = SyncStatus.SKIPPED, why, timezone.now()
+    SyncRun.objects.filter(pk=run.pk).update(status=run.status, error=why, finished_at=run.finished_at)
 
 
 def _fail_node(node: Node, message: str) -> None:
@@ -140,7 +164,7 @@ def _sync(node: Node, run: SyncRun) -> None:
     files = desired_files(lan, node, lan_plan)
     wanted = wanted_instances(files)
     links = provisioning.node_links(lan_plan.plan, node.name)
-    revoked = set(RevokedCertificate.objects.filter(lan=lan).values_list("common_name", flat=True))
+    revoked = services.revoked_names(lan)
     recorder = StepRecorder(run)
     with open_connection(node, pin=lambda key: services.accept_host_key(node, key_line=key)) as c:
         # Revoked players go first, before the slower steps: HALT stops their clients, and the new CRL uploaded
@@ -197,7 +221,7 @@ def poll_status(node: Node) -> str:
         with open_connection(node) as c:
             status = management.node_status(c, links=provisioning.node_links(services.plan_lan(node.lan).plan,
                                                                              node.name))
-            revoked = set(RevokedCertificate.objects.filter(lan=node.lan).values_list("common_name", flat=True))
+            revoked = services.revoked_names(node.lan)
             killed = management.kill_clients(c, status, revoked, message="HALT")
     except ProvisioningError as exc:
         return _missed_poll(node, exc.message)

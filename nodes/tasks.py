@@ -1,10 +1,15 @@
 """Celery tasks: take a primary key, re-fetch, call a service. Retries live here; the logic does not."""
 
+import logging
+
 from celery import shared_task
+from django.conf import settings
 from django.db import OperationalError
 
 from nodes import syncing
 from nodes.models import Lan, Node
+
+log = logging.getLogger(__name__)
 
 # Connection errors back off 5, 10, 20, 40, 80 s before the run is left failed.
 RETRY_BACKOFF = 5
@@ -21,7 +26,8 @@ def sync_node(self, node_id: int, run_id: int | None = None) -> str:
     run = syncing.run_sync(node, run_id=run_id)
     if run.status == "failed" and run.retryable and self.request.retries < self.max_retries:
         retry_run = syncing.queue_retry(run)
-        raise self.retry(args=(node_id, retry_run.pk), countdown=RETRY_BACKOFF * 2**self.request.retries)
+        if retry_run is not None:
+            raise self.retry(args=(node_id, retry_run.pk), countdown=RETRY_BACKOFF * 2**self.request.retries)
     return run.status
 
 
@@ -37,7 +43,8 @@ def poll_status(node_id: int) -> str:
 def poll_all_status() -> int:
     ids = list(Node.objects.exclude(state="new").values_list("pk", flat=True))
     for node_id in ids:
-        poll_status.delay(node_id)
+        # A poll that waited out a worker outage is worthless: let it expire rather than pile up.
+        poll_status.apply_async((node_id,), expires=settings.LANHUB_STATUS_INTERVAL)
     return len(ids)
 
 
@@ -56,7 +63,7 @@ def check_all_drift() -> int:
     services.requeue_stale_runs()
     ids = list(Node.objects.filter(state="ready", healthy=True).values_list("pk", flat=True))
     for node_id in ids:
-        check_drift.delay(node_id)
+        check_drift.apply_async((node_id,), expires=settings.LANHUB_DRIFT_INTERVAL)
     return len(ids)
 
 
@@ -64,4 +71,17 @@ def check_all_drift() -> int:
 def renew_crls() -> int:
     from nodes import services
 
-    return sum(services.renew_crl(lan) for lan in Lan.objects.all())
+    renewed = 0
+    for lan in Lan.objects.all():
+        try:  # one broken LAN must not keep the others' CRLs from being renewed before they lapse
+            renewed += services.renew_crl(lan)
+        except Exception:
+            log.exception("CRL renewal of LAN %s failed", lan.pk)
+    return renewed
+
+
+@shared_task
+def prune_runs() -> int:
+    from nodes import services
+
+    return services.prune_runs()

@@ -15,7 +15,10 @@ class PlayerAdmin(admin.ModelAdmin):
     list_select_related = ("lan", "preferred_node")
     raw_id_fields = ("lan", "invite", "preferred_node")
     exclude = ("key_sealed", "cert_pem")
-    readonly_fields = ("token", "common_name", "serial", "issued_at", "joined_from", "created_at", "revoked_at")
+    # A player belongs to one LAN for life: its certificate comes from that LAN's CA and its revocation goes to that
+    # LAN's CRL.
+    readonly_fields = ("lan", "invite", "token", "common_name", "serial", "issued_at", "joined_from", "created_at",
+                       "revoked_at")
     actions = ("revoke_players", "reissue_players")
 
     def has_add_permission(self, request):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from lanhub import pki
@@ -88,7 +88,11 @@ def redeem_invite(*, token: str, nickname: str, client_address: str | None = Non
     player = Player(lan_id=invite.lan_id, nickname=nickname, invite=invite, joined_from=client_address)
     _issue_certificate(player, lan=invite.lan)
     player.full_clean()
-    player.save()
+    try:
+        with transaction.atomic():  # two friends taking one nickname through two invites at the same moment
+            player.save()
+    except IntegrityError:
+        raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."}) from None
     Invite.objects.filter(pk=invite.pk).update(uses=invite.uses + 1)
     return player
 

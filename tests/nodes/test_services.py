@@ -9,7 +9,7 @@ from django.test import override_settings
 
 from nodes import services, syncing
 from nodes.files import desired_files
-from nodes.models import Link, Node, SyncRun, SyncState, SyncStatus
+from nodes.models import Link, Node, RevokedCertificate, SyncRun, SyncState, SyncStatus
 from players import services as player_services
 from tests.base import BaseTestCase
 
@@ -205,10 +205,51 @@ class StaleClaimTests(BaseTestCase):
         lost = SyncRun.objects.create(node=node, status=SyncStatus.RUNNING)
         recent = timezone.now() - datetime.timedelta(seconds=30)
         Node.objects.filter(pk=node.pk).update(sync_state=SyncState.RUNNING, sync_claimed_at=recent)
-        self.assertFalse(syncing.claim(node))  # a live sync: hands off
+        self.assertIsNone(syncing.claim(node))  # a live sync: hands off
         old = timezone.now() - datetime.timedelta(hours=2)
         Node.objects.filter(pk=node.pk).update(sync_claimed_at=old)
-        self.assertTrue(syncing.claim(node))
+        self.assertIsNotNone(syncing.claim(node))
         lost.refresh_from_db()
         self.assertEqual(lost.status, SyncStatus.ERRORED)
         self.assertIn("lost", lost.error)
+
+
+class NodeCertificateRevocationTests(BaseTestCase):
+    def test_a_removed_node_cannot_come_back_with_its_old_certificates(self):
+        node = self.add_node("hangzhou")
+        serials = {int(s, 16) for s, _ in services.node_certificates(node)}
+        services.delete_node(node)
+        self.lan.refresh_from_db()
+        crl = x509.load_pem_x509_crl(self.lan.crl_pem.encode())
+        self.assertEqual({s for s in serials if crl.get_revoked_certificate_by_serial_number(s)}, serials)
+
+    def test_a_node_added_again_under_an_old_name_keeps_its_sessions(self):
+        services.delete_node(self.add_node("hangzhou"))
+        self.assertEqual(services.revoked_names(self.lan) & {"node-hangzhou", "link-hangzhou"},
+                         {"node-hangzhou", "link-hangzhou"})
+        self.add_node("hangzhou")
+        self.assertFalse(services.revoked_names(self.lan) & {"node-hangzhou", "link-hangzhou"})
+
+    def test_a_rename_revokes_the_certificates_that_carry_the_old_name(self):
+        node = self.add_node("hangzhou")
+        old = services.node_certificates(node)
+        services.update_node(node, name="shanghai")
+        self.assertEqual(set(RevokedCertificate.objects.filter(lan=self.lan).values_list("serial", "common_name")),
+                         set(old))
+
+
+class RetryChainTests(BaseTestCase):
+    def test_no_second_retry_chain_starts_while_a_run_is_queued(self):
+        node = self.add_node("hangzhou")
+        failed = SyncRun.objects.create(node=node, status=SyncStatus.FAILED, retryable=True)
+        self.assertIsNone(syncing.queue_retry(failed))  # the run add_node queued carries the work
+        SyncRun.objects.filter(node=node, status=SyncStatus.QUEUED).update(status=SyncStatus.COMPLETED)
+        self.assertIsNotNone(syncing.queue_retry(failed))
+
+    def test_a_node_that_is_syncing_is_asked_again_even_if_the_plan_came_back_to_its_files(self):
+        node = self.add_node("hangzhou")
+        mark_synced(self.lan)
+        Node.objects.filter(pk=node.pk).update(sync_state=SyncState.RUNNING)
+        generation = Node.objects.get(pk=node.pk).sync_generation
+        services.sync_changed_nodes(self.lan, reason="a change undone")
+        self.assertEqual(Node.objects.get(pk=node.pk).sync_generation, generation + 1)
