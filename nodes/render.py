@@ -122,6 +122,11 @@ def _common_tail(management: int, status: str) -> list[str]:
     ]
 
 
+def _pool_persist(instance: str) -> list[str]:
+    # A player keeps their address across server restarts (syncs, drift repairs): friends join games by IP.
+    return [f"ifconfig-pool-persist {RUN}/{instance}.ipp"]
+
+
 def _server_pki() -> list[str]:
     return [
         f"ca {PKI}/ca.crt",
@@ -153,7 +158,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
-    lines += ["explicit-exit-notify 1"]
+    lines += ["explicit-exit-notify 1", *_pool_persist("lanhub-udp")]
     lines += _common_tail(UDP_MANAGEMENT, "lanhub-udp")
     return RenderedFile(f"{SERVER_DIR}/lanhub-udp.conf", _text(lines), instance=UDP_INSTANCE)
 
@@ -165,6 +170,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
         f"server {_net(pool)}",
         f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki(),
     ]
+    lines += _pool_persist("lanhub-tcp")
     lines += _common_tail(TCP_MANAGEMENT, "lanhub-tcp")
     return RenderedFile(f"{SERVER_DIR}/lanhub-tcp.conf", _text(lines), instance=TCP_INSTANCE)
 
@@ -189,6 +195,9 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
         "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
         f"remote {upstream.public_address} {upstream.udp_port}",
         "nobind", "resolv-retry infinite", "connect-retry 2 10",
+        # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
+        # than the default 60 s.
+        "hand-window 10",
         f"ca {PKI}/ca.crt", f"cert {PKI}/link.crt", f"key {PKI}/link.key", f"tls-crypt {PKI}/tls-crypt.key",
         "remote-cert-tls server", f"verify-x509-name {node_cn(upstream.name)} name",
         "route-nopull",

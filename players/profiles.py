@@ -120,6 +120,9 @@ def _options(remotes: Sequence[Remote]) -> list[str]:
         # 'tcp' here means tcp-client (implied by 'client'); OpenVPN Connect accepts the same spelling.
         *(f"remote {r.host} {r.port} {r.proto}" for r in remotes),
         "server-poll-timeout 5",  # move on to the next remote after 5 s instead of the default 120 s
+        # A handshake begun with a server that was restarting (a sync) would otherwise hang for the default 60 s
+        # before the client starts over; 10 s is ample for a TLS handshake over any real link.
+        "hand-window 10",
         "resolv-retry infinite",
         "persist-key",
         "persist-tun",

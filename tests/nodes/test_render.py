@@ -36,6 +36,7 @@ dh none
 tls-crypt /etc/openvpn/lanhub/pki/tls-crypt.key
 crl-verify /etc/openvpn/lanhub/pki/crl.pem
 explicit-exit-notify 1
+ifconfig-pool-persist /etc/openvpn/lanhub/run/lanhub-udp.ipp
 keepalive 10 60
 persist-key
 persist-tun

@@ -139,7 +139,7 @@ def test_the_profile_holds_the_client_options_in_order_and_never_remote_random(l
         "client", "dev tun", "nobind",
         "remote hz.example.net 1194 udp", "remote hz.example.net 443 tcp",
         "remote hk.example.net 1194 udp", "remote hk.example.net 443 tcp",
-        "server-poll-timeout 5", "resolv-retry infinite", "persist-key", "persist-tun",
+        "server-poll-timeout 5", "hand-window 10", "resolv-retry infinite", "persist-key", "persist-tun",
         "remote-cert-tls server", "verify-x509-name node- name-prefix", "verb 3",
     ]
     assert "remote-random" not in text and "comp-lzo" not in text and "script-security" not in text
