@@ -4,7 +4,7 @@
 deploy key, changed host key) surfaces here as a ``ProvisioningError("connect", ...)`` with a message an operator
 can act on, and never as a paramiko traceback half-way through a step.
 
-Host keys are pinned, never learnt silently: Fabric's default ``AutoAddPolicy`` is replaced by the node's pinned
+Host keys are pinned, never learnt silently: Fabric's default auto-add policy is replaced by the node's pinned
 key plus ``RejectPolicy``. Only when no key is pinned yet (first contact) does a policy accept the key the server
 presents, and the caller's ``pin`` callback stores it once the login has succeeded.
 """
