@@ -284,7 +284,7 @@ def test_an_options_error_fails_in_ensure_instances_and_is_rolled_back_too(c, ho
 
 def test_verify_names_a_link_that_does_not_answer_without_failing_the_node(c, material, monkeypatch):
     p.apply(c, files=node_files(material), wanted={UDP})
-    monkeypatch.setattr(p, "LINK_WAIT", 2)
+    monkeypatch.setattr("nodes.provisioning.verification.LINK_WAIT", 2)  # where verify reads it
     result = p.verify(c, wanted={UDP}, links=[("lh-udp", "10.251.0.77")])
     assert result["links"] == {"lh-udp": None}
     assert "lh-udp gets no answer from 10.251.0.77" in result["warnings"][0]

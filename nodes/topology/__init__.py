@@ -1,0 +1,97 @@
+"""Pure planning of a LAN: address pools, links between nodes, and per-node routes.
+
+Plain data in, plain data out: no Django, no database, no clock, no randomness. The same input always gives
+the same Plan, so rendered files only change when something that matters changed.
+
+Modes (``LanSpec.mode``):
+- ``hub``: the primary (healthy, highest priority, oldest on ties) serves a link to every other node.
+- ``mesh``: a link for every pair of healthy nodes; the higher-ranked node is upstream. At most 255 nodes,
+  because an upstream has 254 link addresses (.2 to .255 of its UDP pool).
+- ``hierarchical``: a primary per region, the region's other nodes attach to it, and the primaries of sibling
+  regions link to it, recursively along the region path. A group with more than ceil(sqrt(n)) members is split
+  into sub-groups around heads that link to each other. No node gets more than floor(2*sqrt(n)) tunnels, however
+  deep the region tree (n = healthy nodes not pinned; a node also takes every node pinned to it, see
+  ``_Hierarchy``). With a full RTT matrix (every pair of healthy unpinned nodes measured, or estimated from
+  coordinates by the caller) the plan is RTT-aware: a group's primary is its most central best-priority node,
+  big groups are split by RTT clustering, and shortcut links are added between primaries and heads where the
+  planned path is much longer than the direct RTT. With partial or no RTTs it follows rank.
+- ``auto``: ``mesh`` for up to 5 healthy nodes (every tunnel direct, at most 4 per node, which is within
+  2*sqrt(n)), else ``hierarchical`` (which follows the regions and splits big ones). Two nodes give one link
+  with the older node upstream, as a hub would. A pin cycle is an error in ``hierarchical`` mode; ``auto``
+  joins it to the primary as ``hub`` does, so a LAN that planned at 5 nodes still plans at 6.
+
+Rank is (-priority, order, name): it picks primaries (among equal priorities, centrality decides when RTTs are
+known) and, in mesh and among sibling primaries, the upstream side of a link. A pinned upstream replaces a
+node's default attachment in every mode (in mesh it only fixes the link's direction). If pins cut a group of
+nodes off, their best-ranked node is linked to the LAN primary.
+
+The data types live in model.py, validation and pool allocation in pools.py, the link builders in links.py and
+routes in nodes/routing.py; this package re-exports the public names and holds ``plan_lan``, which runs them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from nodes.routing import RoutePlan, plan_routes
+from nodes.topology.links import (
+    AUTO_MESH_MAX as AUTO_MESH_MAX,
+    RTT_UNKNOWN as RTT_UNKNOWN,
+    _assign_addresses,
+    _LinkBuilder,
+    _resolve_mode,
+    _rtt_lookup,
+)
+from nodes.topology.model import (
+    LINK_SLOTS,
+    MAX_POOL_PREFIX,
+    LanSpec,
+    LinkPlan,
+    NodePools,
+    NodeSpec,
+    Plan,
+    PlanError,
+    dynamic_pool,
+    link_range,
+    rank_key,
+)
+from nodes.topology.pools import (
+    MODES as MODES,
+    NAME_RE as NAME_RE,
+    REGION_PART_RE as REGION_PART_RE,
+    _allocate_pools,
+    _reject_pin_cycles,
+    _validate,
+)
+
+__all__ = [
+    "LanSpec", "NodeSpec", "NodePools", "LinkPlan", "RoutePlan", "Plan", "PlanError", "plan_lan",
+    "rank_key", "link_range", "dynamic_pool", "LINK_SLOTS", "MAX_POOL_PREFIX",
+]
+
+
+def plan_lan(
+    lan: LanSpec,
+    nodes: Sequence[NodeSpec],
+    rtts: Mapping[frozenset[str] | tuple[str, str], float] | None = None,
+    link_addresses: Mapping[tuple[str, str], str] | None = None,
+) -> Plan:
+    """Plan pools, links and routes for one LAN. Raises PlanError for input no plan can satisfy."""
+    supernet = _validate(lan, nodes)
+    by_name = {node.name: node for node in nodes}
+    pools = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)))
+    healthy = sorted((n for n in nodes if n.healthy), key=rank_key)
+    rtt = _rtt_lookup(rtts)
+    mode = _resolve_mode(lan.mode, healthy)
+    if lan.mode == "hierarchical":
+        _reject_pin_cycles(nodes)  # auto mode joins a pin cycle to the primary instead, as at <= 5 nodes
+    builder = _LinkBuilder(healthy, by_name, rtt, previous={frozenset(pair) for pair in (link_addresses or {})})
+    primaries = builder.build(mode)
+    links = _assign_addresses(builder.oriented(), pools, link_addresses or {})
+    weights = {pair: rtt(*pair) for pair in builder.pairs}
+    routes = plan_routes(
+        [n.name for n in healthy], links, pools, weights, primaries.get(""), supernet,
+    )
+    for node in nodes:
+        routes.setdefault(node.name, ())
+    return Plan(mode, pools, links, primaries, routes, frozenset(n.name for n in healthy))
