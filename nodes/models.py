@@ -1,6 +1,6 @@
 """LANs, their nodes, the links between nodes, and the record of every background run.
 
-The plan (nodes/topology.py) is derived from these rows; what a planner must keep stable over a node's life (its
+The plan (nodes/topology/) is derived from these rows; what a planner must keep stable over a node's life (its
 pools, a link's fixed address) is stored here so the next plan can honour it.
 """
 
