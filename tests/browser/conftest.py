@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab_fixtures import lab_required
+
 # Playwright's sync API runs an event loop in this thread; Django refuses ORM calls from a thread with a running
 # loop unless told it is safe. It is here: the loop only talks to the browser, never to the database.
 os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
@@ -31,15 +33,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.browser)
 
 
-def _required() -> bool:
-    return os.environ.get("CI", "").lower() == "true" or os.environ.get("LANHUB_REQUIRE_LAB") == "1"
-
-
 @pytest.fixture(scope="session")
 def browser():
     if not os.access(CHROMIUM, os.X_OK):
         reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
-        if _required():
+        if lab_required():  # the same rule as the network lab: CI never skips
             pytest.fail(reason + " (required because CI=true or LANHUB_REQUIRE_LAB=1)")
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
