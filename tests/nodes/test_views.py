@@ -26,8 +26,13 @@ class LanListTests(HostTestCase):
         self.assertContains(response, "Game Night")
         self.assertNotContains(response, "Office")
 
+    def test_it_counts_servers_and_players_of_each_lan(self):
+        self.add_node("hangzhou")
+        self.add_node("hongkong", region="asia/hk", public_address="203.0.113.11")
+        self.assertContains(self.client.get(reverse("nodes:lan_list")), "2 servers · 1 player ·")
+
     def test_it_lists_lans_in_a_fixed_number_of_queries(self):
-        # 1 session, 2 user, 3 the host's LANs with node and player counts (one aggregate query).
+        # 1 session, 2 user, 3 the host's LANs with node and player counts (correlated subqueries, same query).
         with self.assertNumQueries(3):
             self.client.get(reverse("nodes:lan_list"))
 
