@@ -111,7 +111,8 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
         player.session = by_player.get(player.pk)
     for node in nodes:
         node.run = node.latest[0] if node.latest else None
-        node.online = sum(1 for s in sessions if s.node_id == node.pk)
+        # Players only: a downstream node's link client is a session on its upstream's server, not a player.
+        node.online = sum(1 for s in sessions if s.node_id == node.pk and s.player_id)
     invites = list(lan.invites.all())
     for invite in invites:
         invite.url = request.build_absolute_uri(reverse("players:join", args=[invite.token]))
@@ -136,7 +137,7 @@ def node_detail(request, pk):
     sessions = list(node.sessions.select_related("player"))
     return render(request, "nodes/node_detail.html",
                   {"node": node, "lan": node.lan, "runs": runs, "run": runs[0] if runs else None,
-                   "sessions": sessions})
+                   "sessions": sessions, "players_online": sum(1 for s in sessions if s.player_id)})
 
 
 @require_POST
