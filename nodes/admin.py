@@ -21,7 +21,7 @@ def _errors(exc: ValidationError) -> str:
 
 
 class LanAdminForm(forms.ModelForm):
-    """Plans the LAN with the new settings, so a supernet its pools no longer fit is a form error."""
+    """Checks the LAN's nodes against the new settings, so a supernet its pools no longer fit is a form error."""
 
     class Meta:
         model = Lan
@@ -32,7 +32,7 @@ class LanAdminForm(forms.ModelForm):
         if self.instance.pk and not self.errors:
             candidate = Lan(pk=self.instance.pk, supernet=cleaned["supernet"], pool_prefix=cleaned["pool_prefix"],
                             topology_mode=cleaned["topology_mode"])
-            services.plan_lan(candidate)  # its ValidationError becomes the form's error
+            services.check_lan(candidate)  # its ValidationError becomes the form's error (the save plans)
         return cleaned
 
 

@@ -201,6 +201,20 @@ class Link(models.Model):
         return f"{self.downstream.name} → {self.upstream.name}"
 
 
+class StoredPlan(models.Model):
+    """A LAN's plan as last computed (nodes/planning.py): computed once per change (a node added, removed or
+    failed over, link RTTs moved past a threshold, LAN settings), then read by every sync and drift check."""
+
+    lan = models.OneToOneField(Lan, on_delete=models.CASCADE, related_name="stored_plan")
+    version = models.PositiveIntegerField(default=0)
+    data = models.JSONField(default=dict, help_text="topology.Plan.to_data(), plus the link RTTs it used.")
+    reason = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"plan {self.version} of {self.lan}"
+
+
 class RevokedCertificate(models.Model):
     """A certificate that must appear in the LAN's CRL (a revoked player, or one whose device was lost)."""
 

@@ -1,8 +1,12 @@
-"""Planning a LAN from its rows: the planner's input (specs, RTTs), storing what must stay stable (pools, link
-addresses), and asking exactly the nodes whose files change to sync.
+"""Planning a LAN from its rows: the planner's input (specs, RTTs), storing the plan and what must stay stable
+(pools, link addresses), and asking exactly the nodes whose files change to sync.
+
+A plan is computed once per change (``replan``: a node added, changed, removed or failed over, link RTTs moved
+past RTT_REPLAN_*, LAN settings) and stored as a StoredPlan row; syncs, drift checks and revocations read it
+(``current_plan``) and the status poll reads only the node's Link rows (``node_links``). Nothing else plans.
 
 Below services (which call it for every change) and beside runs (which it asks for syncs); it never imports
-services, tasks or syncing. Syncing reads a node's part of the plan through ``plan_lan``.
+services, tasks or syncing.
 """
 
 from __future__ import annotations
@@ -13,9 +17,20 @@ from dataclasses import dataclass
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+import ipaddress
+import logging
+
 from nodes import layout, runs, topology
 from nodes.files import desired_files
-from nodes.models import Lan, Link, Node, RevokedCertificate, SyncState
+from nodes.models import Lan, Link, Node, RevokedCertificate, StoredPlan, SyncState
+from nodes.provisioning import NodeLink
+
+log = logging.getLogger(__name__)
+
+# A measured link RTT re-plans the LAN when it moved this far from the RTT the stored plan used (both bounds):
+# small jitter never re-plans, a route that became slow does.
+RTT_REPLAN_RATIO = 0.5
+RTT_REPLAN_MS = 20.0
 
 
 @dataclass(frozen=True)
@@ -46,21 +61,77 @@ def node_specs(lan: Lan, nodes: list[Node]) -> list[topology.NodeSpec]:
 
 
 def plan_lan(lan: Lan) -> LanPlan:
-    """Plan the LAN from its rows. Raises ValidationError with the planner's message on impossible input."""
+    """Compute the LAN's plan from its rows (replan stores it). Raises ValidationError with the planner's message
+    on impossible input."""
     nodes = list(lan.nodes.order_by("created_at", "pk"))
     links = list(lan.links.select_related("upstream", "downstream"))
     spec = lan_spec(lan)
     specs = node_specs(lan, nodes)
-    # Measured link RTTs win; pairs without a link are estimated from the nodes' coordinates, so the planner
-    # can choose central primaries and shortcuts when every node has a location.
-    rtts = estimated_rtts(nodes)
-    rtts.update({frozenset((l.upstream.name, l.downstream.name)): l.rtt_ms for l in links if l.rtt_ms})
+    # Measured link RTTs win; pairs without a link are estimated from the nodes' coordinates (on demand, inside
+    # the planner), so it can choose central primaries and shortcuts when every node has a location.
+    rtts = {frozenset((l.upstream.name, l.downstream.name)): l.rtt_ms for l in links if l.rtt_ms}
+    locations = {n.name: (n.latitude, n.longitude) for n in nodes
+                 if n.latitude is not None and n.longitude is not None}
     addresses = {(l.upstream.name, l.downstream.name): l.address for l in links}
     try:
-        plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses)
+        plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses, locations=locations)
     except topology.PlanError as exc:
         raise ValidationError(str(exc)) from None
     return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
+
+
+def current_plan(lan: Lan) -> LanPlan:
+    """The LAN's stored plan with the rows it refers to: what syncs apply. A LAN never planned (or whose stored
+    plan no longer names its nodes) is planned and stored once here."""
+    nodes = list(lan.nodes.order_by("created_at", "pk"))
+    stored = StoredPlan.objects.filter(lan=lan).first()
+    if stored is None or set(stored.data.get("pools", {})) != {n.name for n in nodes}:
+        lan_plan = plan_lan(lan)
+        _store_plan(lan, lan_plan, reason="first read")
+        return lan_plan
+    specs = node_specs(lan, nodes)
+    return LanPlan(plan=topology.Plan.from_data(stored.data), spec=lan_spec(lan), specs={s.name: s for s in specs},
+                   nodes={n.name: n for n in nodes})
+
+
+def _store_plan(lan: Lan, lan_plan: LanPlan, *, reason: str) -> StoredPlan:
+    data = lan_plan.plan.to_data()
+    data["rtts"] = {f"{l.upstream.name}|{l.downstream.name}": l.rtt_ms
+                    for l in lan.links.select_related("upstream", "downstream") if l.rtt_ms}
+    stored, created = StoredPlan.objects.get_or_create(lan=lan, defaults={"data": data, "version": 1,
+                                                                          "reason": reason[:200]})
+    if not created:
+        stored.data, stored.version, stored.reason = data, stored.version + 1, reason[:200]
+        stored.save(update_fields=["data", "version", "reason"])
+    return stored
+
+
+def node_links(node: Node) -> list[NodeLink]:
+    """The links ``node`` runs a client for, from its Link rows (the stored plan's links): what the status poll
+    pings. No planning."""
+    links = []
+    for link in node.upstream_links.select_related("upstream").order_by("upstream__name"):
+        up = link.upstream
+        if not up.udp_pool:
+            continue
+        peer = str(ipaddress.IPv4Network(up.udp_pool).network_address + 1)  # "server <net> ..." takes .1
+        links.append(NodeLink(up.name, layout.link_instance(up.name), layout.link_device(up.name), peer))
+    return links
+
+
+def rtts_moved(lan: Lan) -> bool:
+    """Whether a link's measured RTT moved past the thresholds from the one the stored plan used."""
+    stored = StoredPlan.objects.filter(lan=lan).only("data").first()
+    if stored is None:
+        return False
+    used = stored.data.get("rtts", {})
+    for up, down, rtt in lan.links.values_list("upstream__name", "downstream__name", "rtt_ms"):
+        old = used.get(f"{up}|{down}")
+        if rtt is None or old is None:
+            continue
+        if abs(rtt - old) > max(RTT_REPLAN_MS, RTT_REPLAN_RATIO * old):
+            return True
+    return False
 
 
 def estimated_rtts(nodes: list[Node]) -> dict[frozenset[str], float]:
@@ -94,6 +165,16 @@ def check_node(node: Node) -> None:
         raise ValidationError(str(exc)) from None
 
 
+def check_lan(lan: Lan) -> None:
+    """Raise ValidationError when the LAN's nodes would not fit its settings (supernet, pool size, mode), as
+    the admin form is about to save them."""
+    nodes = list(Lan.objects.get(pk=lan.pk).nodes.order_by("created_at", "pk")) if lan.pk else []
+    try:
+        topology.check_lan(lan_spec(lan), node_specs(lan, nodes))
+    except topology.PlanError as exc:
+        raise ValidationError(str(exc)) from None
+
+
 @transaction.atomic
 def replan(lan: Lan, *, reason: str, requested_by=None) -> list[Node]:
     """Plan the LAN, store what must stay stable (pools, links), and sync the nodes whose files change."""
@@ -101,6 +182,7 @@ def replan(lan: Lan, *, reason: str, requested_by=None) -> list[Node]:
     lan_plan = plan_lan(lan)
     _store_pools(lan_plan)
     _store_links(lan, lan_plan)
+    _store_plan(lan, lan_plan, reason=reason)
     return sync_changed_nodes(lan, reason=reason, requested_by=requested_by, lan_plan=lan_plan)
 
 
@@ -131,7 +213,7 @@ def _store_links(lan: Lan, lan_plan: LanPlan) -> None:
 
 def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: LanPlan | None = None) -> list[Node]:
     """Request a sync of exactly the nodes whose desired files differ from what they last applied."""
-    lan_plan = lan_plan or plan_lan(lan)
+    lan_plan = lan_plan or current_plan(lan)
     lan.refresh_from_db()
     changed = []
     for node in lan_plan.nodes.values():

@@ -20,7 +20,8 @@ from nodes import layout
 from nodes.models import Lan, Node, RevokedCertificate
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
-    LanPlan, check_node, estimated_rtts, node_specs, plan_lan, replan, revoked_names, sync_changed_nodes,
+    LanPlan, check_lan, check_node, current_plan, estimated_rtts, node_specs, plan_lan, replan, revoked_names,
+    sync_changed_nodes,
 )
 from nodes.runs import enqueue_sync, prune_runs, request_sync, requeue_stale_runs  # noqa: F401
 

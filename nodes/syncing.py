@@ -11,6 +11,7 @@ import logging
 import traceback
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -100,7 +101,7 @@ class StepRecorder:
 
 def _sync(node: Node, run: SyncRun) -> None:
     lan = node.lan
-    lan_plan = planning.plan_lan(lan)
+    lan_plan = planning.current_plan(lan)
     files = desired_files(lan, node, lan_plan)
     wanted = wanted_instances(files)
     links = provisioning.node_links(lan_plan.plan, node.name)
@@ -159,8 +160,7 @@ def poll_status(node: Node) -> str:
     node = Node.objects.select_related("lan").get(pk=node.pk)
     try:
         with open_connection(node) as c:
-            status = management.node_status(c, links=provisioning.node_links(planning.plan_lan(node.lan).plan,
-                                                                             node.name))
+            status = management.node_status(c, links=planning.node_links(node))
             revoked = planning.revoked_names(node.lan)
             killed = management.kill_clients(c, status, revoked, message="HALT")
     except ProvisioningError as exc:
@@ -206,3 +206,16 @@ def _store_status(node: Node, status) -> None:
     Node.objects.filter(pk=node.pk).update(missed_polls=0, last_seen_at=now)
     if was_down:
         mark_health(node, healthy=True, reason=f"{node.name} answers again")
+    elif status.links:
+        _replan_if_rtts_moved(node)
+
+
+def _replan_if_rtts_moved(node: Node) -> None:
+    """Re-plan when this node's links measured RTTs far from the ones the stored plan used (RTT_REPLAN_*)."""
+    if not planning.rtts_moved(node.lan):
+        return
+    try:
+        with transaction.atomic():
+            planning.replan(node.lan, reason=f"link RTTs of {node.name} changed")
+    except ValidationError as exc:
+        log.error("LAN %s could not be re-planned after RTTs changed: %s", node.lan_id, "; ".join(exc.messages))

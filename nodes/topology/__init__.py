@@ -91,13 +91,17 @@ def plan_lan(
     nodes: Sequence[NodeSpec],
     rtts: Mapping[frozenset[str] | tuple[str, str], float] | None = None,
     link_addresses: Mapping[tuple[str, str], str] | None = None,
+    locations: Mapping[str, tuple[float, float]] | None = None,
 ) -> Plan:
-    """Plan pools, links and routes for one LAN. Raises PlanError for input no plan can satisfy."""
+    """Plan pools, links and routes for one LAN. Raises PlanError for input no plan can satisfy.
+
+    ``rtts`` are measured round trips; a pair without one is estimated from ``locations`` (latitude, longitude)
+    when both nodes have one."""
     supernet = _validate(lan, nodes)
     by_name = {node.name: node for node in nodes}
     pools = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)))
     healthy = sorted((n for n in nodes if n.healthy), key=rank_key)
-    rtt = _rtt_lookup(rtts)
+    rtt = _rtt_lookup(rtts, locations)
     mode = _resolve_mode(lan.mode, healthy)
     if lan.mode == "hierarchical":
         _reject_pin_cycles(nodes)  # auto mode joins a pin cycle to the primary instead, as at <= 5 nodes

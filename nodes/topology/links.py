@@ -16,22 +16,51 @@ RTT_UNKNOWN = 1.0  # one "hop" when nothing was measured
 
 
 class _Rtt:
-    """RTT between two nodes in ms; RTT_UNKNOWN (one "hop") for a pair nobody measured."""
+    """RTT between two nodes in ms: measured (the table), else estimated from both nodes' locations (computed on
+    demand, so a LAN of n located nodes costs no n^2 matrix), else RTT_UNKNOWN (one "hop")."""
 
-    def __init__(self, rtts):
+    def __init__(self, rtts, locations=None):
         self.table: dict[frozenset[str], float] = {}
         for key, value in (rtts or {}).items():
             self.table[key if isinstance(key, frozenset) else frozenset(key)] = float(value)
+        self.locations = {name: _radians(point) for name, point in (locations or {}).items()}
 
     def __call__(self, a: str, b: str) -> float:
-        return self.table.get(frozenset((a, b)), RTT_UNKNOWN)
+        value = self.table.get(frozenset((a, b)))
+        if value is not None:
+            return value
+        pa, pb = self.locations.get(a), self.locations.get(b)
+        if pa is None or pb is None:
+            return RTT_UNKNOWN
+        return estimated_rtt_ms(pa, pb)
 
     def known(self, a: str, b: str) -> bool:
-        return frozenset((a, b)) in self.table
+        return frozenset((a, b)) in self.table or (a in self.locations and b in self.locations)
+
+    def covers(self, names) -> bool:
+        """Whether every pair of ``names`` is known (measured or both located)."""
+        names = frozenset(names)
+        if names <= self.locations.keys():
+            return True
+        n = len(names)
+        known = sum(len(pair) == 2 and pair <= names for pair in self.table)
+        return known >= n * (n - 1) // 2
 
 
-def _rtt_lookup(rtts) -> _Rtt:
-    return _Rtt(rtts)
+def _radians(point) -> tuple[float, float, float]:
+    lat, lon = math.radians(point[0]), math.radians(point[1])
+    return lat, lon, math.cos(lat)
+
+
+def estimated_rtt_ms(a, b) -> float:
+    """RTT guess from great-circle distance (points as _radians gives them): light in fibre covers ~100 km per
+    ms of round trip, plus 1 ms."""
+    h = math.sin((b[0] - a[0]) / 2) ** 2 + a[2] * b[2] * math.sin((b[1] - a[1]) / 2) ** 2
+    return 1.0 + 2 * 6371.0 * math.asin(min(1.0, math.sqrt(h))) / 100.0
+
+
+def _rtt_lookup(rtts, locations=None) -> _Rtt:
+    return _Rtt(rtts, locations)
 
 
 def _resolve_mode(mode: str, healthy: Sequence[NodeSpec]) -> str:
@@ -154,9 +183,7 @@ class _Hierarchy:
         self.budget = max(2, math.floor(2 * math.sqrt(n)))
         self.reps: set[str] = set()
         # RTT-driven choices need every pair measured (a partial matrix would read unmeasured pairs as 1 ms).
-        names = frozenset(free)
-        known = sum(len(pair) == 2 and pair <= names for pair in builder.rtt.table)
-        self.measured = n > 2 and known >= n * (n - 1) // 2
+        self.measured = n > 2 and builder.rtt.covers(free)
 
     # -- the region tree ---------------------------------------------------------------------------------
 

@@ -108,6 +108,30 @@ class Plan:
     def hops(self, source: str, target: str) -> int:
         return len(self.path(source, target)) - 1
 
+    # -- storage: a plan is computed once per change and stored as plain JSON ----------------------------------
+
+    def to_data(self) -> dict:
+        return {
+            "mode": self.mode,
+            "pools": {name: [str(p.udp), str(p.tcp)] for name, p in self.pools.items()},
+            "links": [[l.upstream, l.downstream, str(l.address)] for l in self.links],
+            "primaries": dict(self.primaries),
+            "routes": {name: [[str(r.prefix), r.via] for r in routes] for name, routes in self.routes.items()},
+            "healthy": sorted(self.healthy),
+        }
+
+    @classmethod
+    def from_data(cls, data: dict) -> "Plan":
+        net, addr = ipaddress.IPv4Network, ipaddress.IPv4Address
+        return cls(
+            mode=data["mode"],
+            pools={name: NodePools(net(udp), net(tcp)) for name, (udp, tcp) in data["pools"].items()},
+            links=tuple(LinkPlan(up, down, addr(a)) for up, down, a in data["links"]),
+            primaries=dict(data["primaries"]),
+            routes={name: tuple(RoutePlan(net(p), via) for p, via in routes) for name, routes in data["routes"].items()},
+            healthy=frozenset(data["healthy"]),
+        )
+
 
 def rank_key(node: NodeSpec) -> tuple[int, int, str]:
     """Better nodes sort first: higher priority, then older, then name."""
