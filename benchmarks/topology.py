@@ -1,153 +1,137 @@
-"""Benchmark planning and rendering: `.venv/bin/python benchmarks/topology.py`.
+"""Benchmark planning and rendering: `.venv/bin/python benchmarks/topology.py [--sizes 10,100,...] [--mode auto]`.
 
-Nodes sit at seeded random points around eight cities, one region per city; the RTT between two nodes comes
-from their great-circle distance. For each mode and size it prints plan + render time, peak memory
-(tracemalloc, measured in a second run so it does not slow the timed one), tunnels per node, routes per node
-and the mean path stretch (RTT along the planned path / direct RTT, over 2,000 seeded node pairs). It also
-writes docs/topology-benchmark.svg from the results.
+Nodes sit at seeded random points around eight cities, one region per city (region paths two or three deep); the
+planner gets each node's location and estimates RTTs from great-circle distance on demand, as LanHub does for
+nodes with coordinates. Every size runs in a fresh child process, so ``peak_rss_mb`` is the whole process's peak
+resident memory (ru_maxrss: interpreter, Django-free planner, plan and every rendered file), not tracemalloc's view.
+
+One JSON line per size, with:
+- ``plan_s``: ``topology.plan_lan``; ``render_s``: ``render_lan`` (every file of every node);
+  ``floor_s``: ``topology.check_lan`` in the same run (validating the nodes and allocating pools: the O(n) work any
+  plan needs), so a slow machine shows in both;
+- ``max_tunnels`` (target 2*sqrt(n)), ``max_routes`` (the most route lines in one node's files), ``max_iroutes``
+  (the most iroute lines in one ccd file; OpenVPN's per-client limit is 256);
+- ``stretch_mean`` / ``stretch_p99``: RTT along the planned path over the direct RTT, 2,000 seeded pairs;
+- ``nodes_touched_on_add``: one more node joins (a seeded region), planned the way LanHub re-plans (pools and link
+  addresses kept): how many nodes' files differ, the new node included.
+Targets (issue #11): 1,000 nodes under 1 s and 5,000 under 5 s (plan + render), under 1 GB, max_iroutes <= 256,
+max_tunnels <= 2*sqrt(n), stretch_p99 <= 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
+import resource
+import subprocess
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nodes.render import render_lan  # noqa: E402
-from nodes.topology import LanSpec, NodeSpec, plan_lan  # noqa: E402
+from nodes.topology import LanSpec, NodeSpec, check_lan, plan_lan  # noqa: E402
+from nodes.topology.links import _radians, estimated_rtt_ms  # noqa: E402
 
 CITIES = {  # region path -> (latitude, longitude)
     "asia/cn/east": (30.3, 120.2), "asia/hk": (22.3, 114.2), "asia/jp": (35.7, 139.7), "eu/de": (50.1, 8.7),
     "eu/uk": (51.5, -0.1), "na/us/east": (40.7, -74.0), "na/us/west": (37.8, -122.4), "sa/br": (-23.5, -46.6),
 }
-SIZES = (10, 100, 500, 1000)
-MODES = ("hub", "mesh", "hierarchical", "auto")
-LINK_LIMIT = 255  # an upstream has 254 link addresses, so hub and mesh stop at 255 nodes
+SIZES = (10, 100, 500, 1000, 2000, 5000)
 
 
-def great_circle_km(a, b) -> float:
-    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
-    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    return 2 * 6371 * math.asin(math.sqrt(h))
+def pool_prefix(count: int) -> int:
+    """The pool size a LAN of this size is set to (explicit: LanHub never changes it on its own). A /8 holds
+    (2^(p-8) - 2^(p-14)) / 2 nodes with /p pools: 126 at /16, 2,016 at /20, 8,064 at /22."""
+    return 16 if count <= 100 else 20 if count <= 1000 else 22
 
 
 def make_lan(count: int, seed: int = 7):
-    """Nodes spread round the cities, and RTTs: 1 ms plus light in fibre (200 km/ms) both ways, 1.5x detour."""
     rng = random.Random(seed)
     regions = list(CITIES)
     nodes, where = [], {}
-    for i in range(count):
+    for i in range(count + 1):  # the last one joins later (nodes_touched_on_add)
         region = regions[i % len(regions)] if i < len(regions) else rng.choice(regions)
         lat, lon = CITIES[region]
-        where[f"n{i}"] = (lat + rng.uniform(-3, 3), lon + rng.uniform(-3, 3))
-        nodes.append(NodeSpec(f"n{i}", region=region, order=i, public_address=f"198.51.{i // 250}.{i % 250 + 1}"))
-    names = sorted(where)
-    rtts = {
-        frozenset((a, b)): 1 + 1.5 * 2 * great_circle_km(where[a], where[b]) / 200
-        for i, a in enumerate(names) for b in names[i + 1:]
-    }
-    return nodes, rtts
+        name = f"n{i}"
+        where[name] = (lat + rng.uniform(-3, 3), lon + rng.uniform(-3, 3))
+        nodes.append(NodeSpec(name, region=region, order=i, public_address=f"198.51.{i // 250}.{i % 250 + 1}"))
+    return nodes[:count], nodes[count], where
 
 
-def stretch(plan, rtts, names, rng) -> float:
+def stretch(plan, where, names, rng) -> tuple[float, float]:
+    points = {n: _radians(where[n]) for n in names}
+
+    def rtt(a, b):
+        return estimated_rtt_ms(points[a], points[b])
+
     ratios = []
     for _ in range(2000):
         a, b = rng.sample(names, 2)
         path = plan.path(a, b)
-        along = sum(rtts[frozenset(pair)] for pair in zip(path, path[1:]))
-        ratios.append(along / rtts[frozenset((a, b))])
-    return sum(ratios) / len(ratios)
+        ratios.append(sum(rtt(x, y) for x, y in zip(path, path[1:])) / rtt(a, b))
+    ratios.sort()
+    return sum(ratios) / len(ratios), ratios[min(len(ratios) - 1, int(0.99 * len(ratios)))]
 
 
-def measure(mode: str, count: int) -> dict:
-    nodes, rtts = make_lan(count)
-    lan = LanSpec(mode=mode, pool_prefix=20 if count > 100 else 16)
+def _count(files, keyword: str, prefix: str = "") -> int:
+    return max((f.content.count(f"\n{keyword} ") for path, f in files.items() if path.startswith(prefix)), default=0)
+
+
+def measure(count: int, mode: str) -> dict:
+    nodes, newcomer, where = make_lan(count)
+    lan = LanSpec(mode=mode, pool_prefix=pool_prefix(count))
+    locations = {n: where[n] for n in where}
     started = time.perf_counter()
-    plan = plan_lan(lan, nodes, rtts=rtts)
+    check_lan(lan, nodes)
+    floor = time.perf_counter() - started
+    started = time.perf_counter()
+    plan = plan_lan(lan, nodes, locations=locations)
+    planned = time.perf_counter() - started
     files = render_lan(plan, lan, nodes)
-    elapsed = time.perf_counter() - started
-    tracemalloc.start()
-    render_lan(plan_lan(lan, nodes, rtts=rtts), lan, nodes)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    rendered = time.perf_counter() - started - planned
     names = [n.name for n in nodes]
-    tunnels = [plan.tunnels(n) for n in names]
-    routes = [len(plan.routes[n]) for n in names]
-    return {
-        "mode": mode, "resolved": plan.mode, "n": count, "seconds": elapsed, "peak_mb": peak / 2**20,
-        "tunnels_max": max(tunnels), "tunnels_mean": sum(tunnels) / count, "limit": 2 * math.sqrt(count),
-        "routes_mean": sum(routes) / count, "routes_max": max(routes),
-        "stretch": stretch(plan, rtts, names, random.Random(count)),
-        "files": sum(len(f) for f in files.values()),
+    mean, p99 = stretch(plan, where, names, random.Random(count))
+    row = {
+        "nodes": count, "mode": mode, "resolved": plan.mode, "pool_prefix": lan.pool_prefix,
+        "plan_s": round(planned, 3), "render_s": round(rendered, 3), "floor_s": round(floor, 4),
+        "max_tunnels": max(plan.tunnels(n) for n in names), "tunnel_limit": math.floor(2 * math.sqrt(count)),
+        "max_routes": max(_count(f, "route") for f in files.values()),
+        "max_iroutes": max(_count(f, "iroute", "/etc/openvpn/server/ccd/") for f in files.values()),
+        "stretch_mean": round(mean, 3), "stretch_p99": round(p99, 3),
     }
-
-
-def write_svg(results: list[dict], path: Path) -> None:
-    """Grouped bars of plan + render time per size, one colour per mode, log scale, with the 2 s target."""
-    colours = {"hub": "#8c6d31", "mesh": "#d62728", "hierarchical": "#1f77b4", "auto": "#2ca02c"}
-    width, height, left, bottom, top = 760, 360, 70, 300, 40
-
-    def y(seconds: float) -> float:  # log scale from 1 ms to 10 s
-        return bottom - (math.log10(max(seconds, 1e-3)) + 3) / 4 * (bottom - top)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">LanHub plan + render time '
-           f'(log scale; 8 geographic regions, RTT from distance)</text>']
-    for seconds, label in ((1e-3, "1 ms"), (1e-2, "10 ms"), (0.1, "100 ms"), (1, "1 s"), (10, "10 s")):
-        out.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(seconds):.1f}" y2="{y(seconds):.1f}" '
-                   f'stroke="#ddd"/><text x="{left - 8}" y="{y(seconds) + 4:.1f}" text-anchor="end">{label}</text>')
-    out.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(2):.1f}" y2="{y(2):.1f}" stroke="#d62728" '
-               f'stroke-dasharray="6 4"/><text x="{width - 22}" y="{y(2) - 5:.1f}" text-anchor="end" '
-               f'fill="#d62728">2 s target</text>')
-    slot = (width - left - 20) / len(SIZES)
-    bar = slot / (len(MODES) + 1)
-    for i, size in enumerate(SIZES):
-        x0 = left + i * slot + bar / 2
-        out.append(f'<text x="{x0 + bar * len(MODES) / 2:.1f}" y="{bottom + 18}" text-anchor="middle">'
-                   f'{size} nodes</text>')
-        for j, mode in enumerate(MODES):
-            row = next((r for r in results if r["n"] == size and r["mode"] == mode), None)
-            x = x0 + j * bar
-            if row is None:
-                out.append(f'<text x="{x + bar / 2:.1f}" y="{bottom - 6}" text-anchor="middle" font-size="10" '
-                           f'fill="#999">skip</text>')
-                continue
-            top_y = y(row["seconds"])
-            out.append(f'<rect x="{x:.1f}" y="{top_y:.1f}" width="{bar - 4:.1f}" height="{bottom - top_y:.1f}" '
-                       f'fill="{colours[mode]}"><title>{mode} {size}: {row["seconds"] * 1000:.0f} ms</title></rect>')
-    for j, mode in enumerate(MODES):
-        out.append(f'<rect x="{left + j * 150}" y="{height - 28}" width="12" height="12" fill="{colours[mode]}"/>'
-                   f'<text x="{left + j * 150 + 18}" y="{height - 18}">{mode}</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out) + "\n")
+    # One more node, re-planned as LanHub does: every existing node keeps its pools and its links' addresses.
+    kept = [NodeSpec(**{**n.__dict__, "udp_pool": str(plan.pools[n.name].udp),
+                        "tcp_pool": str(plan.pools[n.name].tcp)}) for n in nodes]
+    addresses = {(link.upstream, link.downstream): str(link.address) for link in plan.links}
+    grown = [*kept, newcomer]
+    blocks = {region: [str(b) for b in nets] for region, nets in plan.blocks.items()}
+    after = render_lan(plan_lan(lan, grown, link_addresses=addresses, locations=locations, blocks=blocks), lan,
+                       grown)
+    row["nodes_touched_on_add"] = sum(
+        {p: f.sha256 for p, f in after[n].items()} != {p: f.sha256 for p, f in files.get(n, {}).items()}
+        for n in after
+    )
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return row
 
 
 def main() -> None:
-    header = (f"{'mode':<13}{'n':>5} {'resolved':<13}{'time':>9}{'peak MB':>9}{'tun max':>8}{'2√n':>7}"
-              f"{'tun mean':>9}{'routes mean':>12}{'routes max':>11}{'stretch':>8}")
-    print(header)
-    print("-" * len(header))
-    results = []
-    for count in SIZES:
-        for mode in MODES:
-            if mode in ("hub", "mesh") and count > LINK_LIMIT:
-                print(f"{mode:<13}{count:>5} skipped: one upstream would need {count - 1} links (254 addresses); "
-                      f"{'mesh would also mean n-1 tunnels on every node' if mode == 'mesh' else 'single hub'}")
-                continue
-            r = measure(mode, count)
-            results.append(r)
-            print(f"{mode:<13}{count:>5} {r['resolved']:<13}{r['seconds'] * 1000:>7.0f}ms{r['peak_mb']:>9.1f}"
-                  f"{r['tunnels_max']:>8}{r['limit']:>7.1f}{r['tunnels_mean']:>9.2f}{r['routes_mean']:>12.1f}"
-                  f"{r['routes_max']:>11}{r['stretch']:>8.2f}")
-    write_svg(results, ROOT / "docs" / "topology-benchmark.svg")
-    print("wrote docs/topology-benchmark.svg")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--mode", default="auto", choices=("auto", "hierarchical", "hub", "mesh"))
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child process measuring one size
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.mode)), flush=True)
+        return
+    for count in map(int, args.sizes.split(",")):
+        # A fresh process per size: ru_maxrss is the peak of the whole process since it started.
+        subprocess.run([sys.executable, __file__, "--one", str(count), "--mode", args.mode], check=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ link_cn = layout.link_cn
 node_cn = layout.node_cn
 instance_for_path = layout.instance_for_path
 link_management_ports = layout.link_management_ports
+ROUTE_QUOTA = 256  # OpenVPN's default max-routes-per-client
+QUOTA_MARGIN = 16  # the client's own address and a few spare: a file near the limit gets the quota raised
 HEADER = "# Managed by LanHub; local edits are overwritten at the next sync."
 
 
@@ -69,8 +72,26 @@ class FileDiff:
         return bool(self.added or self.changed or self.removed)
 
 
+@functools.lru_cache(maxsize=65536)
 def _net(prefix: ipaddress.IPv4Network) -> str:
     return f"{prefix.network_address} {prefix.netmask}"
+
+
+# Rendering thousands of nodes formats the same few values over and over; ipaddress is slow at it.
+@functools.lru_cache(maxsize=16)
+def _push_supernet(supernet: str) -> str:
+    return f'push "route {_net(ipaddress.IPv4Network(supernet))}"'
+
+
+@functools.lru_cache(maxsize=65536)
+def _dynamic_pool(pool: ipaddress.IPv4Network) -> tuple[str, str]:
+    low, high = dynamic_pool(pool)
+    return str(low), str(high)
+
+
+@functools.lru_cache(maxsize=65536)
+def _gateway(pool: ipaddress.IPv4Network) -> str:
+    return str(pool.network_address + 1)
 
 
 def _common_tail(management: int, status: str) -> list[str]:
@@ -107,7 +128,7 @@ def _text(lines: list[str]) -> str:
 
 def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     pool = plan.pools[node.name].udp
-    low, high = dynamic_pool(pool)
+    low, high = _dynamic_pool(pool)
     downstreams = set(plan.downstreams(node.name))
     lines = [
         f"port {node.udp_port}", "proto udp", f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
@@ -118,7 +139,14 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     ]
     # Without these the kernel never hands the downstreams' prefixes to OpenVPN (verified: players fail).
     lines += [f"route {_net(r.prefix)}" for r in plan.routes[node.name] if r.via in downstreams]
-    lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
+    iroutes = max((len(plan.routes_via(node.name, down)) for down in downstreams), default=0)
+    if iroutes > ROUTE_QUOTA - QUOTA_MARGIN:
+        # OpenVPN learns at most 256 routes per client and silently drops traffic to the rest ("route quota
+        # exceeded", OPENVPN-NOTES.md). Region blocks keep ccd files far below that; a file that still needs more
+        # gets the quota raised, in steps of 256 so the line does not change with every node.
+        quota = -(-(iroutes + QUOTA_MARGIN) // ROUTE_QUOTA) * ROUTE_QUOTA
+        lines.append(f"max-routes-per-client {quota}")
+    lines += [_push_supernet(lan.supernet), *_server_pki()]
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
     lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME)]
@@ -131,7 +159,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     lines = [
         f"port {node.tcp_port}", "proto tcp-server", f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
-        f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki(),
+        _push_supernet(lan.supernet), *_server_pki(),
     ]
     lines += _pool_persist(layout.TCP_BASENAME)
     lines += _common_tail(TCP_MANAGEMENT, layout.TCP_BASENAME)
@@ -144,7 +172,7 @@ def render_ccd(plan: Plan, upstream: str, downstream: str) -> RenderedFile:
     mask = plan.pools[upstream].udp.netmask
     lines = [f"ifconfig-push {link.address} {mask}"]
     # iroutes are both the routing table inside OpenVPN and its source-address filter for this client.
-    lines += [f"iroute {_net(r.prefix)}" for r in plan.routes[upstream] if r.via == downstream]
+    lines += [f"iroute {_net(r.prefix)}" for r in plan.routes_via(upstream, downstream)]
     return RenderedFile(layout.ccd_path(downstream), _text(lines), instance=UDP_INSTANCE)
 
 
@@ -152,7 +180,7 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     if not upstream.public_address:
         raise PlanError(f"node {upstream.name} has no public address, but {node.name} must link to it")
     up_pool = plan.pools[upstream.name].udp
-    gateway = up_pool.network_address + 1
+    gateway = _gateway(up_pool)
     basename = layout.link_basename(upstream.name)
     lines = [
         "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
@@ -166,11 +194,8 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
         "remote-cert-tls server", f"verify-x509-name {node_cn(upstream.name)} name",
         "route-nopull",
     ]
-    lines += [
-        f"route {_net(r.prefix)} {gateway}"
-        for r in plan.routes[node.name]
-        if r.via == upstream.name and r.prefix != up_pool
-    ]
+    lines += [f"route {_net(r.prefix)} {gateway}" for r in plan.routes_via(node.name, upstream.name)
+              if r.prefix != up_pool]
     lines += _common_tail(management, basename)
     return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
 

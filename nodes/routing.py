@@ -52,12 +52,17 @@ def plan_routes(
         upstreams[link.downstream].add(link.upstream)
     hops = _NextHops(adj)
     intervals = {name: _intervals(pools[name]) for name in names}
+    # Every core node with the leaves hanging off it: a core node reaches all of them through one first hop.
+    behind: dict[str, list[tuple[int, int]]] = {name: list(intervals[name]) for name in hops.first}
+    for leaf, parent in hops.leaf_parent.items():
+        if parent in behind:
+            behind[parent].extend(intervals[leaf])
     routes = {}
     for name in names:
         default = hops.next_hop(name, root) if root is not None and name != root else None
         if default not in upstreams[name]:
             default = None
-        routes[name] = _routes_for(name, names, hops, intervals, default, supernet)
+        routes[name] = _routes_for(name, names, hops, intervals, behind, default, supernet)
     return routes
 
 
@@ -67,21 +72,34 @@ def _intervals(node_pools) -> list[tuple[int, int]]:
     ]
 
 
-def _routes_for(name, names, hops, intervals, default, supernet) -> tuple[RoutePlan, ...]:
+def _routes_for(name, names, hops, intervals, behind, default, supernet) -> tuple[RoutePlan, ...]:
     if not hops.adj[name]:
         return ()
-    groups: dict[str, list[tuple[int, int]]] = {}
     parent = hops.leaf_parent.get(name)
-    for other in names:
-        if other == name:
-            continue
-        via = parent if parent is not None else hops.next_hop(name, other)
-        if via is not None and via != default:
-            groups.setdefault(via, []).extend(intervals[other])
+    if parent is not None and parent == default:
+        # A leaf whose only link is its default: the supernet route covers every other node (most nodes of a
+        # hierarchical LAN; O(1) instead of a pass over the LAN).
+        return (RoutePlan(supernet, default),)
+    groups: dict[str, list[tuple[int, int]]] = {}
+    if parent is not None:  # a leaf whose one link is not a default (the primary of a two-node LAN)
+        groups[parent] = [span for other in names if other != name for span in intervals[other]]
+    else:
+        first = hops.first.get(name, {})
+        for target, spans in behind.items():
+            if target == name:
+                for leaf in hops.leaves_of.get(name, ()):  # its own leaves: each through its own link
+                    groups.setdefault(leaf, []).extend(intervals[leaf])
+                continue
+            via = first.get(target)
+            if via is not None and via != default:
+                groups.setdefault(via, []).extend(spans)
+    groups.pop(default, None)
     routes = [RoutePlan(supernet, default)] if default else []
     for via, spans in groups.items():
         routes.extend(RoutePlan(prefix, via) for prefix in aggregate(spans))
-    return tuple(sorted(routes))
+    # RoutePlan's own order, by a cheap key (comparing IPv4Network objects is slow at thousands of routes)
+    routes.sort(key=lambda r: (int(r.prefix.network_address), r.prefix.prefixlen, r.via))
+    return tuple(routes)
 
 
 def aggregate(spans: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
@@ -94,10 +112,29 @@ def aggregate(spans: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
             merged.append([first, last])
     result = []
     for first, last in merged:
-        result.extend(
-            ipaddress.summarize_address_range(ipaddress.IPv4Address(first), ipaddress.IPv4Address(last))
-        )
+        # Largest aligned block starting at `first` that fits, repeatedly (what summarize_address_range does,
+        # on plain integers).
+        while first <= last:
+            size = (first & -first) if first else 1 << 32
+            while size > last - first + 1:
+                size >>= 1
+            result.append(_network(first, 32 - size.bit_length() + 1))
+            first += size
     return result
+
+
+_NETWORKS: dict[tuple[int, int], ipaddress.IPv4Network] = {}
+
+
+def _network(address: int, prefixlen: int) -> ipaddress.IPv4Network:
+    """Interned IPv4Network objects: a LAN's plan names the same few thousand prefixes over and over."""
+    key = (address, prefixlen)
+    net = _NETWORKS.get(key)
+    if net is None:
+        if len(_NETWORKS) > 200_000:
+            _NETWORKS.clear()
+        net = _NETWORKS[key] = ipaddress.IPv4Network(key)
+    return net
 
 
 class _NextHops:
@@ -110,6 +147,9 @@ class _NextHops:
     def __init__(self, adj: dict[str, dict[str, int]]):
         self.adj = adj
         self.leaf_parent = {n: next(iter(nbrs)) for n, nbrs in adj.items() if len(nbrs) == 1}
+        self.leaves_of: dict[str, list[str]] = {}
+        for leaf, parent in self.leaf_parent.items():
+            self.leaves_of.setdefault(parent, []).append(leaf)
         core = {n: {m: w for m, w in nbrs.items() if m not in self.leaf_parent}
                 for n, nbrs in adj.items() if len(nbrs) > 1}
         self.first = self._all_first_hops(_exact_weights(core)) if core else {}

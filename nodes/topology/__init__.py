@@ -60,13 +60,14 @@ from nodes.topology.pools import (
     NAME_RE as NAME_RE,
     REGION_PART_RE as REGION_PART_RE,
     _allocate_pools,
+    capacity,
     _reject_pin_cycles,
     _validate,
 )
 
 __all__ = [
     "LanSpec", "NodeSpec", "NodePools", "LinkPlan", "RoutePlan", "Plan", "PlanError", "plan_lan",
-    "rank_key", "link_range", "dynamic_pool", "LINK_SLOTS", "MAX_POOL_PREFIX", "check_lan",
+    "rank_key", "link_range", "dynamic_pool", "LINK_SLOTS", "MAX_POOL_PREFIX", "check_lan", "capacity",
 ]
 
 
@@ -74,7 +75,7 @@ def check_lan(lan: LanSpec, nodes: Sequence[NodeSpec]) -> dict[str, NodePools]:
     """Validate the input and allocate pools, without planning links and routes: what a form needs to know
     that a node fits. Raises PlanError like plan_lan."""
     supernet = _validate(lan, nodes)
-    pools = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)))
+    pools, _ = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)))
     if lan.mode == "hierarchical":
         _reject_pin_cycles(nodes)
     healthy = [n for n in nodes if n.healthy]
@@ -92,14 +93,15 @@ def plan_lan(
     rtts: Mapping[frozenset[str] | tuple[str, str], float] | None = None,
     link_addresses: Mapping[tuple[str, str], str] | None = None,
     locations: Mapping[str, tuple[float, float]] | None = None,
+    blocks: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
     """Plan pools, links and routes for one LAN. Raises PlanError for input no plan can satisfy.
 
     ``rtts`` are measured round trips; a pair without one is estimated from ``locations`` (latitude, longitude)
-    when both nodes have one."""
+    when both nodes have one. ``blocks`` are the previous plan's region blocks (``Plan.blocks``)."""
     supernet = _validate(lan, nodes)
     by_name = {node.name: node for node in nodes}
-    pools = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)))
+    pools, region_blocks = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)), blocks)
     healthy = sorted((n for n in nodes if n.healthy), key=rank_key)
     rtt = _rtt_lookup(rtts, locations)
     mode = _resolve_mode(lan.mode, healthy)
@@ -114,4 +116,4 @@ def plan_lan(
     )
     for node in nodes:
         routes.setdefault(node.name, ())
-    return Plan(mode, pools, links, primaries, routes, frozenset(n.name for n in healthy))
+    return Plan(mode, pools, links, primaries, routes, frozenset(n.name for n in healthy), region_blocks)

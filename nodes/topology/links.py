@@ -4,6 +4,7 @@ pins and repair, and the fixed link addresses.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import math
 from itertools import combinations
@@ -20,43 +21,51 @@ class _Rtt:
     demand, so a LAN of n located nodes costs no n^2 matrix), else RTT_UNKNOWN (one "hop")."""
 
     def __init__(self, rtts, locations=None):
-        self.table: dict[frozenset[str], float] = {}
+        self.table: dict[tuple[str, str], float] = {}
         for key, value in (rtts or {}).items():
-            self.table[key if isinstance(key, frozenset) else frozenset(key)] = float(value)
-        self.locations = {name: _radians(point) for name, point in (locations or {}).items()}
+            a, b = sorted(key)
+            self.table[(a, b)] = float(value)
+        self.points = {name: _unit_vector(point) for name, point in (locations or {}).items()}
 
     def __call__(self, a: str, b: str) -> float:
-        value = self.table.get(frozenset((a, b)))
-        if value is not None:
-            return value
-        pa, pb = self.locations.get(a), self.locations.get(b)
+        if self.table:
+            value = self.table.get((a, b) if a < b else (b, a))
+            if value is not None:
+                return value
+        pa, pb = self.points.get(a), self.points.get(b)
         if pa is None or pb is None:
             return RTT_UNKNOWN
-        return estimated_rtt_ms(pa, pb)
+        return 1.0 + _KM_PER_CHORD_ASIN / 100.0 * math.asin(min(1.0, math.dist(pa, pb) / 2))
 
     def known(self, a: str, b: str) -> bool:
-        return frozenset((a, b)) in self.table or (a in self.locations and b in self.locations)
+        return ((a, b) if a < b else (b, a)) in self.table or (a in self.points and b in self.points)
 
     def covers(self, names) -> bool:
         """Whether every pair of ``names`` is known (measured or both located)."""
         names = frozenset(names)
-        if names <= self.locations.keys():
+        if names <= self.points.keys():
             return True
         n = len(names)
-        known = sum(len(pair) == 2 and pair <= names for pair in self.table)
+        known = sum(a in names and b in names for a, b in self.table)
         return known >= n * (n - 1) // 2
 
 
-def _radians(point) -> tuple[float, float, float]:
+_KM_PER_CHORD_ASIN = 2 * 6371.0  # great-circle distance = 2R * asin(chord / 2) on the unit sphere
+
+
+def _unit_vector(point) -> tuple[float, float, float]:
     lat, lon = math.radians(point[0]), math.radians(point[1])
-    return lat, lon, math.cos(lat)
+    return math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon), math.sin(lat)
+
+
+def _radians(point) -> tuple[float, float, float]:
+    return _unit_vector(point)
 
 
 def estimated_rtt_ms(a, b) -> float:
-    """RTT guess from great-circle distance (points as _radians gives them): light in fibre covers ~100 km per
-    ms of round trip, plus 1 ms."""
-    h = math.sin((b[0] - a[0]) / 2) ** 2 + a[2] * b[2] * math.sin((b[1] - a[1]) / 2) ** 2
-    return 1.0 + 2 * 6371.0 * math.asin(min(1.0, math.sqrt(h))) / 100.0
+    """RTT guess from great-circle distance (points as _unit_vector gives them): light in fibre covers ~100 km
+    per ms of round trip, plus 1 ms."""
+    return 1.0 + _KM_PER_CHORD_ASIN / 100.0 * math.asin(min(1.0, math.dist(a, b) / 2))
 
 
 def _rtt_lookup(rtts, locations=None) -> _Rtt:
@@ -286,7 +295,13 @@ class _Hierarchy:
         if len(candidates) == 1 or not self.measured:
             return min(candidates, key=self.b.rank.__getitem__)
         rtt, previous = self.b.rtt, self.b.previous
-        sample = group if len(group) <= 64 else group[:: math.ceil(len(group) / 64)]
+        sample = group if len(group) <= 64 else group[:: math.ceil(len(group) / 32)]
+        if len(candidates) > 64:
+            # A sample of the candidates (every k-th by rank) plus the previous plan's centres: the most central
+            # of 64 is central enough, and it keeps a big region at O(64 * 64) instead of O(n * 64).
+            held_before = [c for c in candidates if any(frozenset((c, u)) in previous for u in sample)]
+            candidates = sorted({*candidates[:: math.ceil(len(candidates) / 32)], *held_before[:32]},
+                                key=self.b.rank.__getitem__)
         scores = {c: sum(rtt(c, u) for u in sample if u != c) for c in candidates}
         if previous:
             held = {c: sum(frozenset((c, u)) in previous for u in group) for c in candidates}
@@ -342,10 +357,11 @@ class _Hierarchy:
         left = {h: room(h, len(heads)) for h in heads}
         groups: dict[str, list[str]] = {h: [h] for h in heads}
         others = [u for u in units if u not in groups]
-        order = sorted(others, key=lambda u: (min(rtt(u, h) for h in heads), rank[u]))
+        to = {u: {h: rtt(u, h) for h in heads} for u in others}  # each distance once
+        order = sorted(others, key=lambda u: (min(to[u].values()), rank[u]))
         for unit in order:
             open_heads = [h for h in heads if left[h] > 0] or heads
-            head = min(open_heads, key=lambda h: (rtt(unit, h), rank[h]))
+            head = min(open_heads, key=lambda h: (to[unit][h], rank[h]))
             groups[head].append(unit)
             left[head] -= 1
         return {h: sorted(g, key=rank.__getitem__) for h, g in groups.items()}
@@ -368,16 +384,26 @@ class _Hierarchy:
             if a in index and b in index:
                 i, j = index[a], index[b]
                 dist[i][j] = dist[j][i] = min(dist[i][j], rtt(a, b))
-        for k in range(size):
-            dk = dist[k]
-            for i in range(size):
-                dik = dist[i][k]
-                if dik == inf:
+        # All pairs by Dijkstra from each core node (the core is sparse: O(V E log V) rather than Floyd's V^3).
+        adj: list[list[tuple[int, float]]] = [[] for _ in range(size)]
+        for i in range(size):
+            for j in range(size):
+                if i != j and dist[i][j] != inf:
+                    adj[i].append((j, dist[i][j]))
+        for source in range(size):
+            row = dist[source]
+            heap = [(0.0, source)]
+            done = [False] * size
+            while heap:
+                d, node = heapq.heappop(heap)
+                if done[node]:
                     continue
-                di = dist[i]
-                for j in range(size):
-                    if dik + dk[j] < di[j]:
-                        di[j] = dik + dk[j]
+                done[node] = True
+                row[node] = d
+                for nbr, w in adj[node]:
+                    if not done[nbr] and d + w < row[nbr]:
+                        row[nbr] = d + w
+                        heapq.heappush(heap, (d + w, nbr))
         pairs = sorted(
             ((rtt(a, b), self.b.rank[a], self.b.rank[b], a, b) for a, b in combinations(core, 2)
              if rtt.known(a, b) and frozenset((a, b)) not in self.b.direction),
@@ -403,27 +429,30 @@ class _Hierarchy:
 
 def _assign_addresses(oriented, pools, previous: Mapping[tuple[str, str], str]) -> tuple[LinkPlan, ...]:
     """Give each link a fixed address in its upstream's link block, keeping addresses already in use."""
-    taken: dict[str, set[ipaddress.IPv4Address]] = {}
-    chosen: dict[tuple[str, str], ipaddress.IPv4Address] = {}
+    taken: dict[str, set[int]] = {}
+    chosen: dict[tuple[str, str], int] = {}
+    ranges = {up: tuple(map(int, link_range(pools[up].udp))) for up, _ in oriented}
     for up, down in oriented:
-        first, last = link_range(pools[up].udp)
+        first, last = ranges[up]
         try:
-            old = ipaddress.IPv4Address(previous.get((up, down), ""))
+            old = int(ipaddress.IPv4Address(previous.get((up, down), "")))
         except ValueError:
             continue
         if first <= old <= last and old not in taken.setdefault(up, set()):
             taken[up].add(old)
             chosen[(up, down)] = old
+    cursor: dict[str, int] = {}
     for up, down in oriented:
         if (up, down) in chosen:
             continue
-        first, last = link_range(pools[up].udp)
+        first, last = ranges[up]
         used = taken.setdefault(up, set())
-        address = first
+        address = cursor.get(up, first)  # lowest free address (nothing is freed while assigning)
         while address in used:
             address += 1
         if address > last:
-            raise PlanError(f"node {up} would serve more than {int(last) - int(first) + 1} links")
+            raise PlanError(f"node {up} would serve more than {last - first + 1} links")
         used.add(address)
+        cursor[up] = address + 1
         chosen[(up, down)] = address
-    return tuple(LinkPlan(up, down, chosen[(up, down)]) for up, down in oriented)
+    return tuple(LinkPlan(up, down, ipaddress.IPv4Address(chosen[(up, down)])) for up, down in oriented)

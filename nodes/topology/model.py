@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from nodes.routing import RoutePlan
@@ -60,6 +60,8 @@ class Plan:
     primaries: dict[str, str]  # region path ("" = whole LAN) -> primary node
     routes: dict[str, tuple[RoutePlan, ...]]  # node -> aggregated routes; a supernet route is the default
     healthy: frozenset[str] = frozenset()
+    # region path -> its address blocks (addresses.py); passed back to the next plan so regions keep them
+    blocks: dict[str, tuple[ipaddress.IPv4Network, ...]] = field(default_factory=dict)
 
     @cached_property
     def _by_node(self) -> dict[str, tuple[dict[str, LinkPlan], dict[str, LinkPlan]]]:
@@ -68,6 +70,19 @@ class Plan:
             index[link.downstream][0][link.upstream] = link
             index[link.upstream][1][link.downstream] = link
         return index
+
+    @cached_property
+    def _routes_by_via(self) -> dict[str, dict[str, list[RoutePlan]]]:
+        index: dict[str, dict[str, list[RoutePlan]]] = {}
+        for name, routes in self.routes.items():
+            by_via = index[name] = {}
+            for route in routes:
+                by_via.setdefault(route.via, []).append(route)
+        return index
+
+    def routes_via(self, name: str, via: str) -> list[RoutePlan]:
+        """The node's routes whose next hop is ``via``, in route order."""
+        return self._routes_by_via.get(name, {}).get(via, [])
 
     def upstreams(self, name: str) -> tuple[str, ...]:
         """Nodes this node runs a link client to."""
@@ -118,6 +133,7 @@ class Plan:
             "primaries": dict(self.primaries),
             "routes": {name: [[str(r.prefix), r.via] for r in routes] for name, routes in self.routes.items()},
             "healthy": sorted(self.healthy),
+            "blocks": {region: [str(b) for b in blocks] for region, blocks in self.blocks.items()},
         }
 
     @classmethod
@@ -130,6 +146,7 @@ class Plan:
             primaries=dict(data["primaries"]),
             routes={name: tuple(RoutePlan(net(p), via) for p, via in routes) for name, routes in data["routes"].items()},
             healthy=frozenset(data["healthy"]),
+            blocks={region: tuple(net(b) for b in blocks) for region, blocks in data.get("blocks", {}).items()},
         )
 
 

@@ -7,6 +7,7 @@ import re
 from typing import Sequence
 
 from nodes import layout
+from nodes.topology.addresses import AddressPlan
 from nodes.topology.model import MAX_POOL_PREFIX, LanSpec, NodePools, NodeSpec, PlanError
 
 MODES = ("auto", "hub", "mesh", "hierarchical")
@@ -97,36 +98,44 @@ def _fixed_pools(lan, supernet, reserved, nodes) -> list[tuple[int, int, str, st
     return fixed
 
 
-def _allocate_pools(lan, supernet, nodes_by_age) -> dict[str, NodePools]:
-    """Keep every pool a node holds; give missing ones the highest free blocks below the reserve."""
-    # The top 1/64 of the supernet stays free for a future bridged (TAP) segment.
-    reserved = ipaddress.IPv4Network(
+def reserved_block(supernet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The top 1/64 of the supernet stays free for a future bridged (TAP) segment."""
+    return ipaddress.IPv4Network(
         (int(supernet.broadcast_address) + 1 - (supernet.num_addresses >> 6), supernet.prefixlen + 6)
     )
+
+
+def capacity(lan: LanSpec) -> int:
+    """How many nodes the LAN holds: each takes a UDP and a TCP pool of /pool_prefix, below the reserve."""
+    supernet = ipaddress.IPv4Network(lan.supernet)
+    usable = int(reserved_block(supernet).network_address) - int(supernet.network_address)
+    return max(0, usable // (2 << (32 - lan.pool_prefix)))
+
+
+def _allocate_pools(lan, supernet, nodes_by_age, previous_blocks=None):
+    """Keep every pool a node holds; give missing ones slots in their region's blocks (addresses.py).
+
+    Returns (pools by node, blocks by region)."""
+    reserved = reserved_block(supernet)
     fixed = _fixed_pools(lan, supernet, reserved, nodes_by_age)
-    size = 1 << (32 - lan.pool_prefix)
-    base = int(supernet.network_address)
-    count = (int(reserved.network_address) - base) // size
-    blocked: set[int] = set()
-    for start, end, *_ in fixed:
-        # Block index 0 is the highest block; a fixed pool may span several blocks or sit inside one.
-        for block in range((start - base) // size, min(count - 1, (end - base) // size) + 1):
-            blocked.add(count - 1 - block)
-    free = (i for i in range(count) if i not in blocked)
+    plan = AddressPlan(supernet, lan.pool_prefix, reserved, previous_blocks)
+    for *_, pool in fixed:
+        plan.occupy_pool(pool)
+    plan.adopt_previous({n.region for n in nodes_by_age})
     result: dict[str, NodePools] = {}
     for node in nodes_by_age:
-        pair = []
-        for kind in ("udp", "tcp"):
-            value = getattr(node, f"{kind}_pool")
-            if value is not None:
-                pair.append(ipaddress.IPv4Network(value))
-                continue
-            index = next(free, None)
-            if index is None:
+        udp, tcp = node.udp_pool, node.tcp_pool
+        if udp is None or tcp is None:
+            try:
+                slot = plan.pools(plan.allocate(node.region))
+            except PlanError:
                 missing = [n.name for n in nodes_by_age if n.name not in result]
                 raise PlanError(
-                    f"supernet {supernet} has no room for /{lan.pool_prefix} pools for: {', '.join(missing)}"
-                )
-            pair.append(ipaddress.IPv4Network((base + (count - 1 - index) * size, lan.pool_prefix)))
-        result[node.name] = NodePools(*pair)
-    return result
+                    f"this LAN is full: supernet {supernet} holds {plan.capacity} nodes with /{lan.pool_prefix} "
+                    f"pools (each node takes a UDP and a TCP pool), and there is no room for: "
+                    f"{', '.join(missing)}. Choose smaller pools (a longer prefix) or a larger supernet "
+                    "in the LAN's settings."
+                ) from None
+            udp, tcp = udp or str(slot.udp), tcp or str(slot.tcp)
+        result[node.name] = NodePools(ipaddress.IPv4Network(udp), ipaddress.IPv4Network(tcp))
+    return result, plan.region_blocks({n.region for n in nodes_by_age})

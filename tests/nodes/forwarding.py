@@ -23,6 +23,7 @@ SERVER_UDP = "/etc/openvpn/server/lanhub-udp.conf"
 SERVER_TCP = "/etc/openvpn/server/lanhub-tcp.conf"
 CCD_PREFIX = "/etc/openvpn/server/ccd/"
 CLIENT_PREFIX = "/etc/openvpn/client/lanhub-link-"
+ROUTE_QUOTA = 256  # OpenVPN's default max-routes-per-client
 
 
 class ConfigError(AssertionError):
@@ -81,6 +82,8 @@ class Network:
 
     def __init__(self, files: Mapping[str, Mapping[str, object]]):
         self.pools: dict[str, list[ipaddress.IPv4Network]] = {}
+        self.max_iroutes = 0
+        self.over_quota: list[str] = []  # ccd files past their server's max-routes-per-client
         self.kernel: dict[str, _Lpm] = {}
         self.clients: dict[str, _Lpm] = {}  # server node -> prefix -> client certificate name
         texts = {node: {path: _content(f) for path, f in node_files.items()} for node, node_files in files.items()}
@@ -101,13 +104,20 @@ class Network:
         for address, mask in _lines(node_files[SERVER_UDP], "route"):
             kernel.add(_net(address, mask), ("server", node), where=node)
         clients = self.clients[node] = _Lpm()
+        quota = int((_lines(node_files[SERVER_UDP], "max-routes-per-client") or [[ROUTE_QUOTA]])[0][0])
         for path, text in node_files.items():
             if not path.startswith(CCD_PREFIX):
                 continue
             cn = path[len(CCD_PREFIX):]
             for address, _mask in _lines(text, "ifconfig-push"):
                 clients.add(ipaddress.IPv4Network(address), cn, where=f"{node} ccd")
-            for address, mask in _lines(text, "iroute"):
+            iroutes = _lines(text, "iroute")
+            self.max_iroutes = max(self.max_iroutes, len(iroutes))
+            if len(iroutes) + 1 > quota:
+                self.over_quota.append(f"{node} ccd {cn}: {len(iroutes)} iroutes, quota {quota}")
+            # OpenVPN learns the client's own address and then iroutes up to the quota, and drops the rest
+            # ("route quota exceeded"): so does the simulator, and packets to those prefixes go nowhere.
+            for address, mask in iroutes[: quota - 1]:
                 clients.add(_net(address, mask), cn, where=f"{node} ccd")
 
     def _load_links(self, node: str, node_files: Mapping[str, str], texts) -> None:

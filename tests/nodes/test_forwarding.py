@@ -51,7 +51,7 @@ class ReferenceForwardingTests(SimpleTestCase):
     def test_the_simulator_refuses_a_route_the_kernel_would_refuse(self):
         files = reference_files()
         copy = {n: {p: f.content for p, f in fs.items()} for n, fs in files.items()}
-        copy["hangzhou"][UDP] += "route 10.250.0.0 255.255.0.0\n"  # hangzhou's own TCP pool
+        copy["hangzhou"][UDP] += "route 10.1.0.0 255.255.0.0\n"  # hangzhou's own TCP pool
         with self.assertRaises(ConfigError):
             Network(copy)
 
@@ -99,6 +99,8 @@ def check_lan(testcase, lan, nodes, rtts):
     testcase.assertFalse([p for p in pools if p.overlaps(ipaddress.IPv4Network("10.252.0.0/14"))])
     files = render_lan(plan, lan, nodes)
     network = Network(files)
+    # OpenVPN's route limit: no ccd file holds more iroutes than its server's max-routes-per-client allows.
+    testcase.assertEqual(network.over_quota, [])
     # Every pool to every pool on smaller LANs; from a sample of sources on big ones (each is O(n^2)).
     sources = healthy if len(healthy) <= 60 else random.Random(len(healthy)).sample(healthy, 20)
     planned = {}
@@ -148,3 +150,47 @@ class RandomLanForwardingTests(SimpleTestCase):
     @given(random_lans("mesh", 30))
     def test_mesh_lans_forward_every_packet_along_the_plan(self, case):
         check_lan(self, *case)
+
+
+def many_prefixes_behind_one_link() -> list[NodeSpec]:
+    """p <- d <- {c1, c2} <- 150 nodes each, every node in a /21 slot with a free one between: nothing
+    aggregates, so p's ccd file for d needs an iroute per node (302)."""
+    base = int(ipaddress.IPv4Address("10.0.0.0"))
+    nodes = [NodeSpec("p", public_address="198.51.100.1"),
+             NodeSpec("d", order=1, public_address="198.51.100.2", pinned_upstream="p"),
+             NodeSpec("c1", order=2, public_address="198.51.100.3", pinned_upstream="d"),
+             NodeSpec("c2", order=3, public_address="198.51.100.4", pinned_upstream="d")]
+    for i in range(300):
+        slot = base + (2 * i + 16) * 2048
+        nodes.append(NodeSpec(f"x{i}", order=i + 4, pinned_upstream="c1" if i < 150 else "c2",
+                              public_address="198.51.100.5", udp_pool=f"{ipaddress.IPv4Address(slot)}/22",
+                              tcp_pool=f"{ipaddress.IPv4Address(slot + 1024)}/22"))
+    return nodes
+
+
+class RouteLimitTests(SimpleTestCase):
+    def test_a_link_carrying_more_than_256_prefixes_gets_the_quota_raised_and_still_forwards(self):
+        # 300 nodes pinned behind "d", each holding a /21 slot with a free one between: nothing aggregates, so the
+        # primary's ccd file for d needs 300 iroutes.
+        lan = LanSpec(mode="hub", pool_prefix=22)
+        nodes = many_prefixes_behind_one_link()
+        plan = plan_lan(lan, nodes)
+        files = render_lan(plan, lan, nodes)
+        network = Network(files)
+        self.assertGreater(network.max_iroutes, 256)
+        self.assertIn("max-routes-per-client 512", files["p"]["/etc/openvpn/server/lanhub-udp.conf"].content)
+        self.assertEqual(network.over_quota, [])
+        for trace in network.send_all(sources=["p"], nodes=["p", "d", "x0", "x299"]):
+            self.assertTrue(trace.delivered, trace)
+
+    def test_the_simulator_drops_traffic_to_prefixes_past_the_quota_as_openvpn_does(self):
+        lan = LanSpec(mode="hub", pool_prefix=22)
+        nodes = many_prefixes_behind_one_link()
+        files = render_lan(plan_lan(lan, nodes), lan, nodes)
+        udp = files["p"]["/etc/openvpn/server/lanhub-udp.conf"]
+        files["p"]["/etc/openvpn/server/lanhub-udp.conf"] = udp.content.replace("max-routes-per-client 512\n", "")
+        network = Network(files)
+        self.assertTrue(network.over_quota)
+        last = network.send_all(sources=["p"], nodes=["p", "x299"])
+        self.assertFalse(all(trace.delivered for trace in last))
+

@@ -24,10 +24,10 @@ proto udp
 dev lh-udp
 dev-type tun
 topology subnet
-server 10.251.0.0 255.255.0.0 nopool
-ifconfig-pool 10.251.1.1 10.251.255.253
+server 10.0.0.0 255.255.0.0 nopool
+ifconfig-pool 10.0.1.1 10.0.255.253
 client-config-dir /etc/openvpn/server/ccd
-route 10.248.0.0 255.254.0.0
+route 10.2.0.0 255.254.0.0
 push "route 10.0.0.0 255.0.0.0"
 ca /etc/openvpn/lanhub/pki/ca.crt
 cert /etc/openvpn/lanhub/pki/node.crt
@@ -63,26 +63,26 @@ class ReferenceLanTests(SimpleTestCase):
     def test_hangzhou_tcp_server_has_its_pool_and_the_push_but_no_routes_or_ccd(self):
         tcp = lines(reference()["hangzhou"][TCP])
         self.assertIn("proto tcp-server", tcp)
-        self.assertIn("server 10.250.0.0 255.255.0.0", tcp)
+        self.assertIn("server 10.1.0.0 255.255.0.0", tcp)
         self.assertIn('push "route 10.0.0.0 255.0.0.0"', tcp)
         self.assertIn("management 127.0.0.1 7506", tcp)
         self.assertFalse([line for line in tcp if line.startswith(("route ", "client-config-dir"))])
 
     def test_the_ccd_file_for_hongkong_fixes_its_address_and_iroutes_its_pools(self):
         self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1:],
-                         ["ifconfig-push 10.251.0.2 255.255.0.0", "iroute 10.248.0.0 255.254.0.0"])
+                         ["ifconfig-push 10.0.0.2 255.255.0.0", "iroute 10.2.0.0 255.254.0.0"])
 
     def test_hongkongs_link_client_dials_hangzhou_and_routes_the_lan_through_it(self):
         link = lines(reference()["hongkong"][LINK_HZ])
         for expected in ["client", f"dev {link_device('hangzhou')}", "remote 203.0.113.10 1194",
                          "verify-x509-name node-hangzhou name", "route-nopull", "cert /etc/openvpn/lanhub/pki/link.crt",
-                         "route 10.0.0.0 255.0.0.0 10.251.0.1", "keepalive 10 60", "disable-dco"]:
+                         "route 10.0.0.0 255.0.0.0 10.0.0.1", "keepalive 10 60", "disable-dco"]:
             self.assertIn(expected, link)
 
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]
-        self.assertIn("server 10.249.0.0 255.255.0.0 nopool", lines(files[UDP]))
-        self.assertIn("ifconfig-pool 10.249.1.1 10.249.255.253", lines(files[UDP]))
+        self.assertIn("server 10.2.0.0 255.255.0.0 nopool", lines(files[UDP]))
+        self.assertIn("ifconfig-pool 10.2.1.1 10.2.255.253", lines(files[UDP]))
         self.assertFalse([p for p in files if "/ccd/" in p])
 
     def test_every_node_turns_on_forwarding_and_accepts_lan_traffic_between_tunnels(self):

@@ -35,16 +35,16 @@ class PlanningTests(BaseTestCase):
         self.add_node("hangzhou", region="asia/cn/east")
         self.add_node("hongkong", region="asia/hk", public_address="203.0.113.11", ssh_host="203.0.113.11")
         pools = dict(Node.objects.filter(lan=self.lan).values_list("name", "udp_pool"))
-        self.assertEqual(pools, {"hangzhou": "10.251.0.0/16", "hongkong": "10.249.0.0/16"})
+        self.assertEqual(pools, {"hangzhou": "10.0.0.0/16", "hongkong": "10.2.0.0/16"})
         link = Link.objects.get(lan=self.lan)
         self.assertEqual((link.upstream.name, link.downstream.name, link.address),
-                         ("hangzhou", "hongkong", "10.251.0.2"))
+                         ("hangzhou", "hongkong", "10.0.0.2"))
 
     def test_a_node_keeps_its_pools_when_an_older_one_is_removed(self):
         hz = self.add_node("hangzhou")
         self.add_node("hongkong", region="asia/hk")
         services.delete_node(hz)
-        self.assertEqual(Node.objects.get(lan=self.lan, name="hongkong").udp_pool, "10.249.0.0/16")
+        self.assertEqual(Node.objects.get(lan=self.lan, name="hongkong").udp_pool, "10.2.0.0/16")
         self.assertFalse(Link.objects.filter(lan=self.lan).exists())
 
     def test_only_the_nodes_whose_files_change_are_synced(self):
@@ -59,9 +59,9 @@ class PlanningTests(BaseTestCase):
         self.assertEqual(queued, {"hangzhou", "singapore"})  # Hong Kong already routes everything via Hangzhou
 
     def test_an_impossible_node_is_refused_before_anything_is_saved(self):
-        self.add_node("hangzhou", udp_pool="10.251.0.0/16", tcp_pool="10.250.0.0/16")
+        self.add_node("hangzhou", udp_pool="10.0.0.0/16", tcp_pool="10.1.0.0/16")
         candidate = Node(lan=self.lan, name="hongkong", public_address="203.0.113.11", ssh_host="203.0.113.11",
-                         udp_pool="10.251.0.0/17", tcp_pool="10.248.0.0/16")
+                         udp_pool="10.0.0.0/17", tcp_pool="10.3.0.0/16")
         with self.assertRaises(ValidationError) as ctx:
             services.check_node(candidate)
         self.assertIn("hangzhou", str(ctx.exception))
@@ -162,7 +162,7 @@ class HealthTests(BaseTestCase):
         # Hong Kong, next by age, is the new hub; Hangzhou keeps its pools for when it returns.
         self.assertEqual(list(Link.objects.values_list("upstream__name", "downstream__name")),
                          [("hongkong", "singapore")])
-        self.assertEqual(Node.objects.get(pk=hz.pk).udp_pool, "10.251.0.0/16")
+        self.assertEqual(Node.objects.get(pk=hz.pk).udp_pool, "10.0.0.0/16")
 
 
 class EstimatedRttTests(BaseTestCase):

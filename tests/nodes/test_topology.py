@@ -31,23 +31,49 @@ def link_pairs(plan):
 class PoolTests(SimpleTestCase):
     def test_it_carves_the_reference_pools_downward_below_the_reserved_block(self):
         plan = plan_lan(LanSpec(), [HONGKONG, HANGZHOU])
-        self.assertEqual(plan.pools["hangzhou"].udp, net("10.251.0.0/16"))
-        self.assertEqual(plan.pools["hangzhou"].tcp, net("10.250.0.0/16"))
-        self.assertEqual(plan.pools["hongkong"].udp, net("10.249.0.0/16"))
-        self.assertEqual(plan.pools["hongkong"].tcp, net("10.248.0.0/16"))
+        self.assertEqual(plan.pools["hangzhou"].udp, net("10.0.0.0/16"))
+        self.assertEqual(plan.pools["hangzhou"].tcp, net("10.1.0.0/16"))
+        self.assertEqual(plan.pools["hongkong"].udp, net("10.2.0.0/16"))
+        self.assertEqual(plan.pools["hongkong"].tcp, net("10.3.0.0/16"))
 
     def test_it_keeps_existing_pools_and_reuses_a_freed_one(self):
         old = NodeSpec("old", order=5, udp_pool="10.247.0.0/16", tcp_pool="10.246.0.0/16")
         new = NodeSpec("new", order=9)
         plan = plan_lan(LanSpec(), [old, new])
         self.assertEqual(plan.pools["old"].udp, net("10.247.0.0/16"))
-        # 10.251 and 10.250 are free again (their node was removed): the newcomer takes them.
-        self.assertEqual((plan.pools["new"].udp, plan.pools["new"].tcp), (net("10.251.0.0/16"), net("10.250.0.0/16")))
+        # Nodes without a region fill from the top down; the top slot is free again (its node was removed).
+        self.assertEqual((plan.pools["new"].udp, plan.pools["new"].tcp), (net("10.250.0.0/16"), net("10.251.0.0/16")))
 
     def test_it_allocates_missing_pools_oldest_first(self):
         plan = plan_lan(LanSpec(pool_prefix=20), [NodeSpec("b", order=2), NodeSpec("a", order=1)])
-        self.assertEqual(plan.pools["a"].udp, net("10.251.240.0/20"))
-        self.assertEqual(plan.pools["b"].udp, net("10.251.208.0/20"))
+        self.assertEqual(plan.pools["a"].udp, net("10.251.224.0/20"))
+        self.assertEqual(plan.pools["b"].udp, net("10.251.192.0/20"))
+
+    def test_a_regions_nodes_share_one_block_that_routes_aggregate_to(self):
+        lan = [NodeSpec(f"cn{i}", region="asia/cn", order=i) for i in range(4)]
+        lan += [NodeSpec(f"de{i}", region="eu/de", order=10 + i) for i in range(4)]
+        plan = plan_lan(LanSpec(pool_prefix=20, mode="hub"), lan)
+        (cn_block,) = plan.blocks["asia/cn"]
+        (de_block,) = plan.blocks["eu/de"]
+        self.assertFalse(cn_block.overlaps(de_block))
+        for name, pools in plan.pools.items():
+            block = cn_block if name.startswith("cn") else de_block
+            self.assertTrue(pools.udp.subnet_of(block) and pools.tcp.subnet_of(block), name)
+        # Four nodes, each a /19 (UDP + TCP /20): one /17 per region.
+        self.assertEqual(cn_block.prefixlen, 17)
+
+    def test_a_region_keeps_its_block_when_the_lan_is_planned_again(self):
+        first = plan_lan(LanSpec(pool_prefix=20), [NodeSpec("a", region="asia/cn")])
+        blocks = {region: [str(b) for b in nets] for region, nets in first.blocks.items()}
+        kept = NodeSpec("a", region="asia/cn", udp_pool=str(first.pools["a"].udp), tcp_pool=str(first.pools["a"].tcp))
+        second = plan_lan(LanSpec(pool_prefix=20), [kept, NodeSpec("b", region="asia/cn", order=1)], blocks=blocks)
+        self.assertTrue(second.pools["b"].udp.subnet_of(second.blocks["asia/cn"][0]))
+        self.assertEqual(len(second.blocks["asia/cn"]), 1)
+
+    def test_a_full_lan_is_a_clear_error_naming_its_capacity(self):
+        lan = LanSpec(supernet="10.0.0.0/14", pool_prefix=16)  # a /14 less its top /20: one /15 slot
+        with self.assertRaisesRegex(PlanError, "this LAN is full: supernet 10.0.0.0/14 holds 1 nodes.*: b"):
+            plan_lan(lan, [NodeSpec("a"), NodeSpec("b", order=1)])
 
     def test_it_rejects_overlapping_fixed_pools(self):
         lan = [NodeSpec("alpha", udp_pool="10.1.0.0/16"), NodeSpec("beta", tcp_pool="10.1.128.0/17")]
@@ -85,7 +111,7 @@ class ModeTests(SimpleTestCase):
     def test_two_nodes_in_auto_mode_put_hongkong_downstream_of_hangzhou(self):
         plan = plan_lan(LanSpec(), [HANGZHOU, HONGKONG])
         self.assertEqual([(l.upstream, l.downstream, l.address) for l in plan.links],
-                         [("hangzhou", "hongkong", addr("10.251.0.2"))])
+                         [("hangzhou", "hongkong", addr("10.0.0.2"))])
 
     def test_auto_mode_meshes_small_lans_and_goes_hierarchical_above_five(self):
         self.assertEqual(plan_lan(LanSpec(), nodes(5)).mode, "mesh")
@@ -152,10 +178,10 @@ class ModeTests(SimpleTestCase):
 
 class LinkAddressTests(SimpleTestCase):
     def test_new_links_take_the_lowest_free_address_and_old_ones_keep_theirs(self):
-        previous = {("n0", "n2"): "10.251.0.2"}
+        previous = {("n0", "n2"): "10.250.0.2"}
         plan = plan_lan(LanSpec(mode="hub"), nodes(4), link_addresses=previous)
         self.assertEqual({l.downstream: str(l.address) for l in plan.links},
-                         {"n2": "10.251.0.2", "n1": "10.251.0.3", "n3": "10.251.0.4"})
+                         {"n2": "10.250.0.2", "n1": "10.250.0.3", "n3": "10.250.0.4"})
 
     def test_an_upstream_with_more_than_254_links_is_refused(self):
         with self.assertRaisesRegex(PlanError, "n0 would serve more than 254 links"):
@@ -165,7 +191,7 @@ class LinkAddressTests(SimpleTestCase):
 class RouteTests(SimpleTestCase):
     def test_hangzhou_routes_both_hongkong_pools_as_one_aggregate_and_hongkong_defaults_to_hangzhou(self):
         plan = plan_lan(LanSpec(), [HANGZHOU, HONGKONG])
-        self.assertEqual([(r.prefix, r.via) for r in plan.routes["hangzhou"]], [(net("10.248.0.0/15"), "hongkong")])
+        self.assertEqual([(r.prefix, r.via) for r in plan.routes["hangzhou"]], [(net("10.2.0.0/15"), "hongkong")])
         self.assertEqual([(r.prefix, r.via) for r in plan.routes["hongkong"]], [(net("10.0.0.0/8"), "hangzhou")])
 
     def test_paths_are_the_reverse_of_each_other_even_when_every_link_ties(self):
