@@ -186,7 +186,10 @@ CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="lanhub")
 # How often the periodic tasks run (seconds). Drift repairs files and restarts dead instances; status reads
 # every node's management interface; the CRL is renewed well before OpenVPN would reject an expired one.
 LANHUB_DRIFT_INTERVAL = _typed("LANHUB_DRIFT_INTERVAL", env.int, 300)
-LANHUB_STATUS_INTERVAL = _typed("LANHUB_STATUS_INTERVAL", env.int, 30)
+# The session watcher (manage.py watch_sessions) pushes who is online; the poll is the slow safety net and reads
+# link RTTs.
+LANHUB_STATUS_INTERVAL = _typed("LANHUB_STATUS_INTERVAL", env.int, 60)
+LANHUB_WATCHER_PROCESSES = _typed("LANHUB_WATCHER_PROCESSES", env.int, 2)
 LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 3600)
 # A node that misses this many status polls in a row is marked down and the LAN is re-planned.
 LANHUB_DOWN_AFTER_POLLS = _typed("LANHUB_DOWN_AFTER_POLLS", env.int, 3)

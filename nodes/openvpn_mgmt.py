@@ -5,7 +5,12 @@ Each instance listens on 127.0.0.1:<port> on the node. Rather than expose that p
 nothing new is reachable from outside. The protocol is line-based: OpenVPN first sends a ``>INFO:`` banner, and a
 command sent before the banner is read can be lost (OPENVPN-NOTES.md), then a multi-line answer ends with ``END``
 and a single-line one starts with ``SUCCESS:`` or ``ERROR:``. Lines starting with ``>`` are real-time
-notifications and may arrive at any time; they are skipped.
+notifications and may arrive at any time; ``command`` skips them, ``ClientStream`` lives on them.
+
+OpenVPN serves one management client at a time: a second connection waits until the first leaves (checked with
+OpenVPN 2.6.14). The session watcher (nodes/watcher.py) holds each server instance's interface, so every other
+user first asks it to step aside (``request_yield``, over Redis pub/sub): the watcher closes that interface at
+once, stays away until nobody has asked for a moment, then reconnects and re-reads the client list.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import logging
+
 import paramiko
+import redis
+from django.conf import settings
 from fabric import Connection
 
 from nodes import layout
@@ -24,7 +33,10 @@ from nodes.layout import INSTANCE_RE
 from nodes.provisioning import ping_through
 from nodes.ssh import ProvisioningError, run_root
 
+log = logging.getLogger(__name__)
+
 TIMEOUT = 5.0  # seconds for the whole exchange with one instance; the interface answers in milliseconds
+YIELD_CHANNEL = "lanhub:management-yield"  # Redis pub/sub channel: "<ssh host>:<ssh port>:<management port>"
 _COMMON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # lanhub/pki.py's rule: no spaces, no newlines
 
 
@@ -99,6 +111,7 @@ def command(c: Connection, port: int, cmd: str, *, multiline: bool = False, time
     """Send one management command; return the answer's lines (without ``END``), or the one-line answer."""
     if not (0 < int(port) < 65536) or "\n" in cmd:
         raise ValueError("bad management port or command")
+    request_yield(c, int(port))
     channel = _open_channel(c, int(port), timeout)
     try:
         reader = _LineReader(channel, time.monotonic() + timeout, port)
@@ -119,6 +132,26 @@ def command(c: Connection, port: int, cmd: str, *, multiline: bool = False, time
         except (OSError, EOFError, paramiko.SSHException):
             pass
         channel.close()
+
+
+def interface_key(c: Connection, port: int) -> str:
+    """Names one management interface the same way for the watcher and for everyone else."""
+    return f"{c.host}:{c.port}:{int(port)}"
+
+
+_publisher: redis.Redis | None = None
+
+
+def request_yield(c: Connection, port: int) -> None:
+    """Ask a watcher holding this interface to step aside (see the module docstring). Without Redis nothing
+    holds it that we know of, so a failure to publish only costs the wait for a busy interface."""
+    global _publisher
+    try:
+        if _publisher is None:
+            _publisher = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        _publisher.publish(YIELD_CHANNEL, interface_key(c, port))
+    except redis.RedisError as exc:
+        log.debug("could not ask the watcher to yield %s: %s", interface_key(c, port), exc)
 
 
 def _open_channel(c: Connection, port: int, timeout: float) -> paramiko.Channel:
@@ -219,3 +252,129 @@ def kill_clients(c: Connection, status: NodeStatus, common_names: Iterable[str],
         elif "not found" not in answer.lower():
             raise ProvisioningError("management", f"OpenVPN refused to disconnect {row.common_name}: {answer}")
     return killed
+
+
+# --- real-time client notifications ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """A >CLIENT:ESTABLISHED or >CLIENT:DISCONNECT notification with its >CLIENT:ENV block."""
+
+    kind: str  # "established" | "disconnect"
+    client_id: int
+    env: dict[str, str]
+
+    @property
+    def common_name(self) -> str:
+        return self.env.get("common_name", "")
+
+    def row(self, instance: str) -> ClientRow:
+        """The client as ``status 3`` would list it (bytes are counted by the periodic poll)."""
+        since = self.env.get("time_unix", "")
+        real = self.env.get("trusted_ip") or self.env.get("trusted_ip6", "")
+        port = self.env.get("trusted_port", "")
+        return ClientRow(
+            common_name=self.common_name, real_address=f"{real}:{port}" if real and port else real,
+            vpn_address=self.env.get("ifconfig_pool_remote_ip", ""), bytes_in=0, bytes_out=0,
+            connected_since=datetime.fromtimestamp(int(since), tz=timezone.utc) if since.isdigit() else None,
+            instance=instance, client_id=self.client_id,
+        )
+
+
+class ClientStream:
+    """One server instance's management interface, held open: its client list, then its client events.
+
+    ``open()`` reads the banner and the client list (``status 3``); ``events()`` yields each ClientEvent as
+    OpenVPN sends it, until the interface closes (the instance stopped), ``close()`` is called, or nothing
+    arrives for ``idle`` seconds (then it yields nothing and returns, so the caller can look around).
+    """
+
+    def __init__(self, c: Connection, port: int, *, instance: str = ""):
+        self.c, self.port, self.instance = c, int(port), instance
+        self.channel: paramiko.Channel | None = None
+        self.buffer = b""
+        self.pending: dict | None = None  # the notification whose ENV block is being read
+        self.yielded = False  # closed because someone else asked for the interface (the instance still runs)
+
+    @property
+    def key(self) -> str:
+        return interface_key(self.c, self.port)
+
+    def open(self, *, timeout: float = TIMEOUT) -> list[ClientRow]:
+        self.channel = _open_channel(self.c, self.port, timeout)
+        reader = _LineReader(self.channel, time.monotonic() + timeout, self.port)
+        banner = reader.next_line(skip_notifications=False)
+        if banner.startswith("ENTER PASSWORD"):
+            raise ProvisioningError("management", f"The management interface on port {self.port} wants a "
+                                    "password; LanHub's configs set none.", permanent=True)
+        self.channel.sendall(b"status 3\n")
+        lines, header, rows = [], [], []
+        while (line := reader.next_line(skip_notifications=False)) != "END":
+            if line.startswith(">"):
+                lines.append(line)  # a notification that raced the answer: handled by events()
+                continue
+            fields = line.split("\t")
+            if fields[:2] == ["HEADER", "CLIENT_LIST"]:
+                header = fields[1:]
+            elif fields[0] == "CLIENT_LIST" and header:
+                rows.append(_client_row(dict(zip(header, fields)), self.instance))
+        self.buffer = reader.buffer + b"".join(f"{line}\n".encode() for line in lines)
+        return rows
+
+    def events(self, *, idle: float = 1.0):
+        """ClientEvents as they come; returns after ``idle`` quiet seconds or when the interface closes
+        (``self.closed`` then says so)."""
+        channel = self.channel
+        if channel is None:
+            return
+        channel.settimeout(idle)
+        while True:
+            while b"\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\n", 1)
+                event = self._parse(raw.decode(errors="replace").rstrip("\r"))
+                if event is not None:
+                    yield event
+            try:
+                chunk = channel.recv(65536)
+            except (TimeoutError, OSError):  # socket.timeout is TimeoutError: a quiet moment
+                return
+            except (EOFError, paramiko.SSHException):
+                chunk = b""
+            if not chunk:
+                self.close()
+                return
+            self.buffer += chunk
+
+    @property
+    def closed(self) -> bool:
+        channel = self.channel
+        return channel is None or channel.closed
+
+    def close(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            try:
+                channel.close()  # from another thread too: a select() on it wakes up
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+
+    def _parse(self, line: str) -> ClientEvent | None:
+        if line.startswith(">CLIENT:ESTABLISHED,") or line.startswith(">CLIENT:DISCONNECT,"):
+            kind, _, rest = line[len(">CLIENT:"):].partition(",")
+            cid = rest.split(",")[0]
+            self.pending = {"kind": kind.lower(), "cid": int(cid) if cid.isdigit() else -1, "env": {}}
+            return None
+        if line.startswith(">CLIENT:ENV,") and self.pending is not None:
+            item = line[len(">CLIENT:ENV,"):]
+            if item == "END":
+                event = ClientEvent(self.pending["kind"], self.pending["cid"], self.pending["env"])
+                self.pending = None
+                return event
+            name, _, value = item.partition("=")
+            self.pending["env"][name] = value
+            return None
+        if line.startswith(">CLIENT:"):
+            self.pending = None  # CONNECT / REAUTH / ADDRESS blocks are not ours (no client-auth here)
+        return None
+

@@ -5,7 +5,7 @@ restarts only the OpenVPN instances whose files changed (``diff``).
 
 Choices worth knowing:
 - Server ``route`` lines carry no gateway: on a tun server OpenVPN picks the client by iroute, not by next hop.
-- Routes are aggregated (10.248.0.0/16 + 10.249.0.0/16 render as ``10.248.0.0 255.254.0.0``).
+- Routes are aggregated (10.2.0.0/16 + 10.3.0.0/16 render as ``10.2.0.0 255.254.0.0``).
 - A link client uses ``route-nopull``: several upstreams would each push the supernet. Its routes are the
   prefixes whose next hop is that upstream (possibly the whole supernet as a default); a route equal to the
   upstream's UDP pool is left out, because that pool is the tunnel's connected subnet.

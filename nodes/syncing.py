@@ -17,12 +17,11 @@ from django.db.models import F
 from django.utils import timezone
 
 from nodes import openvpn_mgmt as management
-from nodes import planning, provisioning
+from nodes import planning, presence, provisioning
 from nodes.files import desired_files, instances_to_restart, reconnect_for, wanted_instances
-from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus, VpnSession
+from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus
 from nodes.runs import claim, continue_if_requested, finish, queue_retry, release, skip, start  # noqa: F401
 from nodes.ssh import ProvisioningError, open_connection
-from players.models import Player
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +187,7 @@ def mark_health(node: Node, *, healthy: bool, reason: str) -> None:
 @transaction.atomic
 def _store_status(node: Node, status) -> None:
     now = timezone.now()
-    players = {p.common_name: p for p in Player.objects.filter(lan=node.lan, revoked_at__isnull=True)}
-    VpnSession.objects.filter(node=node).delete()
-    VpnSession.objects.bulk_create(
-        VpnSession(node=node, instance=row.instance, common_name=row.common_name,
-                   player=players.get(row.common_name), vpn_address=row.vpn_address or None,
-                   real_address=row.real_address, connected_since=row.connected_since,
-                   bytes_in=row.bytes_in, bytes_out=row.bytes_out, seen_at=now)
-        for row in status.clients
-    )
-    seen = [players[r.common_name].pk for r in status.clients if r.common_name in players]
-    Player.objects.filter(pk__in=seen).update(last_seen_at=now)
+    presence.replace_node(node, status.clients)
     for upstream, (state, rtt) in status.links.items():
         Link.objects.filter(downstream=node, upstream__name=upstream).update(
             state=LinkState.UP if state else LinkState.DOWN, rtt_ms=rtt, updated_at=now)

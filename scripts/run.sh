@@ -9,7 +9,7 @@ $PY manage.py migrate --noinput
 $PY manage.py collectstatic --noinput -v 0
 $PY manage.py ensure_admin
 
-procs=(web worker beat)
+procs=(web worker beat watcher)
 if ! scripts/redis.sh check; then
   echo "==> Nothing answers at ${REDIS_URL:-redis://127.0.0.1:6379/0}; starting a private Redis under var/redis"
   procs=(redis "${procs[@]}")

@@ -145,12 +145,12 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
 
         # 2. The plan is the reference layout.
         hz, hk = Node.objects.get(lan=lan, name="hangzhou"), Node.objects.get(lan=lan, name="hongkong")
-        assert (hz.udp_pool, hz.tcp_pool) == ("10.251.0.0/16", "10.250.0.0/16")
-        assert (hk.udp_pool, hk.tcp_pool) == ("10.249.0.0/16", "10.248.0.0/16")
+        assert (hz.udp_pool, hz.tcp_pool) == ("10.0.0.0/16", "10.1.0.0/16")
+        assert (hk.udp_pool, hk.tcp_pool) == ("10.2.0.0/16", "10.3.0.0/16")
         link = Link.objects.get(lan=lan)
-        assert (link.upstream.name, link.downstream.name, link.address) == ("hangzhou", "hongkong", "10.251.0.2")
+        assert (link.upstream.name, link.downstream.name, link.address) == ("hangzhou", "hongkong", "10.0.0.2")
         assert hz.ssh_host_key == hz_host.host_public_key()  # pinned on first contact
-        wait_until(lambda: lab.ping(hk_host, "10.251.0.1", timeout=1), timeout=20, what="Hong Kong's link to Hangzhou")
+        wait_until(lambda: lab.ping(hk_host, "10.0.0.1", timeout=1), timeout=20, what="Hong Kong's link to Hangzhou")
 
         # 3. The host creates an invite; alice and bob redeem it and download their profiles over HTTP.
         client = Client()
@@ -166,7 +166,7 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         alice_host, alice_ip, t_alice = connect(lab, "alice", alice_profile)
         bob_host, bob_ip, t_bob = connect(lab, "bob", bob_profile)
         FIGURES["profile_to_tunnel_up_s"] = max(t_alice, t_bob)
-        assert alice_ip.startswith("10.251.") and bob_ip.startswith("10.249."), (alice_ip, bob_ip)
+        assert alice_ip.startswith("10.0.") and bob_ip.startswith("10.2."), (alice_ip, bob_ip)
         rtt = wait_until(lambda: lab.ping(alice_host, bob_ip, timeout=2), timeout=15, what="alice -> bob ping")
         assert lab.ping(bob_host, alice_ip, timeout=2) is not None, "bob cannot reach alice"
         FIGURES["ping_across_servers_ms"] = rtt
@@ -179,7 +179,7 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         lab.exec(carol_host, ["iptables", "-A", "OUTPUT", "-p", "udp", "--dport", "1194", "-j", "DROP"])
         carol_host.start_openvpn(download(Client(), carol, "hangzhou"))
         carol_ip = carol_host.wait_for_tunnel(timeout=40)
-        assert carol_ip.startswith("10.250."), carol_ip
+        assert carol_ip.startswith("10.1."), carol_ip
         assert wait_until(lambda: lab.ping(carol_host, bob_ip, timeout=2), timeout=15, what="carol (TCP) -> bob")
         FIGURES["two_node_scenario_s"] = time.monotonic() - scenario_began
 
@@ -228,8 +228,8 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
 
         # 8. The Hangzhou server instance alice uses is killed by hand; the drift check starts it again and
         # alice reconnects.
-        on_tcp = vpn_address(alice_host).startswith("10.250.")
-        instance, gateway = ("lanhub-tcp", "10.250.0.1") if on_tcp else ("lanhub-udp", "10.251.0.1")
+        on_tcp = vpn_address(alice_host).startswith("10.1.")
+        instance, gateway = ("lanhub-tcp", "10.1.0.1") if on_tcp else ("lanhub-udp", "10.0.0.1")
         assert lab.kill_process(hz_host, instance)
         wait_until(lambda: lab.ping(alice_host, gateway, timeout=1) is None,
                    timeout=10, what="alice's server to be gone")

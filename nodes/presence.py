@@ -1,0 +1,75 @@
+"""Who is online: VpnSession rows written from what a node's OpenVPN instances report.
+
+Two writers, one set of rules: the session watcher (nodes/watcher.py) applies each >CLIENT event as it comes and
+the full client list whenever it (re)connects to an instance; the periodic status poll (nodes/syncing.py) replaces
+a node's rows with what it read, as the slow safety net. Rows are per (node, instance, common name).
+"""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from nodes.models import Node, VpnSession
+from nodes.openvpn_mgmt import ClientRow
+from players.models import Player
+
+
+def _players(node: Node, names) -> dict[str, Player]:
+    return {p.common_name: p for p in Player.objects.filter(lan_id=node.lan_id, revoked_at__isnull=True,
+                                                              common_name__in=set(names))}
+
+
+def _session(node: Node, row: ClientRow, player: Player | None, now) -> VpnSession:
+    return VpnSession(node=node, instance=row.instance, common_name=row.common_name, player=player,
+                      vpn_address=row.vpn_address or None, real_address=row.real_address[:64],
+                      connected_since=row.connected_since, bytes_in=row.bytes_in, bytes_out=row.bytes_out,
+                      seen_at=now)
+
+
+@transaction.atomic
+def client_connected(node: Node, row: ClientRow) -> None:
+    """A client finished connecting to ``row.instance`` (>CLIENT:ESTABLISHED)."""
+    now = timezone.now()
+    player = _players(node, [row.common_name]).get(row.common_name)
+    # A reconnect of the same certificate replaces its old session (OpenVPN drops the old one too).
+    VpnSession.objects.filter(node=node, instance=row.instance, common_name=row.common_name).delete()
+    _session(node, row, player, now).save()
+    if player is not None:
+        Player.objects.filter(pk=player.pk).update(last_seen_at=now)
+
+
+def client_disconnected(node: Node, row: ClientRow) -> None:
+    """A client left ``row.instance`` (>CLIENT:DISCONNECT)."""
+    sessions = VpnSession.objects.filter(node=node, instance=row.instance, common_name=row.common_name)
+    if row.vpn_address:
+        # The certificate may have reconnected already (a new session with a new address): keep that one.
+        sessions = sessions.filter(vpn_address=row.vpn_address) | sessions.filter(vpn_address__isnull=True)
+    sessions.delete()
+
+
+@transaction.atomic
+def replace_instance(node: Node, instance: str, rows: list[ClientRow]) -> None:
+    """The full client list of one instance, as read when the watcher (re)connects to it."""
+    now = timezone.now()
+    players = _players(node, [r.common_name for r in rows])
+    VpnSession.objects.filter(node=node, instance=instance).delete()
+    VpnSession.objects.bulk_create(_session(node, r, players.get(r.common_name), now) for r in rows)
+    seen = [players[r.common_name].pk for r in rows if r.common_name in players]
+    Player.objects.filter(pk__in=seen).update(last_seen_at=now)
+
+
+@transaction.atomic
+def replace_node(node: Node, rows: list[ClientRow]) -> None:
+    """Every instance's client list of a node, as the status poll read it."""
+    now = timezone.now()
+    players = _players(node, [r.common_name for r in rows])
+    VpnSession.objects.filter(node=node).delete()
+    VpnSession.objects.bulk_create(_session(node, r, players.get(r.common_name), now) for r in rows)
+    seen = [players[r.common_name].pk for r in rows if r.common_name in players]
+    Player.objects.filter(pk__in=seen).update(last_seen_at=now)
+
+
+def forget_instance(node: Node, instance: str) -> None:
+    """An instance stopped: nobody is connected to it any more."""
+    VpnSession.objects.filter(node=node, instance=instance).delete()
