@@ -255,46 +255,59 @@ def kill_clients(c: Connection, status: NodeStatus, common_names: Iterable[str],
 
 
 # --- real-time client notifications ----------------------------------------------------------------------------
+# OpenVPN sends >CLIENT:ESTABLISHED / >CLIENT:DISCONNECT only with --management-client-auth, which would make every
+# connection wait for the portal's approval (no portal, no players): checked with 2.6.14, a server without it sends
+# neither. Its real-time log (the ``log on`` command: >LOG lines) says the same things as they happen, per client
+# ("<common name>/<address>:<port> <message>"), so the watcher reads that: a PUSH_REPLY sent means a client just
+# connected (the instance's client list is read again), and an exit notice or an ended client instance means it
+# left. A client that says goodbye (explicit-exit-notify) stays in the client list for five more seconds ("Delayed
+# exit in 5 seconds"); the log line comes at once.
+
+_LEAVING = ("exit message received", "client-instance exiting", "client-instance restarting", "Connection reset",
+            "Inactivity timeout")
+_CLIENT_PREFIX = re.compile(r"^(?P<cn>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(?P<real>\S+) (?P<text>.*)$")
 
 
 @dataclass(frozen=True)
 class ClientEvent:
-    """A >CLIENT:ESTABLISHED or >CLIENT:DISCONNECT notification with its >CLIENT:ENV block."""
+    """What a >LOG line says about one client: ``joined`` (its client list entry is new or changed) or ``left``."""
 
-    kind: str  # "established" | "disconnect"
-    client_id: int
-    env: dict[str, str]
+    kind: str  # "joined" | "left"
+    common_name: str
+    real_address: str
 
-    @property
-    def common_name(self) -> str:
-        return self.env.get("common_name", "")
 
-    def row(self, instance: str) -> ClientRow:
-        """The client as ``status 3`` would list it (bytes are counted by the periodic poll)."""
-        since = self.env.get("time_unix", "")
-        real = self.env.get("trusted_ip") or self.env.get("trusted_ip6", "")
-        port = self.env.get("trusted_port", "")
-        return ClientRow(
-            common_name=self.common_name, real_address=f"{real}:{port}" if real and port else real,
-            vpn_address=self.env.get("ifconfig_pool_remote_ip", ""), bytes_in=0, bytes_out=0,
-            connected_since=datetime.fromtimestamp(int(since), tz=timezone.utc) if since.isdigit() else None,
-            instance=instance, client_id=self.client_id,
-        )
+def parse_log_line(line: str) -> ClientEvent | None:
+    """A ClientEvent from one >LOG:<time>,<flags>,<message> line, or None when it is about nothing we track."""
+    if not line.startswith(">LOG:"):
+        return None
+    parts = line[len(">LOG:"):].split(",", 2)
+    if len(parts) < 3:
+        return None
+    match = _CLIENT_PREFIX.match(parts[2])
+    if match is None:
+        return None
+    text = match.group("text")
+    if "PUSH_REPLY" in text and text.startswith("SENT CONTROL"):
+        return ClientEvent("joined", match.group("cn"), match.group("real"))
+    if any(marker in text for marker in _LEAVING):
+        return ClientEvent("left", match.group("cn"), match.group("real"))
+    return None
 
 
 class ClientStream:
-    """One server instance's management interface, held open: its client list, then its client events.
+    """One server instance's management interface, held open: its client list, then its clients' events.
 
-    ``open()`` reads the banner and the client list (``status 3``); ``events()`` yields each ClientEvent as
-    OpenVPN sends it, until the interface closes (the instance stopped), ``close()`` is called, or nothing
-    arrives for ``idle`` seconds (then it yields nothing and returns, so the caller can look around).
+    ``open()`` reads the banner, turns the real-time log on and reads the client list; ``client_list()`` reads it
+    again on the same connection; ``events()`` yields each ClientEvent as OpenVPN logs it, until the interface
+    closes (the instance stopped, or ``close()`` from another thread) or nothing arrives for ``idle`` seconds.
     """
 
     def __init__(self, c: Connection, port: int, *, instance: str = ""):
         self.c, self.port, self.instance = c, int(port), instance
         self.channel: paramiko.Channel | None = None
         self.buffer = b""
-        self.pending: dict | None = None  # the notification whose ENV block is being read
+        self.notifications: list[str] = []  # > lines that arrived while a command's answer was read
         self.yielded = False  # closed because someone else asked for the interface (the instance still runs)
 
     @property
@@ -303,28 +316,34 @@ class ClientStream:
 
     def open(self, *, timeout: float = TIMEOUT) -> list[ClientRow]:
         self.channel = _open_channel(self.c, self.port, timeout)
-        reader = _LineReader(self.channel, time.monotonic() + timeout, self.port)
-        banner = reader.next_line(skip_notifications=False)
+        banner = self._line(time.monotonic() + timeout)
         if banner.startswith("ENTER PASSWORD"):
             raise ProvisioningError("management", f"The management interface on port {self.port} wants a "
                                     "password; LanHub's configs set none.", permanent=True)
+        self.channel.sendall(b"log on\n")
+        answer = self._answer(time.monotonic() + timeout)
+        if not answer.startswith("SUCCESS"):
+            raise ProvisioningError("management", f"OpenVPN refused the real-time log: {answer}")
+        return self.client_list(timeout=timeout)
+
+    def client_list(self, *, timeout: float = TIMEOUT) -> list[ClientRow]:
+        """``status 3`` on the held connection."""
+        deadline = time.monotonic() + timeout
         self.channel.sendall(b"status 3\n")
-        lines, header, rows = [], [], []
-        while (line := reader.next_line(skip_notifications=False)) != "END":
-            if line.startswith(">"):
-                lines.append(line)  # a notification that raced the answer: handled by events()
-                continue
+        header, rows = [], []
+        while (line := self._answer(deadline)) != "END":
             fields = line.split("\t")
             if fields[:2] == ["HEADER", "CLIENT_LIST"]:
                 header = fields[1:]
             elif fields[0] == "CLIENT_LIST" and header:
                 rows.append(_client_row(dict(zip(header, fields)), self.instance))
-        self.buffer = reader.buffer + b"".join(f"{line}\n".encode() for line in lines)
         return rows
 
     def events(self, *, idle: float = 1.0):
-        """ClientEvents as they come; returns after ``idle`` quiet seconds or when the interface closes
-        (``self.closed`` then says so)."""
+        """ClientEvents as they come; returns after ``idle`` quiet seconds or when the interface closes."""
+        while self.notifications:
+            if (event := parse_log_line(self.notifications.pop(0))) is not None:
+                yield event
         channel = self.channel
         if channel is None:
             return
@@ -332,8 +351,7 @@ class ClientStream:
         while True:
             while b"\n" in self.buffer:
                 raw, self.buffer = self.buffer.split(b"\n", 1)
-                event = self._parse(raw.decode(errors="replace").rstrip("\r"))
-                if event is not None:
+                if (event := parse_log_line(raw.decode(errors="replace").rstrip("\r"))) is not None:
                     yield event
             try:
                 chunk = channel.recv(65536)
@@ -345,6 +363,20 @@ class ClientStream:
                 self.close()
                 return
             self.buffer += chunk
+
+    def _line(self, deadline: float) -> str:
+        reader = _LineReader(self.channel, deadline, self.port)
+        reader.buffer = self.buffer
+        try:
+            return reader.next_line(skip_notifications=False)
+        finally:
+            self.buffer = reader.buffer
+
+    def _answer(self, deadline: float) -> str:
+        """The next line of a command's answer; notifications met on the way are kept for events()."""
+        while (line := self._line(deadline)).startswith(">"):
+            self.notifications.append(line)
+        return line
 
     @property
     def closed(self) -> bool:
@@ -358,23 +390,3 @@ class ClientStream:
                 channel.close()  # from another thread too: a select() on it wakes up
             except (OSError, EOFError, paramiko.SSHException):
                 pass
-
-    def _parse(self, line: str) -> ClientEvent | None:
-        if line.startswith(">CLIENT:ESTABLISHED,") or line.startswith(">CLIENT:DISCONNECT,"):
-            kind, _, rest = line[len(">CLIENT:"):].partition(",")
-            cid = rest.split(",")[0]
-            self.pending = {"kind": kind.lower(), "cid": int(cid) if cid.isdigit() else -1, "env": {}}
-            return None
-        if line.startswith(">CLIENT:ENV,") and self.pending is not None:
-            item = line[len(">CLIENT:ENV,"):]
-            if item == "END":
-                event = ClientEvent(self.pending["kind"], self.pending["cid"], self.pending["env"])
-                self.pending = None
-                return event
-            name, _, value = item.partition("=")
-            self.pending["env"][name] = value
-            return None
-        if line.startswith(">CLIENT:"):
-            self.pending = None  # CONNECT / REAUTH / ADDRESS blocks are not ours (no client-auth here)
-        return None
-

@@ -1,7 +1,7 @@
 """Who is online: VpnSession rows written from what a node's OpenVPN instances report.
 
-Two writers, one set of rules: the session watcher (nodes/watcher.py) applies each >CLIENT event as it comes and
-the full client list whenever it (re)connects to an instance; the periodic status poll (nodes/syncing.py) replaces
+Two writers, one set of rules: the session watcher (nodes/watcher.py) writes an instance's client list whenever
+it (re)connects to it or the instance logs a client joining, and drops a client the moment the log says it left; the periodic status poll (nodes/syncing.py) replaces
 a node's rows with what it read, as the slow safety net. Rows are per (node, instance, common name).
 """
 
@@ -27,25 +27,10 @@ def _session(node: Node, row: ClientRow, player: Player | None, now) -> VpnSessi
                       seen_at=now)
 
 
-@transaction.atomic
-def client_connected(node: Node, row: ClientRow) -> None:
-    """A client finished connecting to ``row.instance`` (>CLIENT:ESTABLISHED)."""
-    now = timezone.now()
-    player = _players(node, [row.common_name]).get(row.common_name)
-    # A reconnect of the same certificate replaces its old session (OpenVPN drops the old one too).
-    VpnSession.objects.filter(node=node, instance=row.instance, common_name=row.common_name).delete()
-    _session(node, row, player, now).save()
-    if player is not None:
-        Player.objects.filter(pk=player.pk).update(last_seen_at=now)
-
-
-def client_disconnected(node: Node, row: ClientRow) -> None:
-    """A client left ``row.instance`` (>CLIENT:DISCONNECT)."""
-    sessions = VpnSession.objects.filter(node=node, instance=row.instance, common_name=row.common_name)
-    if row.vpn_address:
-        # The certificate may have reconnected already (a new session with a new address): keep that one.
-        sessions = sessions.filter(vpn_address=row.vpn_address) | sessions.filter(vpn_address__isnull=True)
-    sessions.delete()
+def client_left(node: Node, instance: str, common_name: str, real_address: str) -> None:
+    """A client said goodbye or its connection ended (the watcher read it in the instance's log)."""
+    VpnSession.objects.filter(node=node, instance=instance, common_name=common_name,
+                              real_address=real_address[:64]).delete()
 
 
 @transaction.atomic

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -74,7 +75,13 @@ class FileDiff:
 
 @functools.lru_cache(maxsize=65536)
 def _net(prefix: ipaddress.IPv4Network) -> str:
-    return f"{prefix.network_address} {prefix.netmask}"
+    """``address netmask`` as OpenVPN wants it (plain integers: ipaddress's own formatting is slow)."""
+    mask = (0xFFFFFFFF << (32 - prefix.prefixlen)) & 0xFFFFFFFF
+    return f"{_dotted(int(prefix.network_address))} {_dotted(mask)}"
+
+
+def _dotted(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
 
 
 # Rendering thousands of nodes formats the same few values over and over; ipaddress is slow at it.

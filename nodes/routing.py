@@ -57,6 +57,7 @@ def plan_routes(
     for leaf, parent in hops.leaf_parent.items():
         if parent in behind:
             behind[parent].extend(intervals[leaf])
+    behind = {name: _merge(spans) for name, spans in behind.items()}  # a region's leaves are mostly contiguous
     routes = {}
     for name in names:
         default = hops.next_hop(name, root) if root is not None and name != root else None
@@ -102,14 +103,20 @@ def _routes_for(name, names, hops, intervals, behind, default, supernet) -> tupl
     return tuple(routes)
 
 
-def aggregate(spans: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
-    """Fewest CIDR prefixes covering exactly these disjoint address spans (first, last inclusive)."""
+def _merge(spans) -> list[tuple[int, int]]:
+    """Disjoint spans, sorted, with adjacent ones joined."""
     merged: list[list[int]] = []
     for first, last in sorted(spans):
         if merged and first == merged[-1][1] + 1:
             merged[-1][1] = last
         else:
             merged.append([first, last])
+    return [(first, last) for first, last in merged]
+
+
+def aggregate(spans: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
+    """Fewest CIDR prefixes covering exactly these disjoint address spans (first, last inclusive)."""
+    merged = _merge(spans)
     result = []
     for first, last in merged:
         # Largest aligned block starting at `first` that fits, repeatedly (what summarize_address_range does,

@@ -1,9 +1,11 @@
 """The session watcher: who is online, pushed by the nodes instead of polled.
 
 A long-running process (``manage.py watch_sessions``, in the Procfile) holds, for every ready node of its shard,
-one SSH connection and on it each server instance's management interface (nodes/openvpn_mgmt.ClientStream). When
-it (re)connects to an instance it reads the client list and replaces that instance's sessions; then each
->CLIENT:ESTABLISHED / >CLIENT:DISCONNECT becomes a VpnSession row within milliseconds (nodes/presence.py).
+one SSH connection and on it each server instance's management interface with the real-time log on
+(nodes/openvpn_mgmt.ClientStream; why the log and not >CLIENT notifications is explained there). When it
+(re)connects to an instance it reads the client list and replaces that instance's sessions; a client joining
+makes it read the list again at once (and once more a second later), a client leaving deletes its session at once
+(nodes/presence.py), and the list is read again after OpenVPN's 5-second delayed exit.
 
 - Sharding: ``--processes N`` starts N worker processes; a node belongs to the one where ``pk % N`` equals its
   index, so every node is held exactly once and a process holds about 1/N of them (one thread per node).
@@ -38,6 +40,8 @@ SERVER_PORTS = {layout.UDP_INSTANCE: layout.UDP_MANAGEMENT, layout.TCP_INSTANCE:
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 YIELD_QUIET = 1.0  # seconds without a yield request before the watcher takes an interface back
 WAIT = 5.0  # seconds a node's thread sleeps between looks at stops and missing instances, when nothing happens
+RELIST_AFTER_JOIN = 1.0  # a second look at the list after a join, in case the first came a moment early
+RELIST_AFTER_LEAVE = 6.0  # OpenVPN keeps a client that said goodbye listed for 5 s ("Delayed exit in 5 seconds")
 REFRESH = 10.0  # seconds between looks at which nodes this shard should hold
 # paramiko's transport thread wakes every 0.1 s to check whether it should end; 1,000 held connections would
 # spend a core on that. The watcher ends its transports itself, so once a second is plenty.
@@ -85,6 +89,8 @@ class NodeWatcher(threading.Thread):
             c.transport.sock.settimeout(TRANSPORT_CHECK)
             streams: dict[str, openvpn_mgmt.ClientStream] = {}
             retry_at: dict[str, float] = {}
+            self.relist: dict[str, float] = {}  # instance -> when to read its client list again
+            self.leaving: dict[tuple[str, str, str], float] = {}  # (instance, cn, address) -> until when it is gone
             try:
                 while not self.stopping.is_set():
                     if not c.is_connected:
@@ -128,21 +134,50 @@ class NodeWatcher(threading.Thread):
         return time.monotonic() - self.yields.get(key, float("-inf")) < YIELD_QUIET
 
     def _read(self, node: Node, streams: dict[str, openvpn_mgmt.ClientStream]) -> None:
-        """Wait for notifications on any held interface (or a yield closing one), then apply them."""
+        """Wait for log lines on any held interface (or a yield closing one), then apply what they say."""
+        now = time.monotonic()
+        self._relist_due(node, streams, now)
         waiting = {s.channel: (instance, s) for instance, s in streams.items() if s.channel is not None}
         wait = WAIT if len(streams) == len(SERVER_PORTS) else 1.0  # an instance is missing: look again soon
+        if self.relist:
+            wait = max(0.0, min(wait, min(self.relist.values()) - now))
         if not waiting:
             self.stopping.wait(wait)
             return
-        ready, _, _ = select.select(list(waiting), [], [], wait)
+        # Lines read already (while a client list was read) do not wake select(): take those streams as ready.
+        buffered = [s.channel for s in streams.values() if s.channel is not None and (s.notifications or b"\n" in s.buffer)]
+        ready = buffered or select.select(list(waiting), [], [], wait)[0]
         for channel in ready:
             instance, stream = waiting[channel]
+            joined = False
             for event in stream.events(idle=0):
-                row = event.row(instance)
-                if event.kind == "established":
-                    presence.client_connected(node, row)
-                elif event.kind == "disconnect":
-                    presence.client_disconnected(node, row)
+                if event.kind == "left":
+                    presence.client_left(node, instance, event.common_name, event.real_address)
+                    self.leaving[(instance, event.common_name, event.real_address)] = now + RELIST_AFTER_LEAVE
+                    self.relist.setdefault(instance, now + RELIST_AFTER_LEAVE)
+                else:
+                    joined = True
+            if joined and not stream.closed:
+                self._relist(node, instance, stream)
+                self.relist[instance] = time.monotonic() + RELIST_AFTER_JOIN
+
+    def _relist_due(self, node: Node, streams, now: float) -> None:
+        for instance, when in list(self.relist.items()):
+            if when <= now:
+                del self.relist[instance]
+                if instance in streams and not streams[instance].closed:
+                    self._relist(node, instance, streams[instance])
+        self.leaving = {key: until for key, until in self.leaving.items() if until > now}
+
+    def _relist(self, node: Node, instance: str, stream: openvpn_mgmt.ClientStream) -> None:
+        try:
+            rows = stream.client_list(timeout=3)
+        except ProvisioningError:
+            stream.close()  # the instance went away or the interface was taken: the loop reopens it
+            return
+        # A client that said goodbye is still listed until OpenVPN's delayed exit: it is gone already.
+        rows = [r for r in rows if (instance, r.common_name, r.real_address) not in self.leaving]
+        presence.replace_instance(node, instance, rows)
 
 
 class Shard:

@@ -84,6 +84,12 @@ class _LinkBuilder:
     def __init__(self, healthy: Sequence[NodeSpec], by_name: Mapping[str, NodeSpec], rtt, previous=frozenset()):
         self.healthy = list(healthy)
         self.previous = previous  # pairs linked in the plan before this one (from link_addresses)
+        self.previous_adj: dict[str, set[str]] = {}
+        for pair in previous:
+            if len(pair) == 2:
+                a, b = tuple(pair)
+                self.previous_adj.setdefault(a, set()).add(b)
+                self.previous_adj.setdefault(b, set()).add(a)
         self.names = {n.name for n in healthy}
         self.rank = {n.name: i for i, n in enumerate(healthy)}
         self.by_name = by_name
@@ -325,17 +331,23 @@ class _Hierarchy:
 
         fresh = sorted(units, key=lambda u: (degree[u], rank[u]))  # least-loaded first: best heads
         heads = [primary]
+        # Incremental: the heads of the previous plan stay heads (a unit that had two or more of this group's
+        # units linked to it), so one node joining or leaving does not reshuffle the group and its files.
+        members, previous = set(units), self.b.previous_adj
+        kept = sorted((u for u in units if u != primary and len(previous.get(u, set()) & members) >= 2),
+                      key=rank.__getitem__)[: count - 1]
+        heads += kept
         if self.measured:
-            nearest = {u: rtt(u, primary) for u in units}
+            nearest = {u: min(rtt(u, h) for h in heads) for u in units}
             while len(heads) < count:
                 head = max((u for u in fresh if u not in heads), key=lambda u: (nearest[u], -degree[u], -rank[u]))
                 heads.append(head)
                 for u in units:
                     nearest[u] = min(nearest[u], rtt(u, head))
         else:
-            heads += [u for u in fresh if u != primary][: count - 1]
+            heads += [u for u in fresh if u not in heads][: max(0, count - len(heads))]
         groups = self._assign(units, heads, room)
-        for _ in range(self.LLOYD_ROUNDS if self.measured else 0):
+        for _ in range(self.LLOYD_ROUNDS if self.measured and not kept else 0):
             moved = [primary] + [
                 self._centre([u for u in members if room(u, len(heads)) > 0] or [head], members)
                 for head, members in groups.items() if head != primary
@@ -359,9 +371,14 @@ class _Hierarchy:
         others = [u for u in units if u not in groups]
         to = {u: {h: rtt(u, h) for h in heads} for u in others}  # each distance once
         order = sorted(others, key=lambda u: (min(to[u].values()), rank[u]))
+        previous = self.b.previous_adj
         for unit in order:
             open_heads = [h for h in heads if left[h] > 0] or heads
             head = min(open_heads, key=lambda h: (to[unit][h], rank[h]))
+            # A unit stays with its previous head unless another is clearly closer (hysteresis, as for links).
+            before = [h for h in open_heads if h in previous.get(unit, ())]
+            if before and to[unit][before[0]] <= self.KEEP_STRETCH * to[unit][head]:
+                head = before[0]
             groups[head].append(unit)
             left[head] -= 1
         return {h: sorted(g, key=rank.__getitem__) for h, g in groups.items()}
@@ -408,13 +425,19 @@ class _Hierarchy:
             ((rtt(a, b), self.b.rank[a], self.b.rank[b], a, b) for a, b in combinations(core, 2)
              if rtt.known(a, b) and frozenset((a, b)) not in self.b.direction),
         )
-        for w, _, _, a, b in pairs:
+        # Incremental: the previous plan's shortcuts stay (within the budget) before any new one is considered, so
+        # a node joining or leaving elsewhere does not re-run the spanner's choices and move links around.
+        previous = self.b.previous
+        kept = [p for p in pairs if frozenset((p[3], p[4])) in previous]
+        fresh = [p for p in pairs if frozenset((p[3], p[4])) not in previous]
+        for keep, (w, _, _, a, b) in [(True, p) for p in kept] + [(False, p) for p in fresh]:
             if degree[a] >= self.budget or degree[b] >= self.budget:
                 continue
             i, j = index[a], index[b]
-            limit = self.KEEP_STRETCH if frozenset((a, b)) in self.b.previous else self.SHORTCUT_STRETCH
-            if dist[i][j] <= limit * w:
+            if not keep and dist[i][j] <= self.SHORTCUT_STRETCH * w:
                 continue
+            if keep and dist[i][j] <= w:
+                continue  # the planned path is already as short as the link: it adds nothing any more
             self.b.link_ranked(a, b)
             di, dj = dist[i], dist[j]
             for x in range(size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Sequence
@@ -66,9 +67,15 @@ def _reject_pin_cycles(nodes: Sequence[NodeSpec]) -> None:
 
 # --- pools ------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=65536)
+def _network(value: str) -> ipaddress.IPv4Network:
+    """Parsed once: a LAN of thousands of nodes is re-planned with every node's stored pools."""
+    return ipaddress.IPv4Network(value)
+
+
 def _parse_pool(node: NodeSpec, kind: str, value: str) -> ipaddress.IPv4Network:
     try:
-        return ipaddress.IPv4Network(value)
+        return _network(value)
     except ValueError:
         raise PlanError(f"node {node.name} has an invalid {kind} pool {value!r}") from None
 
@@ -129,13 +136,15 @@ def _allocate_pools(lan, supernet, nodes_by_age, previous_blocks=None):
             try:
                 slot = plan.pools(plan.allocate(node.region))
             except PlanError:
-                missing = [n.name for n in nodes_by_age if n.name not in result]
+                missing = [n.name for n in nodes_by_age
+                           if n.name not in result and (n.udp_pool is None or n.tcp_pool is None)]
                 raise PlanError(
                     f"this LAN is full: supernet {supernet} holds {plan.capacity} nodes with /{lan.pool_prefix} "
                     f"pools (each node takes a UDP and a TCP pool), and there is no room for: "
                     f"{', '.join(missing)}. Choose smaller pools (a longer prefix) or a larger supernet "
                     "in the LAN's settings."
                 ) from None
-            udp, tcp = udp or str(slot.udp), tcp or str(slot.tcp)
-        result[node.name] = NodePools(ipaddress.IPv4Network(udp), ipaddress.IPv4Network(tcp))
+            result[node.name] = NodePools(_network(udp) if udp else slot.udp, _network(tcp) if tcp else slot.tcp)
+        else:
+            result[node.name] = NodePools(_network(udp), _network(tcp))
     return result, plan.region_blocks({n.region for n in nodes_by_age})
