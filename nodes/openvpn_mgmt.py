@@ -263,16 +263,17 @@ def kill_clients(c: Connection, status: NodeStatus, common_names: Iterable[str],
 # left. A client that says goodbye (explicit-exit-notify) stays in the client list for five more seconds ("Delayed
 # exit in 5 seconds"); the log line comes at once.
 
-_LEAVING = ("exit message received", "client-instance exiting", "client-instance restarting", "Connection reset",
-            "Inactivity timeout")
+_GOODBYE = "exit message received"  # the client said it is leaving (explicit-exit-notify)
+_ENDED = ("client-instance exiting", "client-instance restarting", "Connection reset", "Inactivity timeout")
 _CLIENT_PREFIX = re.compile(r"^(?P<cn>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(?P<real>\S+) (?P<text>.*)$")
 
 
 @dataclass(frozen=True)
 class ClientEvent:
-    """What a >LOG line says about one client: ``joined`` (its client list entry is new or changed) or ``left``."""
+    """What a >LOG line says about one client: ``joined`` (its client list entry is new or changed), ``bye`` (it said
+    it is leaving) or ``ended`` (its connection ended: a TCP close, a timeout, or the delayed exit after a bye)."""
 
-    kind: str  # "joined" | "left"
+    kind: str  # "joined" | "bye" | "ended"
     common_name: str
     real_address: str
 
@@ -290,8 +291,10 @@ def parse_log_line(line: str) -> ClientEvent | None:
     text = match.group("text")
     if "PUSH_REPLY" in text and text.startswith("SENT CONTROL"):
         return ClientEvent("joined", match.group("cn"), match.group("real"))
-    if any(marker in text for marker in _LEAVING):
-        return ClientEvent("left", match.group("cn"), match.group("real"))
+    if _GOODBYE in text:
+        return ClientEvent("bye", match.group("cn"), match.group("real"))
+    if any(marker in text for marker in _ENDED):
+        return ClientEvent("ended", match.group("cn"), match.group("real"))
     return None
 
 

@@ -90,7 +90,8 @@ class NodeWatcher(threading.Thread):
             streams: dict[str, openvpn_mgmt.ClientStream] = {}
             retry_at: dict[str, float] = {}
             self.relist: dict[str, float] = {}  # instance -> when to read its client list again
-            self.leaving: dict[tuple[str, str, str], float] = {}  # (instance, cn, address) -> until when it is gone
+            # (instance, common name, real address) -> wall-clock time the client said goodbye
+            self.leaving: dict[tuple[str, str, str], float] = {}
             try:
                 while not self.stopping.is_set():
                     if not c.is_connected:
@@ -145,18 +146,24 @@ class NodeWatcher(threading.Thread):
             self.stopping.wait(wait)
             return
         # Lines read already (while a client list was read) do not wake select(): take those streams as ready.
-        buffered = [s.channel for s in streams.values() if s.channel is not None and (s.notifications or b"\n" in s.buffer)]
+        buffered = [s.channel for s in streams.values()
+                    if s.channel is not None and (s.notifications or b"\n" in s.buffer)]
         ready = buffered or select.select(list(waiting), [], [], wait)[0]
         for channel in ready:
             instance, stream = waiting[channel]
             joined = False
             for event in stream.events(idle=0):
-                if event.kind == "left":
-                    presence.client_left(node, instance, event.common_name, event.real_address)
-                    self.leaving[(instance, event.common_name, event.real_address)] = now + RELIST_AFTER_LEAVE
-                    self.relist.setdefault(instance, now + RELIST_AFTER_LEAVE)
-                else:
+                key = (instance, event.common_name, event.real_address)
+                if event.kind == "joined":
                     joined = True
+                elif event.kind == "bye" or key not in self.leaving:
+                    # A bye drops the session at once; so does a connection ending without one. An end that
+                    # follows a bye is OpenVPN's delayed exit of the connection that said it (a new connection
+                    # from the same address may be listed by then): the re-read below settles it.
+                    presence.client_left(node, instance, event.common_name, event.real_address)
+                    if event.kind == "bye":
+                        self.leaving[key] = time.time()
+                    self.relist.setdefault(instance, now + RELIST_AFTER_LEAVE)
             if joined and not stream.closed:
                 self._relist(node, instance, stream)
                 self.relist[instance] = time.monotonic() + RELIST_AFTER_JOIN
@@ -167,7 +174,14 @@ class NodeWatcher(threading.Thread):
                 del self.relist[instance]
                 if instance in streams and not streams[instance].closed:
                     self._relist(node, instance, streams[instance])
-        self.leaving = {key: until for key, until in self.leaving.items() if until > now}
+        wall = time.time()
+        self.leaving = {key: at for key, at in self.leaving.items() if wall - at < RELIST_AFTER_LEAVE + 1}
+
+    def _gone(self, instance: str, row) -> bool:
+        said_goodbye = self.leaving.get((instance, row.common_name, row.real_address))
+        if said_goodbye is None:
+            return False
+        return row.connected_since is None or row.connected_since.timestamp() < int(said_goodbye)
 
     def _relist(self, node: Node, instance: str, stream: openvpn_mgmt.ClientStream) -> None:
         try:
@@ -175,8 +189,9 @@ class NodeWatcher(threading.Thread):
         except ProvisioningError:
             stream.close()  # the instance went away or the interface was taken: the loop reopens it
             return
-        # A client that said goodbye is still listed until OpenVPN's delayed exit: it is gone already.
-        rows = [r for r in rows if (instance, r.common_name, r.real_address) not in self.leaving]
+        # A client that said goodbye is still listed until OpenVPN's delayed exit: it is gone already. A connection
+        # from the same address that began after the goodbye is a new one and stays.
+        rows = [r for r in rows if not self._gone(instance, r)]
         presence.replace_instance(node, instance, rows)
 
 

@@ -1,0 +1,58 @@
+"""Who is online: the watcher's reading of OpenVPN's real-time log, and the session rows it writes."""
+
+from datetime import datetime, timezone
+
+from django.test import SimpleTestCase
+
+from nodes import presence
+from nodes.models import VpnSession
+from nodes.openvpn_mgmt import ClientEvent, ClientRow, parse_log_line
+from tests.base import BaseTestCase
+
+CN = "player-bob-a1b2c3"
+
+
+class LogLineTests(SimpleTestCase):
+    def test_a_push_reply_sent_to_a_client_means_it_joined(self):
+        line = f">LOG:1764640000,,{CN}/203.0.113.20:40001 SENT CONTROL [{CN}]: 'PUSH_REPLY,route-gateway 10.0.0.1'"
+        self.assertEqual(parse_log_line(line), ClientEvent("joined", CN, "203.0.113.20:40001"))
+
+    def test_an_exit_notice_is_a_bye_and_an_ended_instance_is_an_end(self):
+        self.assertEqual(parse_log_line(f">LOG:1764640000,,{CN}/203.0.113.20:40001 CC-EEN exit message received by peer"),
+                         ClientEvent("bye", CN, "203.0.113.20:40001"))
+        line = f">LOG:1764640000,,{CN}/203.0.113.20:40001 SIGTERM[soft,delayed-exit] received, client-instance exiting"
+        self.assertEqual(parse_log_line(line).kind, "ended")
+        self.assertEqual(parse_log_line(f">LOG:1764640000,,{CN}/203.0.113.21:50000 Connection reset, restarting [0]").kind,
+                         "ended")
+
+    def test_lines_about_no_client_or_other_things_are_ignored(self):
+        for line in (">LOG:1764640000,,MANAGEMENT: Client connected from [AF_INET]127.0.0.1:7505",
+                     f">LOG:1764640000,,{CN}/203.0.113.20:40001 VERIFY OK: depth=0, CN={CN}",
+                     ">INFO:OpenVPN Management Interface Version 5", "SUCCESS: real-time log notification set to ON",
+                     ">LOG:garbage"):
+            self.assertIsNone(parse_log_line(line), line)
+
+
+def row(cn, real, instance="server/lanhub-udp", vpn="10.0.1.2"):
+    return ClientRow(common_name=cn, real_address=real, vpn_address=vpn, bytes_in=0, bytes_out=0,
+                     connected_since=datetime(2026, 12, 1, tzinfo=timezone.utc), instance=instance)
+
+
+class PresenceTests(BaseTestCase):
+    def setUp(self):
+        self.node = self.add_node("hangzhou")
+
+    def test_an_instances_list_replaces_only_that_instances_sessions_and_names_the_player(self):
+        presence.replace_instance(self.node, "server/lanhub-tcp", [row("someone", "198.51.100.9:1", "server/lanhub-tcp")])
+        presence.replace_instance(self.node, "server/lanhub-udp", [row(self.bob.common_name, "203.0.113.20:40001")])
+        sessions = {(s.instance, s.common_name, s.player_id) for s in VpnSession.objects.filter(node=self.node)}
+        self.assertEqual(sessions, {("server/lanhub-tcp", "someone", None),
+                                    ("server/lanhub-udp", self.bob.common_name, self.bob.pk)})
+        self.bob.refresh_from_db()
+        self.assertIsNotNone(self.bob.last_seen_at)
+
+    def test_a_client_that_left_loses_only_the_session_from_its_address(self):
+        presence.replace_instance(self.node, "server/lanhub-udp", [row(CN, "203.0.113.20:40001"),
+                                                                   row(CN, "203.0.113.30:40002", vpn="10.0.1.3")])
+        presence.client_left(self.node, "server/lanhub-udp", CN, "203.0.113.20:40001")
+        self.assertEqual(list(VpnSession.objects.values_list("real_address", flat=True)), ["203.0.113.30:40002"])
