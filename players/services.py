@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from lanhub import pki
 from lanhub.secrets import seal, unseal
 from nodes import layout
 from nodes import services as node_services
-from nodes.models import Lan, Node, NodeState
+from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
 from players import profiles
 from players.models import NICKNAME_RE, Invite, Player, new_token
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
+PROFILE_CACHE_SIZE = 512  # rendered profiles kept per process (about 5-15 KB each)
 INVITE_MAX_TTL = dt.timedelta(days=30)
 
 
@@ -159,7 +161,8 @@ class Profile:
 
 
 def ready_nodes(lan: Lan) -> list[Node]:
-    return list(lan.nodes.filter(state=NodeState.READY, healthy=True).order_by("created_at", "pk"))
+    return list(lan.nodes.filter(state=NodeState.READY, healthy=True).order_by("created_at", "pk")
+                .defer(*NODE_BULK_FIELDS))
 
 
 def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
@@ -168,11 +171,18 @@ def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
         raise ValidationError("This player was revoked.")
     lan = player.lan
     others = [n for n in ranked if n.pk != node.pk]
-    content = profiles.render_profile(
-        lan_name=lan.name, nickname=player.nickname,
-        remotes=profiles.profile_remotes(chosen=node, others=others),
-        ca_pem=lan.ca_cert, cert_pem=player.cert_pem, key_pem=unseal(player.key_sealed),
-        tls_crypt=unseal(lan.tls_crypt_sealed),
-    )
+    content = _render_profile(lan.name, player.nickname, tuple(profiles.profile_remotes(chosen=node, others=others)),
+                              lan.ca_cert, player.cert_pem, player.key_sealed, lan.tls_crypt_sealed)
     return Profile(filename=profiles.profile_filename(lan=lan.slug, nickname=player.nickname, node=node.name),
                    content=content)
+
+
+@functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)
+def _render_profile(lan_name: str, nickname: str, remotes: tuple[profiles.Remote, ...], ca_pem: str, cert_pem: str,
+                    key_sealed: str, tls_crypt_sealed: str) -> str:
+    """The rendered profile, cached per process and keyed by every input as stored: the private halves sealed, so
+    a new certificate, a re-sealed key, a renamed LAN or another order of servers is simply another key, and
+    nothing needs invalidating. In process memory only, never in Redis: the text holds the player's private key.
+    A hit skips two unseals and the PEM checks; the key (seven strings) is hashed in microseconds."""
+    return profiles.render_profile(lan_name=lan_name, nickname=nickname, remotes=remotes, ca_pem=ca_pem,
+                                   cert_pem=cert_pem, key_pem=unseal(key_sealed), tls_crypt=unseal(tls_crypt_sealed))
