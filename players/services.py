@@ -80,7 +80,8 @@ def validate_nickname(nickname: str) -> str:
 def redeem_invite(*, token: str, nickname: str, client_address: str | None = None) -> Player:
     """Turn an invite into a player. The invite row is locked, so its use limit holds under concurrency."""
     nickname = validate_nickname(nickname)
-    invite = Invite.objects.select_for_update().filter(token=token).first()
+    # of=("self",): on PostgreSQL only the invite row is locked, not its LAN (loaded in the same query).
+    invite = Invite.objects.select_for_update(of=("self",)).select_related("lan").filter(token=token).first()
     if invite is None:
         raise InviteUnusable("not_found")
     problem = invite.problem()
@@ -88,9 +89,12 @@ def redeem_invite(*, token: str, nickname: str, client_address: str | None = Non
         raise InviteUnusable(problem)
     if Player.objects.filter(lan_id=invite.lan_id, nickname__iexact=nickname).exists():
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."})
-    player = Player(lan_id=invite.lan_id, nickname=nickname, invite=invite, joined_from=client_address)
+    player = Player(lan=invite.lan, nickname=nickname, invite=invite, joined_from=client_address)
     _issue_certificate(player, lan=invite.lan)
-    player.full_clean()
+    # The LAN and the invite are the rows just read under the lock, so their foreign keys need no lookup; the
+    # nickname's uniqueness was checked above and is enforced by its constraint (the IntegrityError below), and
+    # the token is 192 random bits under a unique index: no query of its own for either.
+    player.full_clean(exclude=["lan", "invite"], validate_unique=False, validate_constraints=False)
     try:
         with transaction.atomic():  # two friends taking one nickname through two invites at the same moment
             player.save()
