@@ -19,6 +19,7 @@ from lanhub import pki
 from lanhub.secrets import seal, unseal
 from nodes import layout
 from nodes.models import Lan, Node, RevokedCertificate
+from nodes import topology
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
     LanPlan, check_lan, check_node, current_plan, estimated_rtts, node_specs, plan_lan, replan, revoked_names,
@@ -174,3 +175,9 @@ def _issue_node_certificates(node: Node) -> None:
     link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now)
     node.server_cert, node.server_key_sealed = server.cert_pem, seal(server.key_pem)
     node.link_cert, node.link_key_sealed = link.cert_pem, seal(link.key_pem)
+
+
+def lan_capacity(lan: Lan) -> int:
+    """How many nodes the LAN's supernet holds with its pool size (each node takes a UDP and a TCP pool)."""
+    return topology.capacity(topology.LanSpec(supernet=lan.supernet, pool_prefix=lan.pool_prefix))
+

@@ -134,6 +134,8 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
         "links": list(Link.objects.filter(lan=lan).select_related("upstream", "downstream")
                       .only("address", "state", "rtt_ms", "upstream__name", "downstream__name")),
         "online_total": sum(node.online for node in nodes),
+        # How many servers the address plan holds (docs/addressing.md): computed from the settings, no query.
+        "capacity": services.lan_capacity(lan),
         "node_form": node_form or NodeForm(lan=lan),
         "invite_form": invite_form or InviteForm(),
     }

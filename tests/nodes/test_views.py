@@ -12,7 +12,7 @@ from django.test import SimpleTestCase
 from django.urls import reverse
 from django.utils import timezone
 
-from nodes import svg
+from nodes import services, svg
 from nodes.models import Lan, Link, LinkState, Node, SyncRun, SyncStatus, VpnSession
 from nodes.views import INVITES_SHOWN, PLAYERS_PER_PAGE
 from players import services as player_services
@@ -202,6 +202,16 @@ class NodeAddTests(HostTestCase):
         self.assertEqual(node.country, "HK")
         self.assertTrue(node.udp_pool)  # planned
         self.assertEqual(node.sync_runs.get().status, SyncStatus.QUEUED)
+
+    def test_a_full_lan_is_a_clear_form_error_and_the_dashboard_shows_the_capacity(self):
+        small = services.create_lan(owner=self.alice, name="Small", slug="small", supernet="10.0.0.0/14")
+        self.add_node("hangzhou", lan=small)  # a /14 less its reserved top /20 holds one /16 + /16 node
+        dashboard = self.client.get(reverse("nodes:lan_detail", args=[small.slug]))
+        self.assertContains(dashboard, "1 of 1 server this LAN holds")
+        response = self.client.post(self.url(small), self.data())
+        self.assertEqual(response.status_code, 200)
+        self.assertContains(response, "this LAN is full: supernet 10.0.0.0/14 holds 1 nodes with /16 pools")
+        self.assertFalse(Node.objects.filter(lan=small, name="hongkong").exists())
 
     def test_it_shows_field_errors_and_adds_nothing(self):
         response = self.client.post(self.url(), self.data(name="Hong Kong!", udp_port=70000))
