@@ -26,16 +26,21 @@ class _Rtt:
             a, b = sorted(key)
             self.table[(a, b)] = float(value)
         self.points = {name: _unit_vector(point) for name, point in (locations or {}).items()}
+        self.estimated: set[tuple[str, str]] = set()
 
     def __call__(self, a: str, b: str) -> float:
-        if self.table:
-            value = self.table.get((a, b) if a < b else (b, a))
-            if value is not None:
-                return value
+        key = (a, b) if a < b else (b, a)
+        value = self.table.get(key)
+        if value is not None:
+            return value
         pa, pb = self.points.get(a), self.points.get(b)
         if pa is None or pb is None:
             return RTT_UNKNOWN
-        return 1.0 + _KM_PER_CHORD_ASIN / 100.0 * math.asin(min(1.0, math.dist(pa, pb) / 2))
+        # Estimates are kept once computed (clustering asks for the same pairs round after round); only pairs the
+        # planner looks at are ever computed, never the n^2 matrix.
+        value = self.table[key] = 1.0 + _KM_PER_CHORD_ASIN / 100.0 * math.asin(min(1.0, math.dist(pa, pb) / 2))
+        self.estimated.add(key)
+        return value
 
     def known(self, a: str, b: str) -> bool:
         return ((a, b) if a < b else (b, a)) in self.table or (a in self.points and b in self.points)
@@ -46,7 +51,7 @@ class _Rtt:
         if names <= self.points.keys():
             return True
         n = len(names)
-        known = sum(a in names and b in names for a, b in self.table)
+        known = sum(a in names and b in names for a, b in self.table if (a, b) not in self.estimated)
         return known >= n * (n - 1) // 2
 
 

@@ -12,9 +12,10 @@ from nodes.watcher import Shard
 
 
 class Command(BaseCommand):
-    help = ("Run the session watcher: real-time >CLIENT notifications from every ready node's OpenVPN servers "
-            "become VpnSession rows. --processes N splits the nodes over N processes (by node id). Runs until "
-            "interrupted; needs Redis (for the yield requests of syncs and polls) and SSH access to the nodes.")
+    help = ("Run the session watcher: every ready node's OpenVPN servers are held open over SSH and who connects "
+            "and leaves becomes VpnSession rows as it happens. --processes N splits the nodes over N processes (by "
+            "node id). Runs until interrupted; needs Redis (syncs and polls ask it to step aside) and SSH access "
+            "to the nodes.")
 
     def add_arguments(self, parser):
         parser.add_argument("--processes", type=int, default=settings.LANHUB_WATCHER_PROCESSES,
