@@ -22,7 +22,7 @@ from cryptography import x509
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import topology
+from nodes import games, topology
 from nodes.files import desired_files
 from nodes.models import Lan, Link, Node, RevokedCertificate, SyncRun, SyncStatus
 
@@ -39,6 +39,7 @@ class LanPlan:
     spec: topology.LanSpec
     specs: dict[str, topology.NodeSpec]
     nodes: dict[str, Node]
+    discovery: games.DiscoverySpec = games.DiscoverySpec()
 
 
 # --- LANs -----------------------------------------------------------------------------------------------------
@@ -46,10 +47,12 @@ class LanPlan:
 
 @transaction.atomic
 def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8", pool_prefix: int = 16,
-               topology_mode: str = "auto") -> Lan:
+               topology_mode: str = "auto", discovery_games: list[str] | None = None,
+               discovery_ports: str = "") -> Lan:
     """Create a LAN with its own certificate authority, tls-crypt key, empty CRL and SSH deploy key."""
     lan = Lan(owner=owner, name=name, slug=slug or slugify(name)[:32], supernet=supernet, pool_prefix=pool_prefix,
-              topology_mode=topology_mode)
+              topology_mode=topology_mode, discovery_ports=discovery_ports,
+              discovery_games=games.default_games() if discovery_games is None else list(discovery_games))
     lan.full_clean()
     now = timezone.now()
     ca = pki.create_ca(name=f"lanhub-{lan.slug}-ca", now=now)
@@ -59,6 +62,18 @@ def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8"
     lan.ssh_private_key_sealed, lan.ssh_public_key = seal(private), public
     _write_crl(lan, now=now)
     lan.save()
+    return lan
+
+
+@transaction.atomic
+def update_discovery(lan: Lan, *, discovery_games: list[str], discovery_ports: str = "", requested_by=None) -> Lan:
+    """Change the games whose LAN announcements are relayed; the nodes whose relay config or pushed routes
+    change are synced (every node for a port; a multicast group also changes what players are pushed)."""
+    Lan.objects.select_for_update().filter(pk=lan.pk).first()
+    lan.discovery_games, lan.discovery_ports = list(discovery_games), discovery_ports.strip()
+    lan.full_clean(exclude=["owner", "default_node"])
+    lan.save(update_fields=["discovery_games", "discovery_ports"])
+    sync_changed_nodes(lan, reason="game list changed", requested_by=requested_by)
     return lan
 
 
@@ -226,7 +241,8 @@ def plan_lan(lan: Lan) -> LanPlan:
         plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses)
     except topology.PlanError as exc:
         raise ValidationError(str(exc)) from None
-    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
+    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes},
+                   discovery=lan.discovery)
 
 
 def estimated_rtts(nodes: list[Node]) -> dict[frozenset[str], float]:
