@@ -20,6 +20,13 @@ VERIFY_WAIT = 15  # seconds an instance gets to be running, listening and have i
 LINK_WAIT = 20  # seconds a link gets to answer a ping through its tunnel
 
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_RELEASE_RE = re.compile(r"\bOpenVPN\s+(\d+\.\d+(?:\.\d+)?(?:[_-][A-Za-z0-9]+)?)")
+
+
+def openvpn_release(version_line: str) -> str:
+    """"2.6.14" out of "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)] ..."; "" when there is none."""
+    match = _RELEASE_RE.search(version_line or "")
+    return match.group(1) if match else ""
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def verify(c: Connection, *, wanted: Iterable[str], links: Iterable[tuple[str, s
     """
     wanted = sorted(set(wanted))
     configs = _config_lines(c, wanted)
-    version = run_root(c, "openvpn --version 2>&1 | head -n 1", hide=True, warn=True).stdout.strip()
+    version = openvpn_release(run_root(c, "openvpn --version 2>&1 | head -n 1", hide=True, warn=True).stdout)
     deadline = time.monotonic() + VERIFY_WAIT
     started = time.monotonic()
     while True:
