@@ -2,7 +2,9 @@
 
     listen --port P [--group G] [--reply] --seconds S   print READY, then one JSON line per datagram received
     send --to A --port P --payload X [--count N] [--wait S]   send N datagrams (SO_BROADCAST), print the replies
-    flood --to A --port P --count N --seconds S          send N datagrams as fast as possible within S seconds
+    flood --to A --port P --count N --seconds S [--rate R]   send N datagrams within S seconds (R per second)
+    rtt --to A --port P --count N                        N probes 0.1 s apart, each waiting up to 1 s for its reply;
+                                                         prints one JSON line per probe: seq, sent (monotonic), rtt
 """
 
 import argparse
@@ -58,12 +60,36 @@ def flood(args) -> None:
     began, sent = time.monotonic(), 0
     deadline = began + args.seconds
     while sent < args.count and time.monotonic() < deadline:
+        if args.rate and sent > (time.monotonic() - began) * args.rate:
+            time.sleep(0.0005)
+            continue
         try:
             sock.sendto(f"flood#{sent}".encode(), (args.to, args.port))
         except OSError:  # a full queue: count only what left
             continue
         sent += 1
     print(json.dumps({"sent": sent, "seconds": time.monotonic() - began}), flush=True)
+
+
+def rtt(args) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    for seq in range(args.count):
+        payload = f"rtt#{seq}".encode()
+        sent = time.monotonic()
+        sock.sendto(payload, (args.to, args.port))
+        took = None
+        while (left := sent + 1.0 - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, _ = sock.recvfrom(4096)
+            except socket.timeout:
+                break
+            if data == b"reply:" + payload:
+                took = (time.monotonic() - sent) * 1000
+                break
+        print(json.dumps({"seq": seq, "sent": sent, "rtt": took}), flush=True)
+        time.sleep(max(0.0, sent + 0.1 - time.monotonic()))
 
 
 def main() -> None:
@@ -87,8 +113,13 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--rate", type=float, default=0.0)
+    p = sub.add_parser("rtt")
+    p.add_argument("--to", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=20)
     args = parser.parse_args()
-    {"listen": listen, "send": send, "flood": flood}[args.mode](args)
+    {"listen": listen, "send": send, "flood": flood, "rtt": rtt}[args.mode](args)
 
 
 if __name__ == "__main__":
