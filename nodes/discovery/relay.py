@@ -344,7 +344,7 @@ class Relay:
     def _trusted(self, source: str, ancillary) -> bool:
         """A peer node's relay address, arriving on a LanHub tunnel (OpenVPN's iroute check stops players from
         forging it inside the LAN; the device check stops it arriving from outside)."""
-        if int(ipaddress.IPv4Address(source)) not in self.config.peers:
+        if int.from_bytes(socket.inet_aton(source), "big") not in self.config.peers:
             return False
         for level, kind, data in ancillary:
             if level == socket.SOL_IP and kind == IP_PKTINFO and len(data) >= 4:

@@ -202,6 +202,9 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):  # 
         FIGURES["revoke_to_session_killed_s"] = time.monotonic() - revoked_at
         # The server told his client to stop; started again, the new CRL refuses its handshake.
         wait_until(lambda: bob_host.openvpn_pid() is None, timeout=10, what="bob's client to be told to stop")
+        # The kill may come from a status poll still running from step 5, before Hong Kong's sync has uploaded the
+        # new CRL: wait for the syncs, then the handshake must be refused.
+        wait_until(lambda: settled(lan), timeout=60, what=lambda: f"the revocation syncs\n{describe_runs(lan)}")
         bob_host.start_openvpn(bob_profile)
         wait_until(lambda: re.search(r"CRL CHECK FAILED|certificate revoked", server_log(hk_host)), timeout=20,
                    what=lambda: f"Hong Kong to refuse bob's certificate; bob's log:\n{bob_host.log()[-3000:]}")
