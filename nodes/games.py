@@ -11,7 +11,6 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-RELAY_PORT = 7400  # relay-to-relay messages, on the nodes' own tunnel addresses only
 # Per player, at the origin relay. Games announce about once a second (Minecraft every 1.5 s, Warcraft III and
 # DirectPlay a few packets a second while a lobby is open); 20 packets/s with a burst of 40 leaves room for
 # several games at once and a client browsing lobbies, while one flooding client costs every other player at

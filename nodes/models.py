@@ -5,7 +5,6 @@ pools, a link's fixed address) is stored here so the next plan can honour it.
 """
 
 import ipaddress
-import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -14,15 +13,13 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
-from nodes import games
+from nodes import games, layout
 
-# Names reach file paths, certificate names and shell commands: keep them to a safe alphabet.
-NAME_RE = r"^[a-z][a-z0-9-]{0,31}$"
-name_validator = RegexValidator(NAME_RE, "Use 1–32 lowercase letters, digits or '-', starting with a letter.")
-region_validator = RegexValidator(
-    r"^([a-z0-9][a-z0-9-]{0,31})(/[a-z0-9][a-z0-9-]{0,31}){0,7}$|^$",
-    "A region is a path of lowercase names separated by '/', such as asia/cn/east.",
-)
+# Names reach file paths, certificate names and shell commands: the rules live in nodes/layout.py, which the
+# planner uses too.
+NAME_RE = layout.NODE_NAME_PATTERN
+name_validator = RegexValidator(layout.NODE_NAME_PATTERN, layout.NODE_NAME_RULE)
+region_validator = RegexValidator(layout.REGION_PATTERN, layout.REGION_RULE)
 host_validator = RegexValidator(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$"
     r"|^[0-9a-fA-F:]+$",
@@ -325,4 +322,4 @@ class VpnSession(models.Model):
 
 
 def is_valid_name(value: str) -> bool:
-    return bool(re.match(NAME_RE, value or ""))
+    return layout.is_node_name(value)

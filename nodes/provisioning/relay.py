@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from fabric import Connection
 
-from nodes import games, render
+from nodes import layout, render
 from nodes.provisioning.instances import RUN_DIR, STOP_WAIT
 from nodes.ssh import ProvisioningError, run_root
 
-UNIT = "lanhub-relay.service"
-PID = f"{RUN_DIR}/lanhub-relay.pid"
-LOG = f"{RUN_DIR}/lanhub-relay.log"
+UNIT = layout.RELAY_UNIT_NAME
+PID = layout.RELAY_PID
+LOG = layout.RELAY_LOG
 START_WAIT = 5  # seconds the relay gets to bind its port
 COMMAND = f"python3 {render.RELAY_PROGRAM} --config {render.RELAY_CONFIG}"
 
@@ -74,7 +74,7 @@ def relay_state(c: Connection) -> tuple[bool, bool]:
 
 def relay_listening(c: Connection) -> bool:
     out = run_root(c, "ss -Hlnu 2>/dev/null; true", hide=True, warn=True).stdout
-    return any(line.split()[3].endswith(f":{games.RELAY_PORT}") for line in out.splitlines() if len(line.split()) > 3)
+    return any(line.split()[3].endswith(f":{layout.RELAY_PORT}") for line in out.splitlines() if len(line.split()) > 3)
 
 
 def _start(c: Connection, systemd: bool) -> None:
@@ -116,10 +116,10 @@ def _stop(c: Connection, systemd: bool, *, remove_unit: bool = False) -> None:
 
 
 def _wait_listening(c: Connection) -> None:
-    script = (f"i=0; while [ $i -lt {START_WAIT * 5} ]; do ss -Hlnu | grep -q ':{games.RELAY_PORT} ' && exit 0; "
+    script = (f"i=0; while [ $i -lt {START_WAIT * 5} ]; do ss -Hlnu | grep -q ':{layout.RELAY_PORT} ' && exit 0; "
               "sleep 0.2; i=$((i+1)); done; exit 1")
     if not run_root(c, script, hide=True, warn=True).ok:
-        raise ProvisioningError("ensure_relay", f"The discovery relay is not listening on UDP {games.RELAY_PORT}."
+        raise ProvisioningError("ensure_relay", f"The discovery relay is not listening on UDP {layout.RELAY_PORT}."
                                 + _log_tail(c))
 
 

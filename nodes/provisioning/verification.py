@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fabric import Connection
 
+from nodes import layout
 from nodes.provisioning.instances import _ALIVE_SH, _paths
 from nodes.ssh import ProvisioningError, run_root
 
@@ -41,14 +42,12 @@ class NodeLink:
 
 def node_links(plan, node_name: str) -> list[NodeLink]:
     """The links ``node_name`` runs a client for, with what verify and the status poll ping through each."""
-    from nodes import render  # names and devices are render's to decide; imported late to keep this module light
-
     links = []
     for link in plan.links:
         if link.downstream == node_name:
             peer = str(plan.pools[link.upstream].udp.network_address + 1)  # "server <net> ..." takes .1
-            links.append(NodeLink(link.upstream, render.link_instance(link.upstream),
-                                  render.link_device(link.upstream), peer))
+            links.append(NodeLink(link.upstream, layout.link_instance(link.upstream),
+                                  layout.link_device(link.upstream), peer))
     return links
 
 

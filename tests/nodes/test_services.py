@@ -59,7 +59,7 @@ class PlanningTests(BaseTestCase):
         self.assertEqual(queued, {"hangzhou", "singapore", "hongkong"})
         # Hong Kong already routes everything via Hangzhou: only its discovery relay learns the new peer.
         hk = Node.objects.get(lan=self.lan, name="hongkong")
-        files = services.desired_files(self.lan, hk, services.plan_lan(self.lan))
+        files = desired_files(self.lan, hk, services.plan_lan(self.lan))
         changed = {p for p, f in files.items() if hk.applied_files.get(p) != f.sha256}
         self.assertEqual(changed, {render.RELAY_CONFIG})
 
