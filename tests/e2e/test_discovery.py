@@ -28,7 +28,6 @@ from nodes.render import STATUS_INTERVAL
 from tests.celery_worker import real_worker
 from tests.e2e.test_lan_end_to_end import connect, download, join, register, server_log, settled, vpn_address, \
     wait_ready, wait_until
-from tests.lab_fixtures import lab  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -78,7 +77,7 @@ def relay_log(node_host) -> str:
 
 # Every friend joins from the test client's one address; the join rate limit has its own tests.
 @override_settings(LANHUB_JOIN_RATE=10_000)
-def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab):  # noqa: F811, C901
+def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab):  # noqa: C901
     host_user = get_user_model().objects.create_user("host", password="host-password")
     # Mesh: three links in a triangle, so a relay that forwarded along links would deliver twice.
     lan = services.create_lan(owner=host_user, name="Discovery night", slug="discovery", topology_mode="mesh")
