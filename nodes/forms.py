@@ -45,7 +45,6 @@ class LanForm(forms.ModelForm):
         self.fields["slug"].required = False
 
 
-<<<<<<< HEAD
 class GameListForm(forms.ModelForm):
     """The LAN's game list on the dashboard; the model's validators (also run by the admin) check the ports."""
 
@@ -55,7 +54,8 @@ class GameListForm(forms.ModelForm):
         model = Lan
         fields = ("discovery_games", "discovery_ports")
         labels = {"discovery_ports": "Custom UDP ports"}
-=======
+
+
 class QuickSelect(forms.Select):
     """A <select> drawn in one pass. Django renders every <option> through a template (about half a millisecond
     each), and the upstream choice lists every node of the LAN on every dashboard load."""
@@ -68,7 +68,6 @@ class QuickSelect(forms.Select):
              for _, group, _ in widget["optgroups"] for option in group),
         )
         return format_html('<select name="{}"{}>{}</select>', widget["name"], flatatt(widget["attrs"]), options)
->>>>>>> main
 
 
 class NodeForm(forms.ModelForm):
