@@ -20,7 +20,7 @@ from django.db import transaction
 import ipaddress
 import logging
 
-from nodes import layout, runs, topology
+from nodes import games, layout, runs, topology
 from nodes.files import desired_files
 from nodes.models import Lan, Link, Node, RevokedCertificate, StoredPlan, SyncState
 from nodes.provisioning import NodeLink
@@ -41,6 +41,7 @@ class LanPlan:
     spec: topology.LanSpec
     specs: dict[str, topology.NodeSpec]
     nodes: dict[str, Node]
+    discovery: games.DiscoverySpec = games.DiscoverySpec()  # the LAN's game list, for the relays and pushes
 
 
 def lan_spec(lan: Lan) -> topology.LanSpec:
@@ -80,7 +81,8 @@ def plan_lan(lan: Lan) -> LanPlan:
                                  blocks=stored.get("blocks"))
     except topology.PlanError as exc:
         raise ValidationError(str(exc)) from None
-    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
+    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes},
+                   discovery=lan.discovery)
 
 
 def current_plan(lan: Lan) -> LanPlan:
@@ -94,7 +96,7 @@ def current_plan(lan: Lan) -> LanPlan:
         return lan_plan
     specs = node_specs(lan, nodes)
     return LanPlan(plan=topology.Plan.from_data(stored.data), spec=lan_spec(lan), specs={s.name: s for s in specs},
-                   nodes={n.name: n for n in nodes})
+                   nodes={n.name: n for n in nodes}, discovery=lan.discovery)
 
 
 def _store_plan(lan: Lan, lan_plan: LanPlan, *, reason: str) -> StoredPlan:
