@@ -155,14 +155,18 @@ class NodeWatcher(threading.Thread):
             for event in stream.events(idle=0):
                 key = (instance, event.common_name, event.real_address)
                 if event.kind == "joined":
+                    self.leaving.pop(key, None)  # a new connection from that address: the list decides
                     joined = True
-                elif event.kind == "bye" or key not in self.leaving:
-                    # A bye drops the session at once; so does a connection ending without one. An end that
-                    # follows a bye is OpenVPN's delayed exit of the connection that said it (a new connection
-                    # from the same address may be listed by then): the re-read below settles it.
+                elif event.kind == "bye":
                     presence.client_left(node, instance, event.common_name, event.real_address)
-                    if event.kind == "bye":
-                        self.leaving[key] = time.time()
+                    self.leaving[key] = time.time()
+                    self.relist.setdefault(instance, now + RELIST_AFTER_LEAVE)
+                elif key in self.leaving:
+                    # OpenVPN's delayed exit of a connection that said goodbye: it is off the list now.
+                    del self.leaving[key]
+                    self.relist[instance] = min(self.relist.get(instance, now + 0.3), now + 0.3)
+                else:  # a connection ended without a goodbye (TCP close, timeout)
+                    presence.client_left(node, instance, event.common_name, event.real_address)
                     self.relist.setdefault(instance, now + RELIST_AFTER_LEAVE)
             if joined and not stream.closed:
                 self._relist(node, instance, stream)
@@ -181,7 +185,9 @@ class NodeWatcher(threading.Thread):
         said_goodbye = self.leaving.get((instance, row.common_name, row.real_address))
         if said_goodbye is None:
             return False
-        return row.connected_since is None or row.connected_since.timestamp() < int(said_goodbye)
+        # connected_since has whole seconds: a connection listed as begun by the goodbye's second is the one that
+        # said it (a later one from the same address announces itself with a join, which clears the goodbye).
+        return row.connected_since is None or row.connected_since.timestamp() <= said_goodbye
 
     def _relist(self, node: Node, instance: str, stream: openvpn_mgmt.ClientStream) -> None:
         try:
