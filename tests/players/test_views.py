@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import unittest
+from unittest import mock
 
 from django.core.cache import cache
 from django.db import connection, connections
@@ -18,7 +19,7 @@ from django.utils import timezone
 
 from nodes import services as node_services
 from nodes.models import Node, NodeState, RevokedCertificate, VpnSession
-from players import services
+from players import lobby, services
 from players.models import Invite, Player
 from tests.base import BaseTestCase
 
@@ -473,6 +474,13 @@ class LobbyTests(PlayerPageTestCase):
             again = self.client.get(me_url(self.bob, "lobby_fragment"), HTTP_IF_NONE_MATCH=first["ETag"])
         self.assertEqual(again.status_code, 304)
         self.assertEqual(again.content, b"")
+        # With the once-a-second recheck (outside tests): the next lobbies of the LAN cost 1 the player.
+        with mock.patch.object(lobby, "RECHECK_SECONDS", 1):
+            self.client.get(me_url(self.bob, "lobby_fragment"))
+            with self.assertNumQueries(1):
+                again = self.client.get(me_url(self.bob, "lobby_fragment"), HTTP_IF_NONE_MATCH=first["ETag"])
+            cache.delete(f"lobby:now:{lobby._lan_key(self.lan)}")
+        self.assertEqual(again.status_code, 304)
 
     def test_a_poll_gets_304_until_someone_comes_online_then_the_new_rows(self):
         url = me_url(self.bob, "lobby_fragment")
