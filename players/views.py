@@ -14,7 +14,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse, HttpResponseNotModified
+from django.http import HttpResponse, HttpResponseNotModified
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -345,8 +345,8 @@ def _lobby_rows(lan: Lan) -> dict:
 
 
 def _lobby_fragment(request, lan: Lan, *, me: Player | None) -> HttpResponse:
-    """The rows every open lobby of the LAN shares (players/lobby.py, imported as `live`), or a 304 when the asker has them already.
-    They are the same for every viewer: the page marks its own player (static/js/lobby.js)."""
+    """The rows every open lobby of the LAN shares (players/lobby.py, imported as `live`), or a 304 when the asker
+    has them already. They are the same for every viewer: the page marks its own player (static/js/lobby.js)."""
     etag, html = live.current(
         lan, lambda: render_to_string("players/_lobby_rows.html", {"lan": lan, "me": None, **_lobby_rows(lan)}))
     if request.headers.get("If-None-Match") == etag:
