@@ -99,7 +99,8 @@ def get_player_by_token(token: str) -> Player:
 def get_lan_node(lan: Lan, ref: str) -> Node:
     """A node of `lan` named by pk or by name (profile download URLs accept either)."""
     query = Node.objects.filter(lan=lan)
-    node = query.filter(pk=int(ref)).first() if ref.isdigit() else query.filter(name=ref).first()
+    # Only ASCII digits are a pk: str.isdigit() is also true for "²", which int() refuses.
+    node = query.filter(pk=int(ref)).first() if re.fullmatch(r"[0-9]{1,18}", ref) else query.filter(name=ref).first()
     if node is None:
         raise Http404("No such server on this LAN.")
     return node

@@ -11,9 +11,11 @@ from nodes.models import Lan, Node
 
 log = logging.getLogger(__name__)
 
-# Connection errors back off 5, 10, 20, 40, 80 s before the run is left failed.
+# Connection errors back off 5, then 10 s before the run is left failed (the drift check tries a ready node again
+# later). Not more: every kind of connection failure is retried alike, and five quick retries against a closed
+# port would make the worker a patient port scanner.
 RETRY_BACKOFF = 5
-MAX_RETRIES = 5
+MAX_RETRIES = 2
 
 
 # A database that is briefly busy (a locked SQLite file, a failover) is retried too: the run stays queued meanwhile.
