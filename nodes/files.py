@@ -10,11 +10,11 @@ import hashlib
 from dataclasses import dataclass, field
 
 from lanhub.secrets import unseal
-from nodes import render
+from nodes import layout, render
 
-PKI_DIR = "/etc/openvpn/lanhub/pki"
-SERVER_INSTANCES = ("server/lanhub-udp", "server/lanhub-tcp")
-CCD_DIR = "/etc/openvpn/server/ccd/"
+PKI_DIR = layout.PKI_DIR
+SERVER_INSTANCES = layout.SERVER_INSTANCES
+CCD_DIR = layout.CCD_DIR + "/"
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,13 @@ class PkiFile:
 
 def pki_files(lan, node) -> dict[str, PkiFile]:
     files = [
-        PkiFile(f"{PKI_DIR}/ca.crt", lan.ca_cert, restarts="all"),
-        PkiFile(f"{PKI_DIR}/tls-crypt.key", unseal(lan.tls_crypt_sealed), 0o600, restarts="all"),
-        PkiFile(f"{PKI_DIR}/crl.pem", lan.crl_pem),
-        PkiFile(f"{PKI_DIR}/node.crt", node.server_cert, restarts="servers"),
-        PkiFile(f"{PKI_DIR}/node.key", unseal(node.server_key_sealed), 0o600, restarts="servers"),
-        PkiFile(f"{PKI_DIR}/link.crt", node.link_cert, restarts="links"),
-        PkiFile(f"{PKI_DIR}/link.key", unseal(node.link_key_sealed), 0o600, restarts="links"),
+        PkiFile(layout.PKI_CA, lan.ca_cert, restarts="all"),
+        PkiFile(layout.PKI_TLS_CRYPT, unseal(lan.tls_crypt_sealed), 0o600, restarts="all"),
+        PkiFile(layout.PKI_CRL, lan.crl_pem),
+        PkiFile(layout.PKI_NODE_CERT, node.server_cert, restarts="servers"),
+        PkiFile(layout.PKI_NODE_KEY, unseal(node.server_key_sealed), 0o600, restarts="servers"),
+        PkiFile(layout.PKI_LINK_CERT, node.link_cert, restarts="links"),
+        PkiFile(layout.PKI_LINK_KEY, unseal(node.link_key_sealed), 0o600, restarts="links"),
     ]
     return {f.path: f for f in files}
 
@@ -68,7 +68,7 @@ def instances_to_restart(changed_paths, files: dict, wanted: set[str]) -> set[st
             elif f.restarts == "servers":
                 restart |= wanted & set(SERVER_INSTANCES)
             elif f.restarts == "links":
-                restart |= {i for i in wanted if i.startswith("client/")}
+                restart |= {i for i in wanted if i.startswith("client/")}  # link instances
         elif f.instance and not path.startswith(CCD_DIR):
             restart.add(f.instance)
     return restart & wanted

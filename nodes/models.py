@@ -14,14 +14,14 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
-# Names reach file paths, certificate names and shell commands: keep them to a safe alphabet. Every pattern ends
-# in \Z, not $: "$" also matches just before a trailing newline, which would smuggle a line into a config file.
-NAME_RE = r"\A[a-z][a-z0-9-]{0,31}\Z"
-name_validator = RegexValidator(NAME_RE, "Use 1–32 lowercase letters, digits or '-', starting with a letter.")
-region_validator = RegexValidator(
-    r"\A(([a-z0-9][a-z0-9-]{0,31})(/[a-z0-9][a-z0-9-]{0,31}){0,7})?\Z",
-    "A region is a path of lowercase names separated by '/', such as asia/cn/east.",
-)
+from nodes import layout
+
+# Names reach file paths, certificate names and shell commands: the rules live in nodes/layout.py, which the
+# planner uses too. Every pattern ends in \Z, not $: "$" also matches just before a trailing newline, which
+# would smuggle a line into a config file.
+NAME_RE = layout.NODE_NAME_PATTERN
+name_validator = RegexValidator(layout.NODE_NAME_PATTERN, layout.NODE_NAME_RULE)
+region_validator = RegexValidator(layout.REGION_PATTERN, layout.REGION_RULE)
 HOSTNAME_RE = re.compile(
     r"\A(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 unix_user_validator = RegexValidator(r"\A[a-z_][a-z0-9_-]{0,31}\Z", "Enter a Unix user name.")
@@ -303,4 +303,4 @@ class VpnSession(models.Model):
 
 
 def is_valid_name(value: str) -> bool:
-    return bool(re.match(NAME_RE, value or ""))
+    return layout.is_node_name(value)

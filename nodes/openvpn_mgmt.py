@@ -19,7 +19,9 @@ from datetime import datetime, timezone
 import paramiko
 from fabric import Connection
 
-from nodes.provisioning import INSTANCE_RE, ping_through
+from nodes import layout
+from nodes.layout import INSTANCE_RE
+from nodes.provisioning import ping_through
 from nodes.ssh import ProvisioningError, run_root
 
 TIMEOUT = 5.0  # seconds for the whole exchange with one instance; the interface answers in milliseconds
@@ -72,12 +74,13 @@ def instance_ports(c: Connection) -> dict[str, int]:
 
     Read from the files rather than computed, so a link instance's port is whatever the planner gave it.
     """
-    out = run_root(c, "grep -H -E '^[[:space:]]*management[[:space:]]' /etc/openvpn/server/lanhub-*.conf "
-                      "/etc/openvpn/client/lanhub-*.conf 2>/dev/null; true", hide=True, warn=True).stdout
+    out = run_root(c, "grep -H -E '^[[:space:]]*management[[:space:]]' "
+                      f"{layout.SERVER_DIR}/lanhub-*.conf {layout.CLIENT_DIR}/lanhub-*.conf 2>/dev/null; true",
+                   hide=True, warn=True).stdout
     ports = {}
     for line in out.splitlines():
         path, _, option = line.partition(":")
-        match = re.match(r"^/etc/openvpn/(server|client)/(lanhub-[a-z0-9-]+)\.conf$", path)
+        match = re.match(rf"^{layout.OPENVPN_DIR}/(server|client)/(lanhub-[a-z0-9-]+)\.conf$", path)
         args = option.split()
         # Only TCP on localhost: a unix-socket interface ("management /path unix") is not ours to read this way.
         if match and len(args) >= 3 and args[1] in ("127.0.0.1", "localhost") and args[2].isdigit():

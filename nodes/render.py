@@ -20,20 +20,28 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from nodes.topology import NodeSpec, Plan, PlanError, LanSpec, dynamic_pool
+from nodes import layout
+from nodes.topology import LanSpec, NodeSpec, Plan, PlanError, dynamic_pool
 
-PKI = "/etc/openvpn/lanhub/pki"
-RUN = "/etc/openvpn/lanhub/run"
-SERVER_DIR = "/etc/openvpn/server"
-CLIENT_DIR = "/etc/openvpn/client"
-CCD_DIR = f"{SERVER_DIR}/ccd"
-SYSCTL_PATH = "/etc/sysctl.d/90-lanhub.conf"
-FIREWALL_PATH = "/etc/openvpn/lanhub/firewall.rules"
-UDP_INSTANCE = "server/lanhub-udp"
-TCP_INSTANCE = "server/lanhub-tcp"
-UDP_MANAGEMENT = 7505
-TCP_MANAGEMENT = 7506
-LINK_PORTS = range(7510, 8000)
+# Paths, instance names, ports and certificate names come from layout.py (re-exported here for callers and tests).
+PKI = layout.PKI_DIR
+RUN = layout.RUN_DIR
+SERVER_DIR = layout.SERVER_DIR
+CLIENT_DIR = layout.CLIENT_DIR
+CCD_DIR = layout.CCD_DIR
+SYSCTL_PATH = layout.SYSCTL_PATH
+FIREWALL_PATH = layout.FIREWALL_PATH
+UDP_INSTANCE = layout.UDP_INSTANCE
+TCP_INSTANCE = layout.TCP_INSTANCE
+UDP_MANAGEMENT = layout.UDP_MANAGEMENT
+TCP_MANAGEMENT = layout.TCP_MANAGEMENT
+LINK_PORTS = layout.LINK_PORTS
+link_instance = layout.link_instance
+link_device = layout.link_device
+link_cn = layout.link_cn
+node_cn = layout.node_cn
+instance_for_path = layout.instance_for_path
+link_management_ports = layout.link_management_ports
 HEADER = "# Managed by LanHub; local edits are overwritten at the next sync."
 
 
@@ -61,51 +69,6 @@ class FileDiff:
         return bool(self.added or self.changed or self.removed)
 
 
-def link_instance(upstream: str) -> str:
-    return f"client/lanhub-link-{upstream}"
-
-
-def link_device(upstream: str) -> str:
-    """``lhl-`` + 8 hex digits: fits IFNAMSIZ (15) whatever the upstream's name is."""
-    return "lhl-" + hashlib.sha1(upstream.encode()).hexdigest()[:8]
-
-
-def link_cn(name: str) -> str:
-    return f"link-{name}"
-
-
-def node_cn(name: str) -> str:
-    return f"node-{name}"
-
-
-def instance_for_path(path: str) -> str | None:
-    """The instance a file belongs to, from its path alone (old files may be known only by path and hash)."""
-    if path == f"{SERVER_DIR}/lanhub-udp.conf" or path.startswith(f"{CCD_DIR}/"):
-        return UDP_INSTANCE
-    if path == f"{SERVER_DIR}/lanhub-tcp.conf":
-        return TCP_INSTANCE
-    if path.startswith(f"{CLIENT_DIR}/lanhub-link-") and path.endswith(".conf"):
-        return "client/" + path[len(CLIENT_DIR) + 1: -len(".conf")]
-    return None
-
-
-def link_management_ports(upstreams: Sequence[str]) -> dict[str, int]:
-    """A management port per link, from a hash of the upstream's name.
-
-    The port stays put as other links come and go; two upstreams hashing to one port probe upward in name
-    order, which is deterministic within the node.
-    """
-    ports: dict[str, int] = {}
-    used: set[int] = set()
-    for upstream in sorted(upstreams):
-        slot = int(hashlib.sha1(upstream.encode()).hexdigest(), 16) % len(LINK_PORTS)
-        while LINK_PORTS[slot] in used:
-            slot = (slot + 1) % len(LINK_PORTS)
-        used.add(LINK_PORTS[slot])
-        ports[upstream] = LINK_PORTS[slot]
-    return ports
-
-
 def _net(prefix: ipaddress.IPv4Network) -> str:
     return f"{prefix.network_address} {prefix.netmask}"
 
@@ -129,12 +92,12 @@ def _pool_persist(instance: str) -> list[str]:
 
 def _server_pki() -> list[str]:
     return [
-        f"ca {PKI}/ca.crt",
-        f"cert {PKI}/node.crt",
-        f"key {PKI}/node.key",
+        f"ca {layout.PKI_CA}",
+        f"cert {layout.PKI_NODE_CERT}",
+        f"key {layout.PKI_NODE_KEY}",
         "dh none",
-        f"tls-crypt {PKI}/tls-crypt.key",
-        f"crl-verify {PKI}/crl.pem",
+        f"tls-crypt {layout.PKI_TLS_CRYPT}",
+        f"crl-verify {layout.PKI_CRL}",
     ]
 
 
@@ -147,7 +110,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     low, high = dynamic_pool(pool)
     downstreams = set(plan.downstreams(node.name))
     lines = [
-        f"port {node.udp_port}", "proto udp", "dev lh-udp", "dev-type tun", "topology subnet",
+        f"port {node.udp_port}", "proto udp", f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
         # nopool + our own ifconfig-pool keeps the first /24 free for the links' fixed addresses.
         f"server {_net(pool)} nopool",
         f"ifconfig-pool {low} {high}",
@@ -158,21 +121,21 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
-    lines += ["explicit-exit-notify 1", *_pool_persist("lanhub-udp")]
-    lines += _common_tail(UDP_MANAGEMENT, "lanhub-udp")
-    return RenderedFile(f"{SERVER_DIR}/lanhub-udp.conf", _text(lines), instance=UDP_INSTANCE)
+    lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME)]
+    lines += _common_tail(UDP_MANAGEMENT, layout.UDP_BASENAME)
+    return RenderedFile(layout.instance_paths(UDP_INSTANCE)["conf"], _text(lines), instance=UDP_INSTANCE)
 
 
 def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     pool = plan.pools[node.name].tcp
     lines = [
-        f"port {node.tcp_port}", "proto tcp-server", "dev lh-tcp", "dev-type tun", "topology subnet",
+        f"port {node.tcp_port}", "proto tcp-server", f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
         f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki(),
     ]
-    lines += _pool_persist("lanhub-tcp")
-    lines += _common_tail(TCP_MANAGEMENT, "lanhub-tcp")
-    return RenderedFile(f"{SERVER_DIR}/lanhub-tcp.conf", _text(lines), instance=TCP_INSTANCE)
+    lines += _pool_persist(layout.TCP_BASENAME)
+    lines += _common_tail(TCP_MANAGEMENT, layout.TCP_BASENAME)
+    return RenderedFile(layout.instance_paths(TCP_INSTANCE)["conf"], _text(lines), instance=TCP_INSTANCE)
 
 
 def render_ccd(plan: Plan, upstream: str, downstream: str) -> RenderedFile:
@@ -182,7 +145,7 @@ def render_ccd(plan: Plan, upstream: str, downstream: str) -> RenderedFile:
     lines = [f"ifconfig-push {link.address} {mask}"]
     # iroutes are both the routing table inside OpenVPN and its source-address filter for this client.
     lines += [f"iroute {_net(r.prefix)}" for r in plan.routes[upstream] if r.via == downstream]
-    return RenderedFile(f"{CCD_DIR}/{link_cn(downstream)}", _text(lines), instance=UDP_INSTANCE)
+    return RenderedFile(layout.ccd_path(downstream), _text(lines), instance=UDP_INSTANCE)
 
 
 def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, management: int) -> RenderedFile:
@@ -190,7 +153,7 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
         raise PlanError(f"node {upstream.name} has no public address, but {node.name} must link to it")
     up_pool = plan.pools[upstream.name].udp
     gateway = up_pool.network_address + 1
-    basename = f"lanhub-link-{upstream.name}"
+    basename = layout.link_basename(upstream.name)
     lines = [
         "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
         f"remote {upstream.public_address} {upstream.udp_port}",
@@ -198,7 +161,8 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
         # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
         # than the default 60 s.
         "hand-window 10",
-        f"ca {PKI}/ca.crt", f"cert {PKI}/link.crt", f"key {PKI}/link.key", f"tls-crypt {PKI}/tls-crypt.key",
+        f"ca {layout.PKI_CA}", f"cert {layout.PKI_LINK_CERT}", f"key {layout.PKI_LINK_KEY}",
+        f"tls-crypt {layout.PKI_TLS_CRYPT}",
         "remote-cert-tls server", f"verify-x509-name {node_cn(upstream.name)} name",
         "route-nopull",
     ]

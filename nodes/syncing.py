@@ -1,59 +1,31 @@
 """Background runs against one node: sync (and its drift-repair variant) and the status poll.
 
 Each run leaves a SyncRun row: running, then completed, failed (an expected ProvisioningError, message shown to
-the host) or errored (anything else, traceback kept in the log). At most one sync runs per node: the node row is
-claimed with a conditional UPDATE, so a redelivered or duplicate task finds it taken and leaves its run queued
-for the running sync to pick up when it ends.
+the host) or errored (anything else, traceback kept in the log). Claims, requests and the run record are
+nodes/runs.py's; the plan a sync applies is nodes/planning.py's. This module never imports services or tasks.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from nodes import openvpn_mgmt as management
-from nodes import provisioning, services
+from nodes import planning, provisioning
 from nodes.files import desired_files, instances_to_restart, reconnect_for, wanted_instances
-from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncState, SyncStatus, VpnSession
+from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus, VpnSession
+from nodes.runs import claim, continue_if_requested, finish, queue_retry, release, skip, start  # noqa: F401
 from nodes.ssh import ProvisioningError, open_connection
+from players.models import Player
 
 log = logging.getLogger(__name__)
 
 STEP_COUNT = len(provisioning.STEPS)
-
-
-def claim(node: Node):
-    """Take the node for one sync. A claim older than the task's hard time limit belongs to a worker that died
-    (killed, OOM, power loss) without releasing it: Celery has killed or forgotten that task, so it is taken over,
-    and the run it left 'running' is closed as errored.
-
-    Returns the claim's token (its timestamp), or None when someone else holds the node."""
-    now = timezone.now()
-    taken = Node.objects.filter(
-        Q(sync_state=SyncState.IDLE) | Q(sync_state=SyncState.RUNNING, sync_claimed_at__lt=lost_before(now)),
-        pk=node.pk,
-    ).update(sync_state=SyncState.RUNNING, sync_claimed_at=now) == 1
-    if not taken:
-        return None
-    SyncRun.objects.filter(node=node, status=SyncStatus.RUNNING).update(
-        status=SyncStatus.ERRORED, finished_at=now, error="the worker running this sync was lost")
-    return now
-
-
-def lost_before(now):
-    """Claims older than this were left by a worker that died: past the hard time limit no task still runs."""
-    return now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 60)
-
-
-def release(node: Node, token) -> None:
-    # Only our own claim: a worker that outlived its claim must not free the node under the one that took over.
-    Node.objects.filter(pk=node.pk, sync_claimed_at=token).update(sync_state=SyncState.IDLE)
 
 
 def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> SyncRun:
@@ -69,68 +41,36 @@ def run_sync(node: Node, *, run_id: int | None = None, kind: str = "sync") -> Sy
     token = claim(node)
     if token is None:
         if run_id is None:  # a periodic check: the sync that holds the node does the same work
-            _skip(run, "another sync of this node was running")
+            skip(run, "another sync of this node was running")
         return run  # a requested sync stays queued; the running one picks it up when it ends
     generation = None
     try:  # from here on the claim is ours: whatever happens, it is released
         generation = Node.objects.values_list("sync_generation", flat=True).get(pk=node.pk)
-        _start(run)
+        start(run)
         _sync(Node.objects.select_related("lan").get(pk=node.pk), run)
-        _finish(run, SyncStatus.COMPLETED)
+        finish(run, SyncStatus.COMPLETED)
     except ProvisioningError as exc:
         _fail_node(node, exc.message)
         run.retryable = not exc.permanent and exc.step == "connect"
-        _finish(run, SyncStatus.FAILED, error=f"{exc.step}: {exc.message}")
+        finish(run, SyncStatus.FAILED, error=f"{exc.step}: {exc.message}")
     except Exception as exc:  # recorded, never shown as a traceback to the host
         log.exception("sync of %s errored", node.name)
         _fail_node(node, f"Internal error: {exc.__class__.__name__}: {exc}")
         run.log += traceback.format_exc()
-        _finish(run, SyncStatus.ERRORED, error=f"{exc.__class__.__name__}: {exc}")
+        finish(run, SyncStatus.ERRORED, error=f"{exc.__class__.__name__}: {exc}")
     finally:
         release(node, token)
         if generation is not None:
-            _continue_if_requested(node, generation)
+            continue_if_requested(node, generation)
     return run
 
 
-def queue_retry(run: SyncRun) -> SyncRun | None:
-    """A fresh queued run for the task's retry; the failed one stays as the record of the attempt. None when a
-    run is queued already: it was sent and carries the work (and its own retries), so no second chain starts."""
-    if SyncRun.objects.filter(node=run.node, status=SyncStatus.QUEUED).exists():
-        return None
-    return SyncRun.objects.create(node=run.node, kind=run.kind, reason=f"retry: {run.reason}"[:200])
-
-
-def _continue_if_requested(node: Node, generation: int) -> None:
-    """Requests made while this sync ran may postdate the plan it applied: run once more for them."""
-    if Node.objects.filter(pk=node.pk, sync_generation__gt=generation).exists():
-        pending = SyncRun.objects.filter(node=node, status=SyncStatus.QUEUED).order_by("created_at").first()
-        if pending is not None:
-            services.enqueue_sync(node.pk, pending.pk)
-        else:  # the request joined the run that just finished, after it had read the plan
-            services.request_sync(node, reason="changes made while the last sync ran")
-
-
-def _start(run: SyncRun) -> None:
-    run.status, run.started_at = SyncStatus.RUNNING, timezone.now()
-    run.save(update_fields=["status", "started_at"])
-
-
-def _finish(run: SyncRun, status: str, *, error: str = "") -> None:
-    run.status, run.error, run.finished_at = status, error, timezone.now()
-    if status == SyncStatus.COMPLETED:
-        run.progress, run.current_step = 100, "done"
-    # An UPDATE of a run still running: a run a takeover closed stays closed, a deleted node's run stays gone,
-    # and a reason appended meanwhile is kept.
-    SyncRun.objects.filter(pk=run.pk, status=SyncStatus.RUNNING).update(
-        status=status, error=error, finished_at=run.finished_at, progress=run.progress,
-        current_step=run.current_step, log=run.log, changed_files=run.changed_files, restarted=run.restarted,
-        retryable=run.retryable)
-
-
-def _skip(run: SyncRun, why: str) -> None:
-    run.status, run.error, run.finished_at = SyncStatus.SKIPPED, why, timezone.now()
-    SyncRun.objects.filter(pk=run.pk).update(status=run.status, error=why, finished_at=run.finished_at)
+@transaction.atomic
+def accept_host_key(node: Node, *, key_line: str) -> Node:
+    """Pin the SSH host key seen on first contact (or one an operator accepted after a change)."""
+    Node.objects.filter(pk=node.pk, ssh_host_key="").update(ssh_host_key=key_line.strip())
+    node.refresh_from_db(fields=["ssh_host_key"])
+    return node
 
 
 def _fail_node(node: Node, message: str) -> None:
@@ -160,13 +100,13 @@ class StepRecorder:
 
 def _sync(node: Node, run: SyncRun) -> None:
     lan = node.lan
-    lan_plan = services.plan_lan(lan)
+    lan_plan = planning.plan_lan(lan)
     files = desired_files(lan, node, lan_plan)
     wanted = wanted_instances(files)
     links = provisioning.node_links(lan_plan.plan, node.name)
-    revoked = services.revoked_names(lan)
+    revoked = planning.revoked_names(lan)
     recorder = StepRecorder(run)
-    with open_connection(node, pin=lambda key: services.accept_host_key(node, key_line=key)) as c:
+    with open_connection(node, pin=lambda key: accept_host_key(node, key_line=key)) as c:
         # Revoked players go first, before the slower steps: HALT stops their clients, and the new CRL uploaded
         # below refuses any that come back; the second pass after the upload catches one that raced it.
         halted = _halt_revoked(c, revoked)
@@ -219,9 +159,9 @@ def poll_status(node: Node) -> str:
     node = Node.objects.select_related("lan").get(pk=node.pk)
     try:
         with open_connection(node) as c:
-            status = management.node_status(c, links=provisioning.node_links(services.plan_lan(node.lan).plan,
+            status = management.node_status(c, links=provisioning.node_links(planning.plan_lan(node.lan).plan,
                                                                              node.name))
-            revoked = services.revoked_names(node.lan)
+            revoked = planning.revoked_names(node.lan)
             killed = management.kill_clients(c, status, revoked, message="HALT")
     except ProvisioningError as exc:
         return _missed_poll(node, exc.message)
@@ -242,13 +182,11 @@ def _missed_poll(node: Node, message: str) -> str:
 def mark_health(node: Node, *, healthy: bool, reason: str) -> None:
     """Mark a node up or down and re-plan the LAN so its region fails over (or comes back)."""
     Node.objects.filter(pk=node.pk).update(healthy=healthy)
-    services.replan(node.lan, reason=reason)
+    planning.replan(node.lan, reason=reason)
 
 
 @transaction.atomic
 def _store_status(node: Node, status) -> None:
-    from players.models import Player
-
     now = timezone.now()
     players = {p.common_name: p for p in Player.objects.filter(lan=node.lan, revoked_at__isnull=True)}
     VpnSession.objects.filter(node=node).delete()

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError
 
-from nodes import syncing
+from nodes import runs, services, syncing
 from nodes.models import Lan, Node
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def sync_node(self, node_id: int, run_id: int | None = None) -> str:
         return "gone"  # deleted after it was queued
     run = syncing.run_sync(node, run_id=run_id)
     if run.status == "failed" and run.retryable and self.request.retries < self.max_retries:
-        retry_run = syncing.queue_retry(run)
+        retry_run = runs.queue_retry(run)
         if retry_run is not None:
             raise self.retry(args=(node_id, retry_run.pk), countdown=RETRY_BACKOFF * 2**self.request.retries)
     return run.status
@@ -60,9 +60,7 @@ def check_drift(node_id: int) -> str:
 
 @shared_task
 def check_all_drift() -> int:
-    from nodes import services
-
-    services.requeue_stale_runs()
+    runs.requeue_stale_runs()
     ids = list(Node.objects.filter(state="ready", healthy=True).values_list("pk", flat=True))
     for node_id in ids:
         check_drift.apply_async((node_id,), expires=settings.LANHUB_DRIFT_INTERVAL)
@@ -71,8 +69,6 @@ def check_all_drift() -> int:
 
 @shared_task
 def renew_crls() -> int:
-    from nodes import services
-
     renewed = 0
     for lan in Lan.objects.all():
         try:  # one broken LAN must not keep the others' CRLs from being renewed before they lapse
@@ -84,6 +80,4 @@ def renew_crls() -> int:
 
 @shared_task
 def prune_runs() -> int:
-    from nodes import services
-
-    return services.prune_runs()
+    return runs.prune_runs()

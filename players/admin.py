@@ -19,7 +19,7 @@ class PlayerAdmin(admin.ModelAdmin):
     list_display = ("nickname", "lan", "common_name", "preferred_node", "created_at", "last_seen_at", "revoked_at")
     list_filter = ("lan", ("revoked_at", admin.EmptyFieldListFilter))
     search_fields = ("nickname", "common_name", "lan__name")
-    list_select_related = ("lan", "preferred_node")
+    list_select_related = ("lan", "preferred_node__lan")  # a node prints as "name (LAN)"
     raw_id_fields = ("lan", "invite", "preferred_node")
     exclude = ("key_sealed", "cert_pem", *TOKEN_FIELDS)
     # A player belongs to one LAN for life: its certificate comes from that LAN's CA and its revocation goes to that

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from nodes import layout
+
 PROTOCOLS = ("udp", "tcp")
-NODE_CN_PREFIX = "node-"  # node server certificates have CN "node-<name>" (see lanhub.pki.issue_server callers)
+NODE_CN_PREFIX = layout.NODE_CN_PREFIX  # node server certificates have CN "node-<name>"
 _HOST = re.compile(r"[A-Za-z0-9:][A-Za-z0-9.:-]{0,252}")  # DNS name, IPv4 or IPv6 literal: never spaces or quotes
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\n[A-Za-z0-9+/=\n]+?-----END \1-----\n")
 CERTIFICATE = ("CERTIFICATE",)

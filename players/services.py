@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
+from nodes import layout
 from nodes import services as node_services
 from nodes.models import Lan, Node, NodeState
 from players import profiles
@@ -148,7 +149,7 @@ def _issue_certificate(player: Player, *, lan: Lan) -> None:
     # Every issuance gets its own common name, so the sessions of a revoked certificate can be killed by name
     # through the management interface without touching its replacement.
     suffix = secrets.token_hex(3)
-    issued = pki.issue_client(ca=node_services.lan_ca(lan), common_name=f"player-{player.nickname}-{suffix}",
+    issued = pki.issue_client(ca=node_services.lan_ca(lan), common_name=layout.player_cn(player.nickname, suffix),
                               now=now)
     player.common_name = issued.common_name
     player.cert_pem, player.key_sealed = issued.cert_pem, seal(issued.key_pem)

@@ -54,6 +54,7 @@ from nodes.provisioning.verification import (
     VERIFY_WAIT,
     NodeLink,
     node_links,
+    openvpn_release,
     ping_through,
     verify,
 )
@@ -63,7 +64,7 @@ __all__ = [
     "CCD_DIR", "FIREWALL_RULES", "INSTANCE_RE", "LINK_WAIT", "MANAGED_PREFIXES", "ROLLBACK_DIR", "RUN_DIR", "STEPS",
     "STOP_WAIT", "VERIFY_WAIT", "ApplyResult", "InstanceResult", "Log", "NodeLink", "ProvisioningError",
     "UploadResult", "apply", "check_os", "discard_backups", "ensure_forwarding", "ensure_instances",
-    "ensure_openvpn", "instance_running", "node_links", "ping_through", "rollback", "upload_files", "verify",
+    "ensure_openvpn", "instance_running", "node_links", "openvpn_release", "ping_through", "rollback", "upload_files", "verify",
 ]
 
 STEPS = ("check_os", "ensure_openvpn", "upload_files", "ensure_forwarding", "ensure_instances", "verify")

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 from fabric import Connection
 
+from nodes import layout
 from nodes.ssh import ProvisioningError, command_error, is_root, run_root
 
-ROLLBACK_DIR = "/etc/openvpn/lanhub/rollback"  # previous versions of this run's files; exists only during a run
-MANAGED_PREFIXES = ("/etc/openvpn/", "/etc/sysctl.d/")  # a planner bug must not be able to write /etc/passwd
+ROLLBACK_DIR = layout.ROLLBACK_DIR
+MANAGED_PREFIXES = layout.MANAGED_PREFIXES
 
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_.@+-]+(/[A-Za-z0-9_.@+-]+)*$")
 

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 from fabric import Connection
 
+from nodes import layout
 from nodes.ssh import ProvisioningError, run_root
 
-RUN_DIR = "/etc/openvpn/lanhub/run"
-CCD_DIR = "/etc/openvpn/server/ccd"
+RUN_DIR = layout.RUN_DIR
+CCD_DIR = layout.CCD_DIR
 STOP_WAIT = 10  # seconds an instance gets to exit after SIGTERM (OpenVPN needs about 1 s) before SIGKILL
 
-INSTANCE_RE = re.compile(r"^(server|client)/(lanhub-[a-z0-9][a-z0-9-]{0,40})$")
+INSTANCE_RE = layout.INSTANCE_RE
 
 
 @dataclass
@@ -71,9 +72,8 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def _paths(name: str) -> dict[str, str]:
-    kind, base = _split(name)
-    return {"dir": f"/etc/openvpn/{kind}", "conf": f"/etc/openvpn/{kind}/{base}.conf", "unit": f"openvpn-{kind}@{base}",
-            "pid": f"{RUN_DIR}/{base}.pid", "log": f"{RUN_DIR}/{base}.log", "base": base}
+    _split(name)  # validates
+    return layout.instance_paths(name)
 
 
 # A pid counts only while it is a live (not zombie) openvpn: pid files outlive their processes and pids get reused.
@@ -86,7 +86,7 @@ def _instance_state(c: Connection) -> tuple[bool, set[str], set[str]]:
     """(systemd?, running instances, instances present as a config, pid file or systemd unit)."""
     script = _ALIVE_SH + (
         "[ -d /run/systemd/system ] && echo SYSTEMD\n"
-        "for f in /etc/openvpn/server/lanhub-*.conf /etc/openvpn/client/lanhub-*.conf; do "
+        f"for f in {layout.SERVER_DIR}/lanhub-*.conf {layout.CLIENT_DIR}/lanhub-*.conf; do "
         "[ -e \"$f\" ] && echo \"CONF $f\"; done\n"
         f"for p in {RUN_DIR}/lanhub-*.pid; do [ -e \"$p\" ] || continue; "
         "if lh_alive \"$(cat \"$p\")\"; then echo \"LIVE $p\"; else echo \"DEAD $p\"; fi; done\n"
@@ -113,7 +113,7 @@ def _instance_state(c: Connection) -> tuple[bool, set[str], set[str]]:
                     running.add(f"{match.group(1)}/{match.group(2)}")
     by_base = {name.split("/")[1]: name for name in present}
     for base, live in pids.items():  # plain daemons (also a leftover one on a node that has systemd now)
-        name = by_base.get(base) or (f"client/{base}" if base.startswith("lanhub-link-") else f"server/{base}")
+        name = by_base.get(base) or (f"client/{base}" if base.startswith(layout.LINK_PREFIX) else f"server/{base}")
         present.add(name)
         if live:
             running.add(name)

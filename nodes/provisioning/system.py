@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 from fabric import Connection
 
+from nodes import layout
 from nodes.ssh import ProvisioningError, check_sudo, run_root
 
-FIREWALL_RULES = "/etc/openvpn/lanhub/firewall.rules"
+FIREWALL_RULES = layout.FIREWALL_PATH
 
 
 def check_os(c: Connection) -> str:

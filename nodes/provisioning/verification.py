@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fabric import Connection
 
+from nodes import layout
 from nodes.provisioning.instances import _ALIVE_SH, _paths
 from nodes.ssh import ProvisioningError, run_root
 
@@ -20,6 +21,13 @@ VERIFY_WAIT = 15  # seconds an instance gets to be running, listening and have i
 LINK_WAIT = 20  # seconds a link gets to answer a ping through its tunnel
 
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_RELEASE_RE = re.compile(r"\bOpenVPN\s+(\d+\.\d+(?:\.\d+)?(?:[_-][A-Za-z0-9]+)?)")
+
+
+def openvpn_release(version_line: str) -> str:
+    """"2.6.14" out of "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)] ..."; "" when there is none."""
+    match = _RELEASE_RE.search(version_line or "")
+    return match.group(1) if match else ""
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,12 @@ class NodeLink:
 
 def node_links(plan, node_name: str) -> list[NodeLink]:
     """The links ``node_name`` runs a client for, with what verify and the status poll ping through each."""
-    from nodes import render  # names and devices are render's to decide; imported late to keep this module light
-
     links = []
     for link in plan.links:
         if link.downstream == node_name:
             peer = str(plan.pools[link.upstream].udp.network_address + 1)  # "server <net> ..." takes .1
-            links.append(NodeLink(link.upstream, render.link_instance(link.upstream),
-                                  render.link_device(link.upstream), peer))
+            links.append(NodeLink(link.upstream, layout.link_instance(link.upstream),
+                                  layout.link_device(link.upstream), peer))
     return links
 
 
@@ -57,7 +63,7 @@ def verify(c: Connection, *, wanted: Iterable[str], links: Iterable[tuple[str, s
     """
     wanted = sorted(set(wanted))
     configs = _config_lines(c, wanted)
-    version = run_root(c, "openvpn --version 2>&1 | head -n 1", hide=True, warn=True).stdout.strip()
+    version = openvpn_release(run_root(c, "openvpn --version 2>&1 | head -n 1", hide=True, warn=True).stdout)
     deadline = time.monotonic() + VERIFY_WAIT
     started = time.monotonic()
     while True:

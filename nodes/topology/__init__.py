@@ -66,8 +66,24 @@ from nodes.topology.pools import (
 
 __all__ = [
     "LanSpec", "NodeSpec", "NodePools", "LinkPlan", "RoutePlan", "Plan", "PlanError", "plan_lan",
-    "rank_key", "link_range", "dynamic_pool", "LINK_SLOTS", "MAX_POOL_PREFIX",
+    "rank_key", "link_range", "dynamic_pool", "LINK_SLOTS", "MAX_POOL_PREFIX", "check_lan",
 ]
+
+
+def check_lan(lan: LanSpec, nodes: Sequence[NodeSpec]) -> dict[str, NodePools]:
+    """Validate the input and allocate pools, without planning links and routes: what a form needs to know
+    that a node fits. Raises PlanError like plan_lan."""
+    supernet = _validate(lan, nodes)
+    pools = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)))
+    if lan.mode == "hierarchical":
+        _reject_pin_cycles(nodes)
+    healthy = [n for n in nodes if n.healthy]
+    mode = _resolve_mode(lan.mode, healthy)
+    if mode in ("hub", "mesh") and len(healthy) > LINK_SLOTS - 1:
+        # The upstream of every link in these modes serves one link per other node from its 254 link addresses.
+        raise PlanError(f"{mode} mode links at most {LINK_SLOTS - 1} nodes; this LAN would have {len(healthy)}: "
+                        "choose hierarchical or auto")
+    return pools
 
 
 def plan_lan(

@@ -6,11 +6,12 @@ import ipaddress
 import re
 from typing import Sequence
 
+from nodes import layout
 from nodes.topology.model import MAX_POOL_PREFIX, LanSpec, NodePools, NodeSpec, PlanError
 
 MODES = ("auto", "hub", "mesh", "hierarchical")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-REGION_PART_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+NAME_RE = layout.NODE_NAME_RE  # the same rules as the models' validators
+REGION_PART_RE = re.compile(rf"^{layout.REGION_PART_PATTERN}\Z")
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -31,12 +32,12 @@ def _validate(lan: LanSpec, nodes: Sequence[NodeSpec]) -> ipaddress.IPv4Network:
         raise PlanError(f"pool prefix /{lan.pool_prefix} does not fit in supernet {supernet}")
     seen: set[str] = set()
     for node in nodes:
-        if not isinstance(node.name, str) or not NAME_RE.match(node.name):
-            raise PlanError(f"node name {node.name!r} must be 1-32 characters of a-z, 0-9 and '-'")
+        if not layout.is_node_name(node.name):
+            raise PlanError(f"node name {node.name!r}: {layout.NODE_NAME_RULE}")
         if node.name in seen:
             raise PlanError(f"two nodes are named {node.name}")
         seen.add(node.name)
-        if node.region and not all(REGION_PART_RE.match(p) for p in node.region.split("/")):
+        if not layout.is_region(node.region):
             raise PlanError(f"node {node.name} has a malformed region {node.region!r} (use a path like asia/cn)")
     for node in nodes:
         if node.pinned_upstream is not None and node.pinned_upstream not in seen:

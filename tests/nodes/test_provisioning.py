@@ -6,6 +6,7 @@ down what the steps do with any set of files; certificates come from lanhub/pki.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -136,6 +137,13 @@ def test_check_os_accepts_a_derivative_through_id_like():
     assert p.check_os(fake) == "Linux Mint 22"
 
 
+def test_openvpn_release_keeps_only_the_version_number():
+    line = "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL (OpenSSL)] [LZO] [LZ4] [EPOLL] [PKCS11] [MH/PKTINFO] [AEAD]"
+    assert p.openvpn_release(line) == "2.6.14"
+    assert p.openvpn_release("OpenVPN 2.7_rc2 x86_64-pc-linux-gnu") == "2.7_rc2"
+    assert p.openvpn_release("bash: openvpn: command not found") == ""
+
+
 def test_node_links_lists_the_links_a_node_runs_a_client_for():
     import ipaddress
 
@@ -231,7 +239,7 @@ def test_apply_twice_the_second_run_uploads_nothing_and_restarts_nothing(c, host
     assert [s[0] for s in steps] == list(p.STEPS)
     assert sorted(first.instances.started) == [TCP, UDP] and len(first.changed) == len(files)
     assert first.verify["instances"][UDP] == {"running": True, "listening": True, "device_up": True}
-    assert first.openvpn_version.startswith("OpenVPN 2.")
+    assert re.fullmatch(r"2\.\d+\.\d+", first.openvpn_version), first.openvpn_version
     steps.clear()
     began = time.monotonic()
     second = p.apply(c, files=files, wanted={UDP, TCP}, restart=lambda changed: {UDP, TCP} if changed else set(),

@@ -26,8 +26,13 @@ class LanListTests(HostTestCase):
         self.assertContains(response, "Game Night")
         self.assertNotContains(response, "Office")
 
+    def test_it_counts_servers_and_players_of_each_lan(self):
+        self.add_node("hangzhou")
+        self.add_node("hongkong", region="asia/hk", public_address="203.0.113.11")
+        self.assertContains(self.client.get(reverse("nodes:lan_list")), "2 servers · 1 player ·")
+
     def test_it_lists_lans_in_a_fixed_number_of_queries(self):
-        # 1 session, 2 user, 3 the host's LANs with node and player counts (one aggregate query).
+        # 1 session, 2 user, 3 the host's LANs with node and player counts (correlated subqueries, same query).
         with self.assertNumQueries(3):
             self.client.get(reverse("nodes:lan_list"))
 
@@ -105,6 +110,19 @@ class DashboardTests(HostTestCase):
         self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
         with self.assertNumQueries(10):  # the same with one more node
             self.client.get(self.url())
+
+    def test_node_cards_count_players_only_and_show_the_openvpn_version_number(self):
+        # hongkong's link client is a session on hangzhou's server; it is not a player.
+        VpnSession.objects.create(node=self.hangzhou, instance="server-udp", common_name="link-hongkong",
+                                  vpn_address="10.0.0.2")
+        Node.objects.filter(lan=self.lan).update(openvpn_version="2.6.14")
+        response = self.client.get(self.url())
+        cards = {node.name: node for node in response.context["nodes"]}
+        self.assertEqual((cards["hangzhou"].online, cards["hongkong"].online), (0, 1))
+        self.assertContains(response, "OpenVPN 2.6.14 · 0 players online")
+        self.assertContains(response, "OpenVPN 2.6.14 · 1 player online")
+        page = self.client.get(reverse("nodes:node_detail", args=[self.hangzhou.pk]))
+        self.assertEqual(page.context["players_online"], 0)
 
     def test_it_shows_the_last_error_of_a_node(self):
         Node.objects.filter(pk=self.hangzhou.pk).update(last_error="SSH: host key changed")

@@ -23,6 +23,10 @@ class Command(BaseCommand):
             return
         password = os.environ.get("LANHUB_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
         User.objects.create_superuser(username=username, email=email, password=password)
-        shown = "(from LANHUB_ADMIN_PASSWORD)" if os.environ.get("LANHUB_ADMIN_PASSWORD") else password
-        self.stdout.write(self.style.SUCCESS(f"Created superuser {username!r} with password {shown}. "
-                                             "It is shown only this once."))
+        if os.environ.get("LANHUB_ADMIN_PASSWORD"):
+            self.stdout.write(self.style.SUCCESS(f"Created superuser {username!r} with the password from "
+                                                 "LANHUB_ADMIN_PASSWORD."))
+            return
+        # The password stands alone on its line, so a copy (double-click, triple-click) takes nothing else.
+        self.stdout.write(self.style.SUCCESS(f"Created superuser {username!r}. Its password, shown only this once:"))
+        self.stdout.write(password)

@@ -1,0 +1,153 @@
+"""Planning a LAN from its rows: the planner's input (specs, RTTs), storing what must stay stable (pools, link
+addresses), and asking exactly the nodes whose files change to sync.
+
+Below services (which call it for every change) and beside runs (which it asks for syncs); it never imports
+services, tasks or syncing. Syncing reads a node's part of the plan through ``plan_lan``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from nodes import layout, runs, topology
+from nodes.files import desired_files
+from nodes.models import Lan, Link, Node, RevokedCertificate, SyncState
+
+
+@dataclass(frozen=True)
+class LanPlan:
+    """The plan of a LAN together with the rows it was made from, for rendering."""
+
+    plan: topology.Plan
+    spec: topology.LanSpec
+    specs: dict[str, topology.NodeSpec]
+    nodes: dict[str, Node]
+
+
+def lan_spec(lan: Lan) -> topology.LanSpec:
+    return topology.LanSpec(supernet=lan.supernet, pool_prefix=lan.pool_prefix, mode=lan.topology_mode)
+
+
+def node_specs(lan: Lan, nodes: list[Node]) -> list[topology.NodeSpec]:
+    by_pk = {n.pk: n for n in nodes if n.pk is not None}  # a candidate being checked has no pk yet
+    return [
+        topology.NodeSpec(
+            name=n.name, region=n.region, priority=n.priority, order=index, healthy=n.healthy,
+            public_address=n.public_address, udp_port=n.udp_port, tcp_port=n.tcp_port,
+            udp_pool=n.udp_pool or None, tcp_pool=n.tcp_pool or None,
+            pinned_upstream=by_pk[n.pinned_upstream_id].name if n.pinned_upstream_id in by_pk else None,
+        )
+        for index, n in enumerate(nodes)
+    ]
+
+
+def plan_lan(lan: Lan) -> LanPlan:
+    """Plan the LAN from its rows. Raises ValidationError with the planner's message on impossible input."""
+    nodes = list(lan.nodes.order_by("created_at", "pk"))
+    links = list(lan.links.select_related("upstream", "downstream"))
+    spec = lan_spec(lan)
+    specs = node_specs(lan, nodes)
+    # Measured link RTTs win; pairs without a link are estimated from the nodes' coordinates, so the planner
+    # can choose central primaries and shortcuts when every node has a location.
+    rtts = estimated_rtts(nodes)
+    rtts.update({frozenset((l.upstream.name, l.downstream.name)): l.rtt_ms for l in links if l.rtt_ms})
+    addresses = {(l.upstream.name, l.downstream.name): l.address for l in links}
+    try:
+        plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses)
+    except topology.PlanError as exc:
+        raise ValidationError(str(exc)) from None
+    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
+
+
+def estimated_rtts(nodes: list[Node]) -> dict[frozenset[str], float]:
+    """RTT guesses from great-circle distance: light in fibre covers ~100 km per ms of round trip, plus 1 ms."""
+    located = [n for n in nodes if n.latitude is not None and n.longitude is not None]
+    rtts = {}
+    for i, a in enumerate(located):
+        for b in located[i + 1:]:
+            rtts[frozenset((a.name, b.name))] = 1.0 + _distance_km(a, b) / 100.0
+    return rtts
+
+
+def _distance_km(a: Node, b: Node) -> float:
+    lat1, lon1, lat2, lon2 = map(math.radians, (a.latitude, a.longitude, b.latitude, b.longitude))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(min(1.0, math.sqrt(h)))
+
+
+def check_node(node: Node) -> None:
+    """Raise ValidationError when the LAN could not take `node` as given (added or changed).
+
+    Forms call this so that an impossible node (a bad name, overlapping pools, a cyclic pin, a full supernet) is
+    an error on the form, before anything is saved. It validates and allocates pools only: the links and routes
+    are planned once, by the save (replan)."""
+    lan = node.lan
+    nodes = [n for n in lan.nodes.order_by("created_at", "pk")]
+    nodes = [node if n.pk == node.pk else n for n in nodes] if node.pk else [*nodes, node]
+    try:
+        topology.check_lan(lan_spec(lan), node_specs(lan, nodes))
+    except topology.PlanError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+@transaction.atomic
+def replan(lan: Lan, *, reason: str, requested_by=None) -> list[Node]:
+    """Plan the LAN, store what must stay stable (pools, links), and sync the nodes whose files change."""
+    Lan.objects.select_for_update().filter(pk=lan.pk).first()  # one re-plan of a LAN at a time
+    lan_plan = plan_lan(lan)
+    _store_pools(lan_plan)
+    _store_links(lan, lan_plan)
+    return sync_changed_nodes(lan, reason=reason, requested_by=requested_by, lan_plan=lan_plan)
+
+
+def _store_pools(lan_plan: LanPlan) -> None:
+    for name, pools in lan_plan.plan.pools.items():
+        node = lan_plan.nodes[name]
+        udp, tcp = str(pools.udp), str(pools.tcp)
+        if (node.udp_pool, node.tcp_pool) != (udp, tcp):
+            node.udp_pool, node.tcp_pool = udp, tcp
+            node.save(update_fields=["udp_pool", "tcp_pool"])
+
+
+def _store_links(lan: Lan, lan_plan: LanPlan) -> None:
+    existing = {(l.upstream.name, l.downstream.name): l for l in lan.links.select_related("upstream", "downstream")}
+    wanted = {(l.upstream, l.downstream): l for l in lan_plan.plan.links}
+    for key, link in existing.items():
+        if key not in wanted:
+            link.delete()
+    for key, planned in wanted.items():
+        link = existing.get(key)
+        if link is None:
+            Link.objects.create(lan=lan, upstream=lan_plan.nodes[planned.upstream],
+                                downstream=lan_plan.nodes[planned.downstream], address=str(planned.address))
+        elif link.address != str(planned.address):
+            link.address = str(planned.address)
+            link.save(update_fields=["address"])
+
+
+def sync_changed_nodes(lan: Lan, *, reason: str, requested_by=None, lan_plan: LanPlan | None = None) -> list[Node]:
+    """Request a sync of exactly the nodes whose desired files differ from what they last applied."""
+    lan_plan = lan_plan or plan_lan(lan)
+    lan.refresh_from_db()
+    changed = []
+    for node in lan_plan.nodes.values():
+        files = desired_files(lan, node, lan_plan)
+        # A running sync may be applying an older plan than this one, even when this one equals what the node
+        # last applied (a change and its undo): it must go again.
+        running = node.sync_state == SyncState.RUNNING
+        if running or {path: f.sha256 for path, f in files.items()} != node.applied_files:
+            runs.request_sync(node, reason=reason, requested_by=requested_by)
+            changed.append(node)
+    return changed
+
+
+def revoked_names(lan: Lan) -> set[str]:
+    """Common names whose live sessions must be cut: revoked ones, except the names of nodes that exist now
+    (a node re-added under an old name reuses the name with a new certificate)."""
+    names = set(RevokedCertificate.objects.filter(lan=lan).values_list("common_name", flat=True))
+    live = {cn for name in lan.nodes.values_list("name", flat=True) for cn in layout.node_cns(name)}
+    return names - live
