@@ -23,9 +23,9 @@ HINTS = {
 }
 
 
-def secret_problems() -> list[tuple[str, str]]:
+def secret_problems(*, debug: bool | None = None) -> list[tuple[str, str]]:
     """(variable, what is wrong) for every secret that must not reach production; empty while DEBUG is on."""
-    if settings.DEBUG:
+    if settings.DEBUG if debug is None else debug:
         return []
     problems = []
     for name, dev_value in (("SECRET_KEY", settings.DEV_SECRET_KEY), ("LANHUB_KEY", settings.DEV_LANHUB_KEY)):
@@ -50,7 +50,7 @@ def production_secrets(app_configs, **kwargs):
 
 def refuse_unsafe_start(process: str) -> None:
     """Stop a web, worker or beat process before it serves anything when the secrets are unsafe."""
-    problems = secret_problems()
+    problems = secret_problems(debug=getattr(settings, "DEBUG_FROM_ENVIRONMENT", settings.DEBUG))
     if not problems:
         return
     lines = [f"LanHub {process} refuses to start:"]

@@ -45,6 +45,9 @@ def _strict_bool(name, default):
 
 
 DEBUG = _strict_bool("DEBUG", True)
+# DEBUG as the environment set it. Test runners switch DEBUG itself off while tests run (pytest-django does), and
+# the start-up refusal (lanhub/checks.py) must follow what the process was started with, not that switch.
+DEBUG_FROM_ENVIRONMENT = DEBUG
 SECRET_KEY = env.str("SECRET_KEY", default=DEV_SECRET_KEY)
 LANHUB_KEY = env.str("LANHUB_KEY", default=DEV_LANHUB_KEY)
 ALLOWED_HOSTS = _typed("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])

@@ -39,13 +39,19 @@ def pki_files(lan, node) -> dict[str, PkiFile]:
     files = [
         PkiFile(layout.PKI_CA, lan.ca_cert, restarts="all"),
         PkiFile(layout.PKI_TLS_CRYPT, unseal(lan.tls_crypt_sealed), 0o600, restarts="all"),
-        PkiFile(layout.PKI_CRL, lan.crl_pem),
+        PkiFile(layout.PKI_CRL_DIR_KEEP, ""),
         PkiFile(layout.PKI_NODE_CERT, node.server_cert, restarts="servers"),
         PkiFile(layout.PKI_NODE_KEY, unseal(node.server_key_sealed), 0o600, restarts="servers"),
         PkiFile(layout.PKI_LINK_CERT, node.link_cert, restarts="links"),
         PkiFile(layout.PKI_LINK_KEY, unseal(node.link_key_sealed), 0o600, restarts="links"),
     ]
+    # One empty file per revoked serial; OpenVPN looks the file up at each handshake, so nothing restarts.
+    files += [PkiFile(layout.revoked_serial_path(serial), "") for serial in revoked_serials(lan)]
     return {f.path: f for f in files}
+
+
+def revoked_serials(lan) -> list[str]:
+    return sorted(lan.revoked_certificates.values_list("serial", flat=True))
 
 
 def desired_files(lan, node, lan_plan) -> dict:

@@ -78,7 +78,16 @@ MANAGED_PREFIXES = (f"{OPENVPN_DIR}/", "/etc/sysctl.d/")  # a planner bug must n
 
 PKI_CA = f"{PKI_DIR}/ca.crt"
 PKI_TLS_CRYPT = f"{PKI_DIR}/tls-crypt.key"
-PKI_CRL = f"{PKI_DIR}/crl.pem"
+# Revocation without expiry: `crl-verify DIR dir` refuses a certificate when DIR holds a file named after its
+# decimal serial. Unlike a CRL file, a directory has no nextUpdate, so a node LanHub cannot reach keeps accepting
+# its players indefinitely and keeps refusing the revoked ones (OPENVPN-NOTES.md, "CRL expiry").
+PKI_CRL_DIR = f"{PKI_DIR}/revoked"
+PKI_CRL_DIR_KEEP = f"{PKI_CRL_DIR}/.keep"  # the directory must exist for OpenVPN to start, revoked or not
+
+
+def revoked_serial_path(serial_hex: str) -> str:
+    """The file that revokes a certificate, from its serial as LanHub stores it (hex)."""
+    return f"{PKI_CRL_DIR}/{int(serial_hex, 16)}"
 PKI_NODE_CERT = f"{PKI_DIR}/node.crt"
 PKI_NODE_KEY = f"{PKI_DIR}/node.key"
 PKI_LINK_CERT = f"{PKI_DIR}/link.crt"

@@ -97,7 +97,7 @@ def _server_pki() -> list[str]:
         f"key {layout.PKI_NODE_KEY}",
         "dh none",
         f"tls-crypt {layout.PKI_TLS_CRYPT}",
-        f"crl-verify {layout.PKI_CRL}",
+        f"crl-verify {layout.PKI_CRL_DIR} dir",
     ]
 
 
@@ -184,7 +184,7 @@ def render_firewall(lan: LanSpec) -> RenderedFile:
 
     ``lh+`` matches lh-udp, lh-tcp and every lhl-* link device. Declaring and flushing the chain makes the
     chain's rules idempotent. The FORWARD jump is not: iptables-restore cannot say "insert if missing", and a
-    ``-D`` of a missing rule would fail the whole restore. A second jump is harmless (the chain only accepts),
+    ``-D`` of a missing rule would fail the whole restore. A second jump is harmless (the chain is idempotent),
     but the applying step should drop the ``-I`` line when ``iptables -C FORWARD -j LANHUB-FORWARD`` succeeds.
     """
     supernet = ipaddress.IPv4Network(lan.supernet)
@@ -193,6 +193,10 @@ def render_firewall(lan: LanSpec) -> RenderedFile:
         ":LANHUB-FORWARD - [0:0]",
         "-F LANHUB-FORWARD",
         f"-A LANHUB-FORWARD -i lh+ -o lh+ -s {supernet} -d {supernet} -j ACCEPT",
+        # Anything else to or from a tunnel is dropped: a player must not use the node as a way onto its uplink
+        # (the node would forward, un-NATed, whatever a player sends), nor the uplink reach the players through it.
+        "-A LANHUB-FORWARD -i lh+ -j DROP",
+        "-A LANHUB-FORWARD -o lh+ -j DROP",
         "-I FORWARD 1 -j LANHUB-FORWARD",
         "COMMIT",
     ]

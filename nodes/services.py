@@ -16,7 +16,7 @@ from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import layout
+from nodes import layout, revocation
 from nodes.models import Lan, Node, RevokedCertificate
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
@@ -63,14 +63,17 @@ def _write_crl(lan: Lan, *, now) -> None:
 
 
 @transaction.atomic
-def revoke_certificate(*, lan: Lan, serial: str, common_name: str, reason: str) -> None:
-    """Add a certificate to the LAN's CRL and ask every node to pick up the new CRL."""
+def revoke_certificate(*, lan: Lan, serial: str, common_name: str, reason: str) -> list[str]:
+    """Revoke a certificate on every node before returning (nodes/revocation.py), record it, and sync the nodes
+    (which also kills its live sessions). Returns the names of nodes that could not be reached in time."""
     RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
                                              defaults={"common_name": common_name, "reason": reason})
     lan = Lan.objects.select_for_update().get(pk=lan.pk)
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
+    unreached = revocation.push_revoked(lan, [serial])
     sync_changed_nodes(lan, reason=f"certificate revoked: {common_name}")
+    return unreached
 
 
 @transaction.atomic
@@ -156,12 +159,20 @@ def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -
     lan = Lan.objects.select_for_update().get(pk=lan.pk)
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
+    revocation.push_revoked(lan, [serial for serial, _ in certificates])
+
+
+# Node certificates live two years and are re-issued once less than one is left, so a node the portal cannot
+# reach (or a portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. Nothing else on a
+# node expires: revocation is a directory (nodes/layout.py: PKI_CRL_DIR), not a CRL with a nextUpdate.
+NODE_CERT_DAYS = 730
+NODE_CERT_RENEW_DAYS = 365
 
 
 def _issue_node_certificates(node: Node) -> None:
     now = timezone.now()
     ca = lan_ca(node.lan)
-    server = pki.issue_server(ca=ca, common_name=layout.node_cn(node.name), now=now)
-    link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now)
+    server = pki.issue_server(ca=ca, common_name=layout.node_cn(node.name), now=now, days=NODE_CERT_DAYS)
+    link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now, days=NODE_CERT_DAYS)
     node.server_cert, node.server_key_sealed = server.cert_pem, seal(server.key_pem)
     node.link_cert, node.link_key_sealed = link.cert_pem, seal(link.key_pem)

@@ -69,12 +69,15 @@ def check_all_drift() -> int:
 
 @shared_task
 def renew_crls() -> int:
+    """Renew what would expire: node certificates with less than a year left (the nodes themselves revoke through
+    a directory that never expires), and the LAN's signed CRL record."""
     renewed = 0
     for lan in Lan.objects.all():
-        try:  # one broken LAN must not keep the others' CRLs from being renewed before they lapse
+        try:  # one broken LAN must not keep the others' certificates from being renewed
+            renewed += len(services.renew_node_certificates(lan))
             renewed += services.renew_crl(lan)
         except Exception:
-            log.exception("CRL renewal of LAN %s failed", lan.pk)
+            log.exception("certificate renewal of LAN %s failed", lan.pk)
     return renewed
 
 

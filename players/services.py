@@ -165,8 +165,9 @@ def revoke_player(player: Player, *, reason: str = "revoked by the host") -> Pla
         return player
     player.revoked_at = timezone.now()
     player.save(update_fields=["revoked_at"])
-    node_services.revoke_certificate(lan=player.lan, serial=player.serial, common_name=player.common_name,
-                                     reason=reason)
+    # Every reachable node refuses the certificate once this returns; the others are named to the host.
+    player.unreached_nodes = node_services.revoke_certificate(
+        lan=player.lan, serial=player.serial, common_name=player.common_name, reason=reason)
     return player
 
 

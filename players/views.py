@@ -126,8 +126,13 @@ def invite_revoke(request, pk):
 @login_required
 def player_revoke(request, pk):
     player = get_player_for_host(request, pk)
-    services.revoke_player(player)
-    messages.success(request, f"{player.nickname} is revoked: every server refuses them after its next sync.")
+    player = services.revoke_player(player)
+    unreached = getattr(player, "unreached_nodes", [])
+    if unreached:
+        messages.warning(request, f"{player.nickname} is revoked. {', '.join(unreached)} could not be reached: "
+                                  "it refuses them as soon as it answers again.")
+    else:
+        messages.success(request, f"{player.nickname} is revoked: every server refuses them from now on.")
     return redirect(reverse("nodes:lan_detail", args=[player.lan.slug]) + "#players")
 
 

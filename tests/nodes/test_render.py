@@ -34,7 +34,7 @@ cert /etc/openvpn/lanhub/pki/node.crt
 key /etc/openvpn/lanhub/pki/node.key
 dh none
 tls-crypt /etc/openvpn/lanhub/pki/tls-crypt.key
-crl-verify /etc/openvpn/lanhub/pki/crl.pem
+crl-verify /etc/openvpn/lanhub/pki/revoked dir
 explicit-exit-notify 1
 ifconfig-pool-persist /etc/openvpn/lanhub/run/lanhub-udp.ipp
 keepalive 10 60
@@ -91,6 +91,12 @@ class ReferenceLanTests(SimpleTestCase):
         rules = lines(files["/etc/openvpn/lanhub/firewall.rules"])
         self.assertIn("-A LANHUB-FORWARD -i lh+ -o lh+ -s 10.0.0.0/8 -d 10.0.0.0/8 -j ACCEPT", rules)
         self.assertIn("-I FORWARD 1 -j LANHUB-FORWARD", rules)
+
+    def test_traffic_between_a_tunnel_and_the_uplink_is_dropped_after_the_lan_is_accepted(self):
+        rules = lines(reference()["hangzhou"]["/etc/openvpn/lanhub/firewall.rules"])
+        accept = rules.index("-A LANHUB-FORWARD -i lh+ -o lh+ -s 10.0.0.0/8 -d 10.0.0.0/8 -j ACCEPT")
+        self.assertGreater(rules.index("-A LANHUB-FORWARD -i lh+ -j DROP"), accept)
+        self.assertGreater(rules.index("-A LANHUB-FORWARD -o lh+ -j DROP"), accept)
 
     def test_files_name_the_instance_that_must_restart(self):
         files = reference()
