@@ -11,6 +11,17 @@ if [ -z "${REDIS_URL:-}" ]; then
   REDIS_URL=$(scripts/redis.sh private "$private_port")
   export REDIS_URL
   trap 'scripts/redis.sh stop-private "$private_port"' EXIT
+else
+  # A shared Redis: use a database number of this run's own (1-15, never the portal's 0). Celery's worker ping
+  # (the health check) broadcasts over the whole database, so a running portal's worker on the same database
+  # would answer for this run's.
+  db="${LANHUB_TEST_REDIS_DB:-$((1 + $$ % 15))}"
+  if [[ "$REDIS_URL" =~ ^(rediss?://[^/?]+)(/[0-9]*)?$ ]]; then
+    REDIS_URL="${BASH_REMATCH[1]}/$db"
+    export REDIS_URL
+  else
+    echo "==> REDIS_URL=$REDIS_URL is not redis://host:port/db: kept as given (the health test may see other workers)"
+  fi
 fi
 # A queue and cache prefix of this run's own: a `make run` worker or another test run on the same Redis must not
 # take this run's tasks, and rate-limit counters must not carry over between runs.

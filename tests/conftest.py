@@ -1,7 +1,31 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures shared by every test package (pytest finds them by name; never import fixtures from test modules).
+
+``lab`` is module-scoped: one ``lab.netns.Lab`` per test module, downed after the module's last test, also when a
+test fails. Where a lab can't be built the tests skip with the exact reason; with CI=true or LANHUB_REQUIRE_LAB=1
+they fail instead, so a CI runner that lost root or openvpn can't go green by skipping everything::
+
+    pytestmark = pytest.mark.lab
+
+    def test_it_provisions(lab, ssh_key):
+        node = lab.add_node("hangzhou")
+        node.authorize(ssh_key.public_line)
+        with connect_node(node, ssh_key) as client: ...   # connect_node from tests.lab_helpers
+"""
+
+from __future__ import annotations
 
 import pytest
 from django.conf import settings
+
+from tests.lab_helpers import SshKey, generate_ssh_key, make_lab_fixture
+
+lab = make_lab_fixture("module")
+
+
+@pytest.fixture(scope="session")
+def ssh_key() -> SshKey:
+    """A throwaway client key for the whole run: nothing is written to disk, least of all /root/.ssh."""
+    return generate_ssh_key()
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab_fixtures import lab_required
+from tests.lab_helpers import lab_required
 
 # Playwright's sync API runs an event loop in this thread; Django refuses ORM calls from a thread with a running
 # loop unless told it is safe. It is here: the loop only talks to the browser, never to the database.

@@ -24,7 +24,6 @@ from nodes.models import Link, Node, NodeState, SyncRun, SyncStatus, VpnSession
 from players import services as player_services
 from players.models import Player
 from tests.celery_worker import real_worker
-from tests.lab_fixtures import lab  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -53,7 +52,7 @@ def describe_runs(lan) -> str:
     return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.reason} {r.error}" for r in rows)
 
 
-def register(lab, lan, name):  # noqa: F811
+def register(lab, lan, name):
     """Add a server the way the admin form does: namespace + deploy key, then the node service."""
     host = lab.add_node(name)
     host.authorize(lan.ssh_public_key)
@@ -92,7 +91,7 @@ def download(client: Client, player: Player, node_name: str) -> str:
     return response.content.decode()
 
 
-def connect(lab, name, profile, *, timeout=30.0):  # noqa: F811
+def connect(lab, name, profile, *, timeout=30.0):
     host = lab.add_player(name)
     began = time.monotonic()
     host.start_openvpn(profile)
@@ -126,7 +125,7 @@ def figures():
 
 # Every friend here joins from the test client's one address; the join rate limit has its own tests.
 @override_settings(LANHUB_JOIN_RATE=10_000)
-def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):  # noqa: F811
+def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
     scenario_began = time.monotonic()
     host_user = get_user_model().objects.create_user("host", password="host-password")
     # Hub mode: the reference layout for two nodes, and a third node attaches to the primary only, which lets

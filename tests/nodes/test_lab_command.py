@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from nodes.models import Lan
-from tests.lab_fixtures import require_lab
+from tests.lab_helpers import require_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.django_db(transaction=True)]
 

@@ -10,7 +10,6 @@ import pytest
 from nodes import provisioning as p
 from nodes.ssh import ProvisioningError, open_connection
 from nodes import openvpn_mgmt as management
-from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
 from tests.nodes.test_provisioning import TCP, UDP, client_profile, make_pki, node_files, remove_everything
 from tests.nodes.test_ssh import stand_in
 
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
-def online(lab, ssh_key):  # noqa: F811
+def online(lab, ssh_key):
     """A node running the UDP and TCP servers, and player "bob" connected to the UDP one."""
     host = lab.add_node("mgmt")
     host.authorize(ssh_key.public_line)
@@ -40,7 +39,7 @@ def online(lab, ssh_key):  # noqa: F811
 
 
 @pytest.fixture
-def c(online, ssh_key):  # noqa: F811
+def c(online, ssh_key):
     with open_connection(stand_in(online["host"], ssh_key)) as conn:
         yield conn
 

@@ -19,7 +19,6 @@ from nodes import provisioning as p
 from nodes import render
 from nodes.render import RenderedFile
 from nodes.ssh import ProvisioningError, open_connection
-from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
 from tests.nodes.test_ssh import stand_in
 
 pytestmark = pytest.mark.lab
@@ -103,14 +102,14 @@ def material() -> Pki:
 
 
 @pytest.fixture(scope="module")
-def host(lab, ssh_key):  # noqa: F811
+def host(lab, ssh_key):
     node = lab.add_node("prov")
     node.authorize(ssh_key.public_line)
     return node
 
 
 @pytest.fixture
-def c(host, ssh_key):  # noqa: F811
+def c(host, ssh_key):
     """A connection to a node with nothing of LanHub on it; whatever the test starts is stopped afterwards."""
     with open_connection(stand_in(host, ssh_key)) as conn:
         remove_everything(conn)
@@ -298,7 +297,7 @@ def test_verify_names_a_link_that_does_not_answer_without_failing_the_node(c, ma
     assert "lh-udp gets no answer from 10.251.0.77" in result["warnings"][0]
 
 
-def test_a_player_connects_to_the_server_apply_started(c, lab, host, material):  # noqa: F811
+def test_a_player_connects_to_the_server_apply_started(c, lab, host, material):
     p.apply(c, files=node_files(material), wanted={UDP})
     player = lab.players.get("pv") or lab.add_player("pv")
     try:

@@ -16,7 +16,7 @@ import pytest
 
 from nodes import provisioning as p
 from nodes.ssh import ProvisioningError, is_root, open_connection, run_root
-from tests.lab_fixtures import lab, lab_required, ssh_key  # noqa: F401  (fixtures are found by name)
+from tests.lab_helpers import lab_required
 from tests.nodes.test_provisioning import (
     PKI,
     TCP,
@@ -62,7 +62,7 @@ def accounts_before():
 
 
 @pytest.fixture(scope="module")
-def host(lab, ssh_key, accounts_before):  # noqa: F811
+def host(lab, ssh_key, accounts_before):
     require_sudo()
     node = lab.add_node("sudo", user="deploy")
     node.authorize(ssh_key.public_line)
@@ -70,7 +70,7 @@ def host(lab, ssh_key, accounts_before):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def nosudo(lab, ssh_key, accounts_before):  # noqa: F811
+def nosudo(lab, ssh_key, accounts_before):
     require_sudo()
     node = lab.add_node("nosudo", user="guest", sudo=False)
     node.authorize(ssh_key.public_line)
@@ -78,7 +78,7 @@ def nosudo(lab, ssh_key, accounts_before):  # noqa: F811
 
 
 @pytest.fixture
-def c(host, ssh_key):  # noqa: F811
+def c(host, ssh_key):
     """A connection as deploy to a node with nothing of LanHub on it; cleaned as root before and after."""
     with open_connection(stand_in(host, ssh_key)) as root:
         remove_everything(root)
@@ -108,7 +108,7 @@ def test_deploy_logs_in_as_itself_and_becomes_root_only_through_sudo(c):
     assert run_root(c, "id -u | cat && id -un", hide=True).stdout.split() == ["0", "root"]
 
 
-def test_apply_as_deploy_writes_root_owned_files_runs_its_instances_and_is_idempotent(c, lab, host,  # noqa: F811
+def test_apply_as_deploy_writes_root_owned_files_runs_its_instances_and_is_idempotent(c, lab, host,
                                                                                       material):
     files = node_files(material, tcp=True)
     host_forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text()
@@ -153,7 +153,7 @@ def test_a_failed_apply_as_deploy_is_rolled_back_through_sudo(c, host, material)
     assert p.instance_running(c, UDP)
 
 
-def test_a_player_connects_and_ping_through_works_as_deploy(c, lab, host, material):  # noqa: F811
+def test_a_player_connects_and_ping_through_works_as_deploy(c, lab, host, material):
     p.apply(c, files=node_files(material), wanted={UDP})
     player = lab.players.get("ps") or lab.add_player("ps")
     try:
@@ -164,7 +164,7 @@ def test_a_player_connects_and_ping_through_works_as_deploy(c, lab, host, materi
         player.stop_openvpn()
 
 
-def test_a_user_without_sudo_rights_gets_a_clear_error_at_once_and_nothing_changes(nosudo, ssh_key,  # noqa: F811
+def test_a_user_without_sudo_rights_gets_a_clear_error_at_once_and_nothing_changes(nosudo, ssh_key,
                                                                                     material):
     with open_connection(as_user(nosudo, ssh_key)) as conn:
         assert conn.run("id -un", hide=True).stdout.strip() == "guest"

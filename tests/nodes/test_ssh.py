@@ -14,7 +14,6 @@ import pytest
 from lanhub import pki
 from lanhub.secrets import seal
 from nodes.ssh import ProvisioningError, open_connection, run_root
-from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
 
 pytestmark = pytest.mark.lab
 
@@ -29,7 +28,7 @@ def stand_in(host, key, *, host_key: str | None = None, port: int = 22, address:
 
 
 @pytest.fixture(scope="module")
-def server(lab, ssh_key):  # noqa: F811
+def server(lab, ssh_key):
     host = lab.add_node("sshnode")
     host.authorize(ssh_key.public_line)
     return host
@@ -39,27 +38,27 @@ def accepted_logins(host) -> int:
     return host.sshd_log().count("Accepted publickey")
 
 
-def test_it_runs_commands_on_a_node_whose_host_key_is_pinned(server, ssh_key):  # noqa: F811
+def test_it_runs_commands_on_a_node_whose_host_key_is_pinned(server, ssh_key):
     with open_connection(stand_in(server, ssh_key)) as c:
         assert c.run("echo hello", hide=True).stdout == "hello\n"
         assert run_root(c, "id -u", hide=True).stdout.strip() == "0"
     assert not c.is_connected
 
 
-def test_first_contact_pins_the_presented_key_after_logging_in(server, ssh_key):  # noqa: F811
+def test_first_contact_pins_the_presented_key_after_logging_in(server, ssh_key):
     pinned = []
     with open_connection(stand_in(server, ssh_key, host_key=""), pin=pinned.append) as c:
         c.run("true", hide=True)
     assert pinned == [server.host_public_key()]
 
 
-def test_first_contact_without_a_pin_callback_is_refused(server, ssh_key):  # noqa: F811
+def test_first_contact_without_a_pin_callback_is_refused(server, ssh_key):
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, ssh_key, host_key=""))
     assert caught.value.permanent and "no pinned host key" in caught.value.message
 
 
-def test_a_changed_host_key_stops_with_both_fingerprints_and_does_nothing(server, ssh_key):  # noqa: F811
+def test_a_changed_host_key_stops_with_both_fingerprints_and_does_nothing(server, ssh_key):
     other_public = pki.make_ssh_keypair(comment="someone-else")[1]
     logins = accepted_logins(server)
     pinned = []
@@ -73,21 +72,21 @@ def test_a_changed_host_key_stops_with_both_fingerprints_and_does_nothing(server
     assert pinned == [] and accepted_logins(server) == logins  # never authenticated, let alone ran anything
 
 
-def test_a_pinned_key_of_another_type_is_reported_as_a_mismatch(server, ssh_key):  # noqa: F811
+def test_a_pinned_key_of_another_type_is_reported_as_a_mismatch(server, ssh_key):
     ecdsa = paramiko.ECDSAKey.generate()
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, ssh_key, host_key=f"{ecdsa.get_name()} {ecdsa.get_base64()}"))
     assert caught.value.permanent and server.host_key_fingerprint() in caught.value.message
 
 
-def test_a_pinned_key_that_is_not_a_key_line_is_a_clear_permanent_error(server, ssh_key):  # noqa: F811
+def test_a_pinned_key_that_is_not_a_key_line_is_a_clear_permanent_error(server, ssh_key):
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, ssh_key, host_key="ssh-ed25519 not-base64!"))
     assert caught.value.permanent and "not an OpenSSH public key line" in caught.value.message
 
 
 def test_a_deploy_key_the_node_does_not_know_is_a_permanent_login_failure(server):
-    from tests.lab_fixtures import generate_ssh_key
+    from tests.lab_helpers import generate_ssh_key
 
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, generate_ssh_key("stranger")))
@@ -95,13 +94,13 @@ def test_a_deploy_key_the_node_does_not_know_is_a_permanent_login_failure(server
     assert "refused LanHub's deploy key" in caught.value.message
 
 
-def test_a_closed_port_is_a_transient_connect_error(server, ssh_key):  # noqa: F811
+def test_a_closed_port_is_a_transient_connect_error(server, ssh_key):
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, ssh_key, port=2222))
     assert not caught.value.permanent and "nothing answered there as an SSH server" in caught.value.message
 
 
-def test_an_address_where_nothing_answers_is_a_transient_connect_error(server, ssh_key):  # noqa: F811
+def test_an_address_where_nothing_answers_is_a_transient_connect_error(server, ssh_key):
     # 203.0.113.99 is on the lab's node segment but nobody holds it: no route/ARP answer, or a timeout.
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, ssh_key, address="203.0.113.99"), timeout=2)
@@ -109,7 +108,7 @@ def test_an_address_where_nothing_answers_is_a_transient_connect_error(server, s
 
 
 @pytest.mark.django_db
-def test_it_connects_to_a_real_node_row_and_pins_its_key_on_first_contact(server, ssh_key):  # noqa: F811
+def test_it_connects_to_a_real_node_row_and_pins_its_key_on_first_contact(server, ssh_key):
     from django.contrib.auth import get_user_model
 
     from nodes.models import Lan, Node

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from lanhub.lab import Lab, LabError
+from lab.netns import Lab, LabError
 from nodes import services, syncing
 from nodes.models import Lan, SyncRun, SyncStatus
 from players import services as player_services

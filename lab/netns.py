@@ -688,7 +688,7 @@ def _down_all() -> None:
         try:
             lab.down()
         except Exception as exc:  # keep going: the other labs still need to go
-            print(f"lanhub.lab: down of {lab.id} failed: {exc}", file=sys.stderr)
+            print(f"lab.netns: down of {lab.id} failed: {exc}", file=sys.stderr)
 
 
 def _on_signal(signum, frame) -> None:
@@ -726,7 +726,7 @@ def _is_main_thread() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lanhub.lab list | down STATE_DIR | cleanup``: inspect or remove labs from a shell."""
+    """``python -m lab.netns list | down STATE_DIR | cleanup``: inspect or remove labs from a shell."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["list"]:
         for entry in sorted(BASE_DIR.iterdir()) if BASE_DIR.is_dir() else []:

@@ -1,21 +1,10 @@
-"""Pytest fixtures for tests that need real "servers" (network namespaces with sshd and OpenVPN).
+"""Helpers for tests that need real "servers" (the lab's network namespaces with sshd and OpenVPN).
 
-Use from a test module::
-
-    from tests.lab_fixtures import lab, ssh_key  # noqa: F401  (fixtures are found by name)
-
-    pytestmark = pytest.mark.lab
-
-    def test_it_provisions(lab, ssh_key):
-        node = lab.add_node("hangzhou")
-        node.authorize(ssh_key.public_line)
-        with connect_node(node, ssh_key) as client: ...
-
-``lab`` is module-scoped: one Lab per module, torn down after the module's last test. Where a lab can't be built
-the tests skip with the exact reason; with CI=true or LANHUB_REQUIRE_LAB=1 they fail instead, so a CI runner that
-lost root or openvpn can't go green by skipping everything. Make a fixture with another scope or options with
-``make_lab_fixture``. Labs with host routes are serialised machine-wide (see lanhub/lab.py), so two suites running
-at once wait for each other rather than collide.
+The fixtures themselves (``lab``, ``ssh_key``) live in tests/conftest.py and are found by name; this module holds
+the plain functions tests call: ``require_lab`` (skip, or fail under CI / LANHUB_REQUIRE_LAB=1, with the reason a
+lab can't be built), ``generate_ssh_key``, ``connect_node`` and ``ssh_run``. A test module that needs a lab with
+another scope or options makes its own fixture with ``make_lab_fixture``. Labs with host routes are serialised
+machine-wide (see lab/netns.py), so two suites running at once wait for each other rather than collide.
 """
 
 from __future__ import annotations
@@ -30,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from lanhub.lab import Lab, NodeHost
+from lab.netns import Lab, NodeHost
 
 
 def lab_required() -> bool:
@@ -59,9 +48,6 @@ def make_lab_fixture(scope: str = "module", **lab_kwargs):
     return _lab
 
 
-lab = make_lab_fixture("module")
-
-
 @dataclass(frozen=True)
 class SshKey:
     """A throwaway client key: nothing is written to disk, least of all /root/.ssh."""
@@ -77,11 +63,6 @@ def generate_ssh_key(comment: str = "lanhub-test") -> SshKey:
                                 serialization.NoEncryption()).decode()
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return SshKey(paramiko.Ed25519Key(file_obj=io.StringIO(private)), private, f"{public.decode()} {comment}")
-
-
-@pytest.fixture(scope="session")
-def ssh_key() -> SshKey:
-    return generate_ssh_key()
 
 
 def connect_node(node: NodeHost, key: SshKey, timeout: float = 10.0) -> paramiko.SSHClient:
