@@ -92,6 +92,9 @@ PKI_NODE_CERT = f"{PKI_DIR}/node.crt"
 PKI_NODE_KEY = f"{PKI_DIR}/node.key"
 PKI_LINK_CERT = f"{PKI_DIR}/link.crt"
 PKI_LINK_KEY = f"{PKI_DIR}/link.key"
+# The management interfaces listen on 127.0.0.1 and ask for this password (root-only file): without it any local
+# user of the node could kill sessions or read who is online (OPENVPN-NOTES.md, "Management on TCP").
+MANAGEMENT_PASSWORD_FILE = f"{PKI_DIR}/management.pw"
 
 
 def ccd_path(downstream: str) -> str:

@@ -79,7 +79,7 @@ def _common_tail(management: int, status: str) -> list[str]:
         "persist-key",
         "persist-tun",
         "disable-dco",
-        f"management 127.0.0.1 {management}",
+        f"management 127.0.0.1 {management} {layout.MANAGEMENT_PASSWORD_FILE}",
         f"status {RUN}/{status}.status",
         "verb 3",
     ]

@@ -16,8 +16,9 @@ from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import layout, revocation
+from nodes import layout, provisioning, revocation
 from nodes.models import Lan, Node, RevokedCertificate
+from nodes.ssh import ProvisioningError, open_connection
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
     LanPlan, check_node, estimated_rtts, node_specs, plan_lan, replan, revoked_names, sync_changed_nodes,
@@ -134,13 +135,31 @@ def update_node(node: Node, *, requested_by=None, **fields) -> Node:
 
 
 @transaction.atomic
-def delete_node(node: Node, *, requested_by=None) -> None:
-    """Remove a node from the LAN; its certificates are revoked (the server may not be ours any more) and the
-    others are re-planned and synced without it."""
+def delete_node(node: Node, *, requested_by=None) -> str:
+    """Remove a node from the LAN: LanHub is taken off the server (instances stopped, files removed), its
+    certificates are revoked on the other nodes (the server may not be ours any more), and the others are
+    re-planned and synced without it, so new profiles and pages no longer list it.
+
+    Returns "" when the server was cleaned up (or never set up), else why it could not be: the row goes anyway,
+    because a host deletes a server that is gone as often as one that is still there."""
     lan, name, old_certificates = node.lan, node.name, node_certificates(node)
+    problem = _decommission(node)
     node.delete()
     _revoke_all(lan, old_certificates, reason=f"node {name} removed")
     replan(lan, reason=f"node {name} removed", requested_by=requested_by)
+    return problem
+
+
+def _decommission(node: Node) -> str:
+    if not node.applied_files or not node.ssh_host_key:
+        return ""  # LanHub never set this server up
+    try:
+        with open_connection(node) as c:
+            provisioning.decommission(c, applied=node.applied_files.keys())
+    except ProvisioningError as exc:
+        log.warning("node %s deleted, but its server was not cleaned up: %s", node.name, exc.message)
+        return exc.message
+    return ""
 
 
 def node_certificates(node: Node) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
@@ -25,6 +24,7 @@ from nodes.models import Node, NodeState
 from players import services as player_services
 from players.models import Player
 from tests.base import BaseTestCase
+from tests.figures import record
 
 CONVERTER = re.compile(r"<(?:(?P<conv>[^>:]+):)?(?P<name>[^>]+)>")
 # Which object a host-facing URL names, from the start of its route and its parameter.
@@ -80,18 +80,7 @@ class CrossHostTests(BaseTestCase):
                 self.assertTrue(statuses <= {404, 405} and 404 in statuses, f"{url}: {statuses}")
             walked += 1
         self.assertGreaterEqual(walked, 10)
-        _record("cross_host_urls", walked)
-
-
-def _record(key: str, value) -> None:
-    """Figures for docs/security.md (scripts/security_report.py sets LANHUB_SECURITY_FIGURES)."""
-    path = os.environ.get("LANHUB_SECURITY_FIGURES")
-    if not path:
-        return
-    figures = json.loads(open(path).read()) if os.path.exists(path) else {}
-    figures[key] = value
-    with open(path, "w") as f:
-        json.dump(figures, f)
+        record("cross_host_urls", walked)
 
 
 ROUTES = sorted(set(routes()))
@@ -140,6 +129,6 @@ class NoServerErrorTests(BaseTestCase, HypothesisTestCase):
 
     @classmethod
     def tearDownClass(cls):
-        _record("generated_requests", TRIED["requests"])
-        _record("server_errors", TRIED["server_errors"])
+        record("generated_requests", TRIED["requests"])
+        record("server_errors", TRIED["server_errors"])
         super().tearDownClass()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
@@ -23,6 +22,7 @@ from nodes import services
 from nodes.models import Node, NodeState, SyncRun, SyncStatus
 from players.models import Player
 from tests.celery_worker import real_worker
+from tests.figures import record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -158,4 +158,19 @@ def test_no_node_accepts_a_revoked_profile_once_the_revoke_returns(lab):  # noqa
         "refused_by_server": refusals,
     }
     print("\nrevocation window figures:", json.dumps(figures))
-    Path(settings.VAR_DIR, "revocation-figures.json").write_text(json.dumps(figures, indent=1))
+    record("revocation", figures)
+
+    # Deleting a node takes LanHub off the server and the server out of new profiles.
+    singapore = Node.objects.get(lan=lan, name="singapore")
+    assert services.delete_node(singapore) == ""
+    sg_host = node_hosts["singapore"]
+    assert not sg_host.etc_path("openvpn/server/lanhub-udp.conf").exists()
+    assert not sg_host.etc_path("openvpn/lanhub/pki").exists()
+    comms = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in lab.pids(sg_host.ns)
+             if Path(f"/proc/{pid}/comm").exists()]
+    assert "openvpn" not in comms, comms
+    invite = lan.invites.get()
+    assert Client().post(f"/join/{invite.token}/", {"nickname": "erin"}).status_code == 302
+    erin = Player.objects.get(lan=lan, nickname="erin")
+    profile = Client().get(f"/me/{erin.token}/profile/hangzhou.ovpn").content.decode()
+    assert sg_host.address not in profile

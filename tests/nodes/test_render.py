@@ -41,7 +41,7 @@ keepalive 10 60
 persist-key
 persist-tun
 disable-dco
-management 127.0.0.1 7505
+management 127.0.0.1 7505 /etc/openvpn/lanhub/pki/management.pw
 status /etc/openvpn/lanhub/run/lanhub-udp.status
 verb 3
 """
@@ -65,7 +65,7 @@ class ReferenceLanTests(SimpleTestCase):
         self.assertIn("proto tcp-server", tcp)
         self.assertIn("server 10.250.0.0 255.255.0.0", tcp)
         self.assertIn('push "route 10.0.0.0 255.0.0.0"', tcp)
-        self.assertIn("management 127.0.0.1 7506", tcp)
+        self.assertIn("management 127.0.0.1 7506 /etc/openvpn/lanhub/pki/management.pw", tcp)
         self.assertFalse([line for line in tcp if line.startswith(("route ", "client-config-dir"))])
 
     def test_the_ccd_file_for_hongkong_fixes_its_address_and_iroutes_its_pools(self):
