@@ -85,6 +85,13 @@ def _common_tail(management: int, status: str) -> list[str]:
     ]
 
 
+def _unprivileged() -> list[str]:
+    # Servers drop root once their sockets, tun device, routes, keys and status/pool files are open (persist-key
+    # and persist-tun keep them across a soft restart): a bug in the TLS or packet code then runs as nobody.
+    # Link clients keep root: they re-add their routes on every reconnect, which nobody may not do.
+    return ["user nobody", "group nogroup"]
+
+
 def _pool_persist(instance: str) -> list[str]:
     # A player keeps their address across server restarts (syncs, drift repairs): friends join games by IP.
     return [f"ifconfig-pool-persist {RUN}/{instance}.ipp"]
@@ -121,7 +128,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
-    lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME)]
+    lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME), *_unprivileged()]
     lines += _common_tail(UDP_MANAGEMENT, layout.UDP_BASENAME)
     return RenderedFile(layout.instance_paths(UDP_INSTANCE)["conf"], _text(lines), instance=UDP_INSTANCE)
 
@@ -133,7 +140,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
         f"server {_net(pool)}",
         f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki(),
     ]
-    lines += _pool_persist(layout.TCP_BASENAME)
+    lines += [*_pool_persist(layout.TCP_BASENAME), *_unprivileged()]
     lines += _common_tail(TCP_MANAGEMENT, layout.TCP_BASENAME)
     return RenderedFile(layout.instance_paths(TCP_INSTANCE)["conf"], _text(lines), instance=TCP_INSTANCE)
 

@@ -195,3 +195,27 @@ def _issue_node_certificates(node: Node) -> None:
     link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now, days=NODE_CERT_DAYS)
     node.server_cert, node.server_key_sealed = server.cert_pem, seal(server.key_pem)
     node.link_cert, node.link_key_sealed = link.cert_pem, seal(link.key_pem)
+
+
+def node_certificate_expiry(node: Node):
+    """When the first of the node's two certificates expires."""
+    return min(x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+               for pem in (node.server_cert, node.link_cert) if pem)
+
+
+@transaction.atomic
+def renew_node_certificates(lan: Lan, *, now=None) -> list[Node]:
+    """Re-issue the certificates of every node of `lan` with less than NODE_CERT_RENEW_DAYS left, and sync them.
+
+    The old certificates are not revoked: they expire by themselves, and until the sync lands the node still
+    presents them."""
+    now = now or timezone.now()
+    renewed = []
+    for node in Node.objects.select_for_update().filter(lan=lan).select_related("lan"):
+        if not node.server_cert or (node_certificate_expiry(node) - now).days >= NODE_CERT_RENEW_DAYS:
+            continue
+        _issue_node_certificates(node)
+        node.save(update_fields=["server_cert", "server_key_sealed", "link_cert", "link_key_sealed"])
+        request_sync(node, reason="node certificates renewed before they expire")
+        renewed.append(node)
+    return renewed

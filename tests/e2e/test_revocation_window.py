@@ -160,6 +160,18 @@ def test_no_node_accepts_a_revoked_profile_once_the_revoke_returns(lab):  # noqa
     print("\nrevocation window figures:", json.dumps(figures))
     record("revocation", figures)
 
+    # The servers run as nobody once started (their configs say `user nobody`).
+    hz_host = node_hosts["hangzhou"]
+    uids = {}
+    for pid in lab.pids(hz_host.ns):
+        status = Path(f"/proc/{pid}/status")
+        if status.exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "openvpn":
+            cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+            uid = re.search(r"^Uid:\s+(\d+)", status.read_text(), re.M).group(1)
+            uids[cmdline] = uid
+    servers = {cmd: uid for cmd, uid in uids.items() if "/server/" in cmd}
+    assert servers and all(uid != "0" for uid in servers.values()), uids
+
     # Deleting a node takes LanHub off the server and the server out of new profiles.
     singapore = Node.objects.get(lan=lan, name="singapore")
     assert services.delete_node(singapore) == ""

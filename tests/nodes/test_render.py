@@ -37,6 +37,8 @@ tls-crypt /etc/openvpn/lanhub/pki/tls-crypt.key
 crl-verify /etc/openvpn/lanhub/pki/revoked dir
 explicit-exit-notify 1
 ifconfig-pool-persist /etc/openvpn/lanhub/run/lanhub-udp.ipp
+user nobody
+group nogroup
 keepalive 10 60
 persist-key
 persist-tun
