@@ -176,7 +176,7 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(VAR_DIR / "static")))  # collectstatic writes here
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # var/ also holds the SQLite file; whitenoise wants the folder
 # In development whitenoise serves straight from static/ so no collectstatic is needed between edits.
 WHITENOISE_USE_FINDERS = DEBUG

@@ -24,7 +24,7 @@ from lanhub.clientip import client_address
 from lanhub.middleware import CSP
 from nodes.forms import add_service_error
 from nodes.models import Lan, VpnSession
-from nodes.svg import qr_svg
+from nodes.svg import qr_svg, qr_svg_document
 from nodes.views import _dashboard
 from players import ranking, services
 from players.forms import ChooseNodeForm, InviteForm, JoinForm, RttForm
@@ -120,6 +120,18 @@ def invite_revoke(request, pk):
     services.revoke_invite(invite)
     messages.success(request, "Invite withdrawn: its link no longer works.")
     return redirect(reverse("nodes:lan_detail", args=[invite.lan.slug]) + "#invites")
+
+
+@require_GET
+@login_required
+def invite_qr(request, pk):
+    """The invite link as a QR code, drawn when a browser asks for it rather than for every invite on every
+    dashboard load. The token never changes, so the browser may keep the picture."""
+    invite = get_invite_for_host(request, pk)
+    url = request.build_absolute_uri(reverse("players:join", args=[invite.token]))
+    response = HttpResponse(qr_svg_document(url), content_type="image/svg+xml")
+    response["Cache-Control"] = "private, max-age=86400"  # it encodes a secret link: never in a shared cache
+    return response
 
 
 @require_POST
