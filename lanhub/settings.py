@@ -227,7 +227,7 @@ LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 360
 LANHUB_DOWN_AFTER_POLLS = _typed("LANHUB_DOWN_AFTER_POLLS", env.int, 3)
 LANHUB_SSH_TIMEOUT = _typed("LANHUB_SSH_TIMEOUT", env.int, 10)
 # Nodes on the portal's own machine (loopback, its own addresses) or link-local addresses are refused as SSH
-# targets, so the worker cannot be aimed at local services; the lab and the test suite, whose nodes live here, allow them.
+# targets, so the worker cannot be aimed at local services; the lab and the test suite (nodes here) allow them.
 LANHUB_SSH_ALLOW_LOCAL_TARGETS = _strict_bool("LANHUB_SSH_ALLOW_LOCAL_TARGETS", False)
 LANHUB_JOIN_RATE = _typed("LANHUB_JOIN_RATE", env.int, 20)  # joins per client address per hour
 # "I lost my device" re-signs the CRL and syncs every node: a few per player per hour are plenty.

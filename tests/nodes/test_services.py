@@ -205,8 +205,12 @@ class CertificateRenewalTests(BaseTestCase):
         later = now + datetime.timedelta(days=services.NODE_CERT_DAYS - services.NODE_CERT_RENEW_DAYS + 1)
         renewed = services.renew_node_certificates(self.lan, now=later)
         self.assertEqual([n.name for n in renewed], ["hangzhou"])
+        old_certs = (node.server_cert, node.link_cert)
         node.refresh_from_db()
-        self.assertGreater(services.node_certificate_expiry(node), expiry)
+        self.assertNotEqual((node.server_cert, node.link_cert)[0], old_certs[0])
+        self.assertNotEqual((node.server_cert, node.link_cert)[1], old_certs[1])
+        # Issued now, for the full lifetime again (the decision used `later`; the certificate uses the real clock).
+        self.assertGreaterEqual((services.node_certificate_expiry(node) - now).days, services.NODE_CERT_DAYS - 1)
         self.assertTrue(SyncRun.objects.filter(node=node, reason__contains="certificates renewed").exists())
 
 
