@@ -214,7 +214,7 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         wait_ready(lan, ["hangzhou", "hongkong", "singapore"])
         touched = set(SyncRun.objects.filter(node__lan=lan).exclude(pk__in=before)
                       .values_list("node__name", flat=True))
-        assert touched == {"hangzhou", "singapore"}, touched
+        assert touched == {"hangzhou", "singapore"}, f"{touched}\n{describe_runs(lan)}"
         dave = join(Client(), invite, "dave")
         dave_host, dave_ip, _ = connect(lab, "dave", download(Client(), dave, "singapore"))
         # Hangzhou restarted its UDP server for Singapore's routes: alice reconnected, over UDP or, when her

@@ -20,7 +20,8 @@ PRODUCTION = {"DEBUG": "False", "SECRET_KEY": "q8Zr-2vLxN4pT7wYb1KcFh9JmS3dGu6Ea
 
 
 def run_manage(*args, **env):
-    full_env = {k: v for k, v in os.environ.items() if k not in PRODUCTION}
+    # DJANGO_ALLOW_ASYNC_UNSAFE: the browser tests set it in this process; a deployment never has it.
+    full_env = {k: v for k, v in os.environ.items() if k not in PRODUCTION and k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     full_env.update(env)
     return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=120)
