@@ -40,8 +40,8 @@ def page(f: dict) -> str:
     return f"""# Security
 
 What a public LanHub portal and its nodes defend against, and the figures that show it. This page is written by
-`scripts/security_report.py` from the tests it runs (last run {dt.date.today().isoformat()}); edit the script,
-not the page.
+`scripts/security_report.py` from the tests it runs (last run {dt.date.today().isoformat()}); edit the script, not
+the page.
 
 ## Figures
 
@@ -77,8 +77,10 @@ not the page.
   is down. The revoke request writes the file on every node over SSH before it returns (`nodes/revocation.py`);
   a node that cannot be reached is named to the host and gets the file from its queued sync. Node certificates
   live two years and are renewed with a year left. The management interfaces ask for a per-node password from a
-  root-only file. The FORWARD chain drops tunnel-to-uplink traffic. Profiles ignore a pushed `redirect-gateway`
-  and `dhcp-option`, so a rogue or stale node cannot take over a player's traffic.
+  root-only file. OpenVPN servers drop to nobody/nogroup after start-up (link clients keep root: they re-add
+  routes on reconnect). The FORWARD chain drops tunnel-to-uplink traffic. Deleting a node stops its instances and
+  removes LanHub's files from it, revokes its certificates and re-plans the LAN without it. Profiles ignore a
+  pushed `redirect-gateway` and `dhcp-option`, so a rogue or stale node cannot take over a player's traffic.
 """
 
 
