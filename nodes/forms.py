@@ -65,6 +65,7 @@ class NodeForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         upstream = self.fields["pinned_upstream"]
         upstream.queryset = Node.objects.filter(lan=lan).order_by("created_at", "pk").only("lan_id", "name")
+        # (only the label's column: the choices list every node of the LAN)
         upstream.label_from_instance = lambda node: node.name  # str(node) would fetch the LAN for every option
         upstream.widget = QuickSelect(choices=upstream.choices)
         upstream.help_text = "Leave empty to let LanHub choose where this server attaches."

@@ -195,6 +195,11 @@ class Node(models.Model):
         return self.region or "(no region)"
 
 
+# A node's large columns, which pages that list nodes never show: defer them there (new columns still load).
+NODE_BULK_FIELDS = ("applied_files", "server_cert", "server_key_sealed", "link_cert", "link_key_sealed",
+                    "ssh_host_key", "last_error")
+
+
 class LinkState(models.TextChoices):
     UNKNOWN = "unknown", "Unknown"
     UP = "up", "Up"

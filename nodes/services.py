@@ -6,6 +6,7 @@ writes more than one row is atomic, and Celery tasks are enqueued only after the
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from cryptography import x509
@@ -52,8 +53,15 @@ def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8"
 
 
 def lan_ca(lan: Lan) -> tuple[str, str]:
-    """The CA certificate and its private key, unsealed for one signing operation."""
-    return lan.ca_cert, unseal(lan.ca_key_sealed)
+    """The CA certificate and its private key, unsealed for signing."""
+    return lan.ca_cert, _unsealed_ca_key(lan.ca_key_sealed)
+
+
+@functools.lru_cache(maxsize=64)
+def _unsealed_ca_key(sealed: str) -> str:
+    """Kept per process, keyed by the sealed text: every player issued on a LAN signs with the same CA key, and
+    a new key (a new LAN) is a new entry. Process memory already holds it while signing; it never leaves it."""
+    return unseal(sealed)
 
 
 def _write_crl(lan: Lan, *, now) -> None:

@@ -19,15 +19,13 @@ from django.views.decorators.http import require_GET, require_POST
 from lanhub.access import get_lan_for_host, get_node_for_host
 from nodes import services, svg
 from nodes.forms import LanForm, NodeForm, add_service_error
-from nodes.models import Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
+from nodes.models import NODE_BULK_FIELDS, Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
 from players.forms import InviteForm
 from players.models import Player
 
 ACTIVE_RUN = (SyncStatus.QUEUED, SyncStatus.RUNNING)
 PLAYERS_PER_PAGE = 50  # the dashboard's players table; ?players=<page> for the rest
-# What a node card shows: the big columns (applied file hashes, certificates, sealed keys) stay in the database.
-CARD_FIELDS = ("lan_id", "name", "region", "public_address", "udp_port", "tcp_port", "state", "healthy",
-               "openvpn_version", "last_error", "sync_state", "created_at")
+CARD_DEFERRED = tuple(f for f in NODE_BULK_FIELDS if f != "last_error")  # a card shows the last error
 INVITES_SHOWN = 20  # the newest invites; older ones are used up or expired in practice
 
 
@@ -110,7 +108,7 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
     one index seek on (node, -created_at) per node, players come a page at a time with only their own sessions,
     invites are the newest few, and their QR codes are images the browser fetches on demand (players:invite_qr).
     """
-    nodes = list(lan.nodes.order_by("created_at", "pk").only(*CARD_FIELDS).annotate(
+    nodes = list(lan.nodes.order_by("created_at", "pk").defer(*CARD_DEFERRED).annotate(
         # Players only: a downstream node's link client is a session on its upstream's server, not a player.
         online=_count(VpnSession.objects.filter(node=OuterRef("pk"), player__isnull=False), by="node"),
         latest_run_id=Subquery(SyncRun.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-pk")

@@ -265,9 +265,7 @@ def player_lost_device(request, player):
 def profile_download(request, player, node_ref):
     ranked = _ranking(request, player)
     nodes = [node for node, _ in ranked]
-    node = get_lan_node(player.lan, node_ref)
-    if node not in nodes:
-        raise Http404("That server is not ready for players yet.")
+    node = get_lan_node(player.lan, node_ref, among=nodes)  # only a ready node of the player's LAN
     profile = services.build_profile(player, node=node, ranked=nodes)
     response = HttpResponse(profile.content, content_type="application/x-openvpn-profile")
     response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'

@@ -415,6 +415,18 @@ class ProfileDownloadTests(PlayerPageTestCase):
         self.assertEqual(self.download(str(office.pk)).status_code, 404)
         self.assertEqual(self.download("office").status_code, 404)
 
+    def test_a_download_after_a_change_carries_the_change(self):
+        # Rendered profiles are cached per process, keyed by what they are made of: nothing stale may come back.
+        first = self.download("hongkong").content.decode()
+        Node.objects.filter(pk=self.hangzhou.pk).update(public_address="203.0.113.99")
+        moved = self.download("hongkong").content.decode()
+        self.assertIn("remote 203.0.113.99 1194 udp", moved)
+        self.assertNotIn("203.0.113.99", first)
+        bob = services.reissue_player(self.bob)
+        renewed = self.client.get(me_url(bob, "profile_download", "hongkong")).content.decode()
+        self.assertIn(bob.cert_pem.strip(), renewed)
+        self.assertNotIn(bob.cert_pem.strip(), first)
+
     def test_a_revoked_player_gets_410_and_no_profile(self):
         services.revoke_player(self.bob)
         response = self.download("hongkong")
