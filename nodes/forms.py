@@ -5,8 +5,17 @@ from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.forms.utils import flatatt
 from django.utils.html import format_html, format_html_join
 
-from nodes import services
+from nodes import games, services
 from nodes.models import Lan, Node
+
+
+def game_choice_field() -> forms.MultipleChoiceField:
+    """The preset list as checkboxes: the dashboard's game form and the admin's LAN form use this same field."""
+    return forms.MultipleChoiceField(
+        choices=[(g.key, f"{g.label} ({g.ports_label})") for g in games.PRESETS], required=False,
+        widget=forms.CheckboxSelectMultiple, label="Games",
+        help_text="Their LAN announcements (broadcast or multicast) reach every player on every server.",
+    )
 
 
 def add_service_error(form: forms.BaseForm, exc: ValidationError) -> None:
@@ -34,6 +43,17 @@ class LanForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["slug"].required = False
+
+
+class GameListForm(forms.ModelForm):
+    """The LAN's game list on the dashboard; the model's validators (also run by the admin) check the ports."""
+
+    discovery_games = game_choice_field()
+
+    class Meta:
+        model = Lan
+        fields = ("discovery_games", "discovery_ports")
+        labels = {"discovery_ports": "Custom UDP ports"}
 
 
 class QuickSelect(forms.Select):

@@ -17,7 +17,7 @@ from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import layout, provisioning, revocation
+from nodes import games, layout, provisioning, revocation
 from nodes.models import Lan, Node, RevokedCertificate
 from nodes.ssh import ProvisioningError, open_connection
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
@@ -36,10 +36,12 @@ CRL_DAYS = 30
 
 @transaction.atomic
 def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8", pool_prefix: int = 16,
-               topology_mode: str = "auto") -> Lan:
+               topology_mode: str = "auto", discovery_games: list[str] | None = None,
+               discovery_ports: str = "") -> Lan:
     """Create a LAN with its own certificate authority, tls-crypt key, empty CRL and SSH deploy key."""
     lan = Lan(owner=owner, name=name, slug=slug or slugify(name)[:32], supernet=supernet, pool_prefix=pool_prefix,
-              topology_mode=topology_mode)
+              topology_mode=topology_mode, discovery_ports=discovery_ports,
+              discovery_games=games.default_games() if discovery_games is None else list(discovery_games))
     lan.full_clean()
     now = timezone.now()
     ca = pki.create_ca(name=f"lanhub-{lan.slug}-ca", now=now)
@@ -49,6 +51,18 @@ def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8"
     lan.ssh_private_key_sealed, lan.ssh_public_key = seal(private), public
     _write_crl(lan, now=now)
     lan.save()
+    return lan
+
+
+@transaction.atomic
+def update_discovery(lan: Lan, *, discovery_games: list[str], discovery_ports: str = "", requested_by=None) -> Lan:
+    """Change the games whose LAN announcements are relayed; the nodes whose relay config or pushed routes
+    change are synced (every node for a port; a multicast group also changes what players are pushed)."""
+    Lan.objects.select_for_update().filter(pk=lan.pk).first()
+    lan.discovery_games, lan.discovery_ports = list(discovery_games), discovery_ports.strip()
+    lan.full_clean(exclude=["owner", "default_node"])
+    lan.save(update_fields=["discovery_games", "discovery_ports"])
+    sync_changed_nodes(lan, reason="game list changed", requested_by=requested_by)
     return lan
 
 

@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from lanhub.access import get_lan_for_host, get_node_for_host
 from nodes import services, svg
-from nodes.forms import LanForm, NodeForm, add_service_error
+from nodes.forms import GameListForm, LanForm, NodeForm, add_service_error
 from nodes.models import NODE_BULK_FIELDS, Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
 from players.forms import InviteForm
 from players.models import Player
@@ -89,6 +89,21 @@ def node_add(request, slug):
     return render(request, "nodes/lan_detail.html", _dashboard(request, lan, node_form=form))
 
 
+@require_POST
+@login_required
+def lan_games(request, slug):
+    lan = get_lan_for_host(request, slug)
+    form = GameListForm(request.POST, instance=Lan(pk=lan.pk, owner_id=lan.owner_id))
+    if form.is_valid():
+        try:
+            services.update_discovery(lan, requested_by=request.user, **form.cleaned_data)
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            return redirect(reverse("nodes:lan_detail", kwargs={"slug": lan.slug}) + "#games")
+    return render(request, "nodes/lan_detail.html", _dashboard(request, lan, games_form=form), status=400)
+
+
 @require_GET
 @login_required
 def lan_topology_svg(request, slug):
@@ -101,7 +116,7 @@ def lan_topology_svg(request, slug):
     return response
 
 
-def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
+def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_form=None) -> dict:
     """Everything the LAN dashboard shows, in a fixed number of queries (see tests/nodes/test_views.py).
 
     Each query is bounded by what the page shows, never by the LAN's history or size: the latest run of a node is
@@ -136,6 +151,7 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
         "online_total": sum(node.online for node in nodes),
         "node_form": node_form or NodeForm(lan=lan),
         "invite_form": invite_form or InviteForm(),
+        "games_form": games_form or GameListForm(instance=lan),
     }
 
 

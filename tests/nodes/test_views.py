@@ -12,11 +12,12 @@ from django.test import SimpleTestCase
 from django.urls import reverse
 from django.utils import timezone
 
-from nodes import svg
+from nodes import games, svg
 from nodes.models import Lan, Link, LinkState, Node, SyncRun, SyncStatus, VpnSession
 from nodes.views import INVITES_SHOWN, PLAYERS_PER_PAGE
 from players import services as player_services
 from tests.base import BaseTestCase
+from tests.nodes.test_services import mark_synced
 
 
 class HostTestCase(BaseTestCase):
@@ -389,6 +390,57 @@ class SvgRenderingTests(SimpleTestCase):
         self.assertIn("No servers yet", svg.render_topology([], []))
 
 
+class GameListTests(HostTestCase):
+    def url(self, lan=None):
+        return reverse("nodes:lan_games", args=[(lan or self.lan).slug])
+
+    def test_the_dashboard_shows_the_presets_with_the_default_ticked(self):
+        response = self.client.get(reverse("nodes:lan_detail", args=[self.lan.slug]))
+        self.assertContains(response, 'id="games"')
+        self.assertContains(response, "Minecraft Java Edition (224.0.2.60:4445)")
+        self.assertContains(response, 'value="minecraft-java" id="id_discovery_games_2" checked')
+        self.assertContains(response, 'value="directplay" id="id_discovery_games_1">')
+
+    def test_saving_the_list_stores_it_and_syncs_the_nodes_whose_relay_changes(self):
+        self.add_node("hangzhou")
+        mark_synced(self.lan)
+        before = SyncRun.objects.count()
+        response = self.client.post(self.url(), {"discovery_games": ["directplay", "factorio"],
+                                                 "discovery_ports": "7777-7780, 27016"})
+        self.assertRedirects(response, reverse("nodes:lan_detail", args=[self.lan.slug]) + "#games",
+                             fetch_redirect_response=False)
+        self.lan.refresh_from_db()
+        self.assertEqual((self.lan.discovery_games, self.lan.discovery_ports),
+                         (["directplay", "factorio"], "7777-7780, 27016"))
+        self.assertEqual(self.lan.discovery.ports, ((2300, 2400), (7777, 7780), (27016, 27016), (34197, 34197),
+                                                    (47624, 47624)))
+        self.assertEqual(SyncRun.objects.count(), before + 1)
+        self.assertEqual(SyncRun.objects.latest("created_at").reason, "game list changed")
+
+    def test_saving_the_same_list_again_syncs_nothing(self):
+        self.add_node("hangzhou")
+        mark_synced(self.lan)
+        before = SyncRun.objects.count()
+        self.client.post(self.url(), {"discovery_games": list(games.DEFAULT_GAMES), "discovery_ports": ""})
+        self.assertEqual(SyncRun.objects.count(), before)
+
+    def test_bad_ports_are_a_form_error_and_nothing_changes(self):
+        for ports, message in (("70000", "between 1 and 65535"), ("7777-7700", "between 1 and 65535"),
+                               ("abc", "is not a port"), ("1-60000", "Too many ports")):
+            with self.subTest(ports=ports):
+                response = self.client.post(self.url(), {"discovery_games": ["factorio"], "discovery_ports": ports})
+                self.assertContains(response, message, status_code=400)
+        self.lan.refresh_from_db()
+        self.assertEqual(self.lan.discovery_games, list(games.DEFAULT_GAMES))
+
+    def test_an_unknown_game_is_refused(self):
+        response = self.client.post(self.url(), {"discovery_games": ["quake"]})
+        self.assertContains(response, "quake", status_code=400)
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+
 class AnotherHostsObjectsTests(HostTestCase):
     """Charlie, a host too, walks every host URL with alice's objects: each one is a 404, and nothing changes."""
 
@@ -399,6 +451,7 @@ class AnotherHostsObjectsTests(HostTestCase):
             ("get", reverse("nodes:lan_detail", args=[lan.slug])),
             ("get", reverse("nodes:lan_topology_svg", args=[lan.slug])),
             ("post", reverse("nodes:node_add", args=[lan.slug])),
+            ("post", reverse("nodes:lan_games", args=[lan.slug])),
             ("get", reverse("nodes:node_detail", args=[node.pk])),
             ("post", reverse("nodes:node_sync", args=[node.pk])),
             ("get", reverse("nodes:node_status", args=[node.pk])),

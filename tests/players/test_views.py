@@ -288,6 +288,19 @@ class PlayerHomeTests(PlayerPageTestCase):
         self.assertNotContains(response, "pending")
         self.assertContains(response, 'data-measure="auto"')
 
+    def test_it_says_which_games_work_by_lan_play_and_what_to_do_for_the_others(self):
+        response = self.client.get(me_url(self.bob))
+        self.assertContains(response, "<strong>LAN play works</strong> across every server of Game Night for: "
+                                      "Warcraft III / StarCraft, Minecraft Java Edition,")
+        self.assertContains(response, "choose <em>join by IP</em>")
+        self.lan.discovery_games, self.lan.discovery_ports = ["directplay"], "7777-7780"
+        self.lan.save()
+        response = self.client.get(me_url(self.bob))
+        self.assertContains(response, "for: Age of Empires II and other DirectPlay games, other games on UDP 7777-7780.")
+        self.lan.discovery_games, self.lan.discovery_ports = [], ""
+        self.lan.save()
+        self.assertContains(self.client.get(me_url(self.bob)), "LAN game discovery is off for Game Night")
+
     def test_its_csp_lets_the_page_time_requests_to_the_nodes_and_nothing_else(self):
         csp = self.client.get(me_url(self.bob))["Content-Security-Policy"]
         self.assertIn("connect-src 'self' http://203.0.113.10:443 https://203.0.113.10:443 "
@@ -453,6 +466,7 @@ class LobbyTests(PlayerPageTestCase):
         self.assertContains(response, 'data-copy="10.2.0.6"')
         self.assertContains(response, me_url(self.bob, "lobby_fragment"))
         self.assertNotContains(response, "link-hongkong")
+        self.assertContains(response, "<strong>LAN play works</strong> across every server of Game Night")
 
     def test_the_live_fragment_is_just_the_rows(self):
         response = self.client.get(me_url(self.bob, "lobby_fragment"))
