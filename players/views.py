@@ -13,8 +13,9 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse
+from django.http import HttpResponse, HttpResponseNotModified
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -26,12 +27,12 @@ from nodes.forms import add_service_error
 from nodes.models import Lan, VpnSession
 from nodes.svg import qr_svg, qr_svg_document
 from nodes.views import _dashboard
+from players import lobby as live
 from players import ranking, services
 from players.forms import ChooseNodeForm, InviteForm, JoinForm, RttForm
 from players.models import Player
 
 RTT_SESSION_KEY = "lanhub.rtt.{}"  # per player: {node pk: ms or None}, as the player's browser measured
-LOBBY_POLL_SECONDS = 5
 
 # Wording of the pages a public link can end on: (status, title, explanation).
 LINK_PROBLEMS = {
@@ -325,7 +326,8 @@ def _probe_csp(ranked) -> str:
 
 
 def _lobby(lan: Lan, *, fragment_url: str, back: str | None, me: Player | None) -> dict:
-    return {"lan": lan, "fragment_url": fragment_url, "back": back, "me": me, "poll_seconds": LOBBY_POLL_SECONDS,
+    return {"lan": lan, "fragment_url": fragment_url, "back": back, "me": me,
+            "poll_seconds": live.LOBBY_POLL_SECONDS,
             **_lobby_rows(lan)}
 
 
@@ -341,6 +343,14 @@ def _lobby_rows(lan: Lan) -> dict:
 
 
 def _lobby_fragment(request, lan: Lan, *, me: Player | None) -> HttpResponse:
-    response = render(request, "players/_lobby_rows.html", {"lan": lan, "me": me, **_lobby_rows(lan)})
-    response["Cache-Control"] = "no-store"
+    """The rows every open lobby of the LAN shares (players/lobby.py, imported as `live`), or a 304 when the asker
+    has them already. They are the same for every viewer: the page marks its own player (static/js/lobby.js)."""
+    etag, html = live.current(
+        lan, lambda: render_to_string("players/_lobby_rows.html", {"lan": lan, "me": None, **_lobby_rows(lan)}))
+    if request.headers.get("If-None-Match") == etag:
+        response = HttpResponseNotModified()
+    else:
+        response = HttpResponse(html())
+    response["ETag"] = etag
+    response["Cache-Control"] = "no-store"  # the page's script revalidates with If-None-Match itself
     return response

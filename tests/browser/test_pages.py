@@ -123,6 +123,18 @@ def test_the_lobby_shows_a_player_coming_online_without_a_reload(new_page, live_
     assert "bob (you)" in page.inner_text("#lobby")
     screenshot(page, "lobby")
 
+    # While nothing changes, each poll is a 304 without a body; when bob leaves, the next poll brings new rows.
+    statuses = []
+    page.on("response", lambda r: statuses.append(r.status) if "/lobby/live/" in r.url else None)
+    page.wait_for_function("document.getElementById('live-status').dataset.state === 'ok'", timeout=15_000)
+    with page.expect_response(lambda r: "/lobby/live/" in r.url and r.status == 304, timeout=15_000):
+        pass
+    VpnSession.objects.filter(player=bob).delete()
+    page.wait_for_selector(".lobby-player[data-player='bob']", state="detached", timeout=15_000)
+    assert "0 players online" in page.inner_text("#lobby")
+    assert 304 in statuses and 200 in statuses
+    assert page.evaluate("window.__noReload") is True
+
 
 def test_a_host_cannot_open_another_hosts_lan(page, live_server, cast):
     sign_in(page, live_server, "charlie")
