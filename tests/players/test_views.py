@@ -11,6 +11,7 @@ import threading
 import unittest
 from unittest import mock
 
+from django.core.cache import cache
 from django.db import connection, connections
 from django.test import Client, TransactionTestCase, override_settings
 from django.urls import reverse
