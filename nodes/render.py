@@ -241,9 +241,11 @@ def render_relay_unit() -> RenderedFile:
     never receive it)."""
     lines = [
         "[Unit]", "Description=LanHub LAN-discovery relay (game broadcasts between servers)",
-        "After=network-online.target", "",
+        "After=network-online.target",
+        # The relay exits cleanly when its config is removed (the node was deleted): then it must stay stopped.
+        f"ConditionPathExists={RELAY_CONFIG}", "",
         "[Service]", f"ExecStart=/usr/bin/python3 {RELAY_PROGRAM} --config {RELAY_CONFIG}",
-        "Restart=always", "RestartSec=2", "",
+        "Restart=on-failure", "RestartSec=2", "",
         "[Install]", "WantedBy=multi-user.target",
     ]
     return RenderedFile(RELAY_UNIT, _text(lines))

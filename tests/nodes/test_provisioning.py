@@ -342,6 +342,17 @@ def test_ensure_relay_starts_it_restarts_it_on_a_changed_config_and_stops_it_whe
     assert gone.stopped and relay_pid(host) is None and p.relay_state(c) == (False, False)
 
 
+def test_the_relay_stops_itself_when_its_files_are_removed_with_the_node(c, host):
+    upload = p.upload_files(c, relay_files())
+    assert p.ensure_relay(c, wanted=True, changed_files=upload.touched).started and relay_pid(host)
+    p.upload_files(c, {}, remove=list(render.RELAY_FILES))  # what deleting the node does to LanHub's files
+    deadline = time.monotonic() + 10
+    while relay_pid(host) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert relay_pid(host) is None
+    assert p.relay_state(c) == (False, False)
+
+
 def test_ensure_relay_reports_a_relay_that_cannot_start_with_its_log(c, host):
     files = relay_files()
     files[render.RELAY_CONFIG] = File(render.RELAY_CONFIG, '{"node": "x", "address": "not an address"}')
