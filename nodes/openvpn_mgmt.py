@@ -115,10 +115,7 @@ def command(c: Connection, port: int, cmd: str, *, multiline: bool = False, time
     channel = _open_channel(c, int(port), timeout)
     try:
         reader = _LineReader(channel, time.monotonic() + timeout, port)
-        banner = reader.next_line(skip_notifications=False)
-        if banner.startswith("ENTER PASSWORD"):
-            raise ProvisioningError("management", f"The management interface on port {port} wants a password; "
-                                    "LanHub's configs set none.", permanent=True)
+        _log_in(c, channel, reader, port)
         channel.sendall(f"{cmd}\n".encode())
         if not multiline:
             return [reader.next_line()]
@@ -154,6 +151,38 @@ def request_yield(c: Connection, port: int) -> None:
         log.debug("could not ask the watcher to yield %s: %s", interface_key(c, port), exc)
 
 
+PASSWORD_PROMPT = "ENTER PASSWORD:"
+
+
+def _log_in(c: Connection, channel: paramiko.Channel, reader: "_LineReader", port: int) -> None:
+    """Read the greeting; when the interface asks for its password (LanHub's configs set one), give it first.
+
+    The prompt comes without a newline; after the right password OpenVPN answers SUCCESS and then sends its
+    usual >INFO banner. An interface without a password (an older config) sends the banner at once."""
+    first = reader.next_line(skip_notifications=False, prompt=PASSWORD_PROMPT)
+    if first != PASSWORD_PROMPT:
+        return
+    channel.sendall(f"{management_password(c)}\n".encode())
+    answer = reader.next_line(prompt=PASSWORD_PROMPT)  # a wrong password may get the prompt again
+    if not answer.startswith("SUCCESS"):
+        raise ProvisioningError("management", f"The management interface on port {port} refused LanHub's "
+                                f"password ({answer.strip()[:100]}): sync the node to rewrite it.")
+    reader.next_line(skip_notifications=False)  # the >INFO banner
+
+
+def management_password(c: Connection) -> str:
+    """The password in the node's root-only file, read once per SSH connection (the watcher keeps one open)."""
+    cached = getattr(c, "_lanhub_management_password", None)
+    if cached is None:
+        out = run_root(c, f"cat -- {layout.MANAGEMENT_PASSWORD_FILE}", hide=True, warn=True)
+        cached = out.stdout.strip() if out.ok else ""
+        if not cached:
+            raise ProvisioningError("management", "The management interface wants a password, and the node has "
+                                    f"no {layout.MANAGEMENT_PASSWORD_FILE}: sync the node to write it.")
+        c._lanhub_management_password = cached
+    return cached
+
+
 def _open_channel(c: Connection, port: int, timeout: float) -> paramiko.Channel:
     c.open()
     try:
@@ -173,9 +202,13 @@ class _LineReader:
     def __init__(self, channel: paramiko.Channel, deadline: float, port: int):
         self.channel, self.deadline, self.port, self.buffer = channel, deadline, port, b""
 
-    def next_line(self, *, skip_notifications: bool = True) -> str:
+    def next_line(self, *, skip_notifications: bool = True, prompt: str | None = None) -> str:
+        """The next line; with `prompt`, also a partial line equal to it (a prompt waits without a newline)."""
         while True:
             while b"\n" not in self.buffer:
+                if prompt is not None and self.buffer.decode(errors="replace").startswith(prompt):
+                    self.buffer = self.buffer[len(prompt.encode()):]
+                    return prompt
                 if time.monotonic() > self.deadline:
                     raise ProvisioningError("management", f"The management interface on port {self.port} "
                                             "did not answer in time.")
@@ -319,10 +352,9 @@ class ClientStream:
 
     def open(self, *, timeout: float = TIMEOUT) -> list[ClientRow]:
         self.channel = _open_channel(self.c, self.port, timeout)
-        banner = self._line(time.monotonic() + timeout)
-        if banner.startswith("ENTER PASSWORD"):
-            raise ProvisioningError("management", f"The management interface on port {self.port} wants a "
-                                    "password; LanHub's configs set none.", permanent=True)
+        reader = _LineReader(self.channel, time.monotonic() + timeout, self.port)
+        _log_in(self.c, self.channel, reader, self.port)  # the password, when the interface asks for it
+        self.buffer = reader.buffer
         self.channel.sendall(b"log on\n")
         answer = self._answer(time.monotonic() + timeout)
         if not answer.startswith("SUCCESS"):

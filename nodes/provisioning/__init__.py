@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from fabric import Connection
 
+from nodes.provisioning.decommission import decommission  # noqa: F401
 from nodes.provisioning.files import (
     MANAGED_PREFIXES,
     ROLLBACK_DIR,

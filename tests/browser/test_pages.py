@@ -11,7 +11,6 @@ import re
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.cache import cache
 from django.utils import timezone
 
 from nodes import services as node_services
@@ -39,7 +38,7 @@ def cast(transactional_db):
     invite = player_services.create_invite(lan=lan, created_by=alice, note="Friday crew",
                                            ttl=dt.timedelta(hours=48), max_uses=5)
     bob = player_services.redeem_invite(token=invite.token, nickname="bob")
-    cache.delete("join-rate:127.0.0.1")
+    player_services.clear_rate(player_services.join_rate_key("127.0.0.1"))
     return {"alice": alice, "charlie": charlie, "lan": lan, "hangzhou": hangzhou, "hongkong": hongkong,
             "invite": invite, "bob": bob}
 
