@@ -132,12 +132,38 @@ def update_node(node: Node, *, requested_by=None, **fields) -> Node:
 
 @transaction.atomic
 def delete_node(node: Node, *, requested_by=None) -> None:
-    """Remove a node from the LAN; its certificates are revoked (the server may not be ours any more) and the
-    others are re-planned and synced without it."""
+    """Remove a node from the LAN; its certificates are revoked (the server may not be ours any more), the others
+    are re-planned and synced without it, and after commit a task stops and removes LanHub's OpenVPN instances and
+    files on the server itself (``syncing.teardown_removed_node``)."""
     lan, name, old_certificates = node.lan, node.name, node_certificates(node)
+    where = removed_node_target(node)
     node.delete()
     _revoke_all(lan, old_certificates, reason=f"node {name} removed")
     replan(lan, reason=f"node {name} removed", requested_by=requested_by)
+    if where is not None:
+        transaction.on_commit(lambda: enqueue_teardown(lan.pk, where))
+
+
+TEARDOWN_TASK = "nodes.tasks.teardown_removed_node"
+
+
+def removed_node_target(node: Node) -> dict | None:
+    """How to reach a node being deleted, for the teardown that runs after its row is gone (its LAN's deploy key
+    logs in). None when LanHub never reached it (no pinned host key): then nothing of LanHub's is on it."""
+    if not node.ssh_host_key.strip():
+        return None
+    return {"name": node.name, "ssh_host": node.ssh_host, "ssh_port": node.ssh_port, "ssh_user": node.ssh_user,
+            "ssh_host_key": node.ssh_host_key}
+
+
+def enqueue_teardown(lan_id: int, where: dict) -> None:
+    from celery import current_app
+    from kombu.exceptions import OperationalError
+
+    try:
+        current_app.signature(TEARDOWN_TASK, args=(lan_id, where)).delay()
+    except OperationalError as exc:
+        log.warning("could not queue the teardown of removed node %s: %s", where.get("name"), exc)
 
 
 def node_certificates(node: Node) -> list[tuple[str, str]]:

@@ -32,6 +32,15 @@ def sync_node(self, node_id: int, run_id: int | None = None) -> str:
 
 
 @shared_task(acks_late=True)
+def teardown_removed_node(lan_id: int, where: dict) -> str:
+    """The node's row is gone (deleted), so this task takes its LAN's key and the SSH target it had."""
+    lan = Lan.objects.filter(pk=lan_id).first()
+    if lan is None:
+        return "gone"
+    return syncing.teardown_removed_node(lan, where)
+
+
+@shared_task(acks_late=True)
 def poll_status(node_id: int) -> str:
     node = Node.objects.filter(pk=node_id).first()
     if node is None:

@@ -49,6 +49,7 @@ from nodes.provisioning.system import (
     ensure_forwarding,
     ensure_openvpn,
 )
+from nodes.provisioning.teardown import teardown
 from nodes.provisioning.verification import (
     LINK_WAIT,
     VERIFY_WAIT,
@@ -64,7 +65,8 @@ __all__ = [
     "CCD_DIR", "FIREWALL_RULES", "INSTANCE_RE", "LINK_WAIT", "MANAGED_PREFIXES", "ROLLBACK_DIR", "RUN_DIR", "STEPS",
     "STOP_WAIT", "VERIFY_WAIT", "ApplyResult", "InstanceResult", "Log", "NodeLink", "ProvisioningError",
     "UploadResult", "apply", "check_os", "discard_backups", "ensure_forwarding", "ensure_instances",
-    "ensure_openvpn", "instance_running", "node_links", "openvpn_release", "ping_through", "rollback", "upload_files", "verify",
+    "ensure_openvpn", "instance_running", "node_links", "openvpn_release", "ping_through", "rollback", "teardown",
+    "upload_files", "verify",
 ]
 
 STEPS = ("check_os", "ensure_openvpn", "upload_files", "ensure_forwarding", "ensure_instances", "verify")
