@@ -10,9 +10,10 @@ lab's wan namespace, and QEMU runs there, so ``Lab.down()`` kills it with everyt
     wan ns -- br-nodes 203.0.113.1/24 -- tap v-<name> -- QEMU (TCG) -- Debian 12: eth0 203.0.113.4x/24
 
 Images (``ensure_image``) are built by debootstrap from the Debian registry and cached under ``var/vm/<layer>-<hash
-of the recipe>/``: ``base`` has openssh-server, systemd, sudo and iptables but no openvpn; ``openvpn`` adds the
-openvpn package on top of the same tree (for tests that do not exercise apt). A change to the recipe (packages,
-files, this module's ``IMAGE_VERSION``) gives a new hash and a new build; old builds are left for ``make clean``.
+of the recipe>/``: ``base`` has openssh-server, systemd, sudo and iptables but no openvpn. The debootstrapped tree
+is kept beside it (``tree-<hash>``), so a layer with packages preloaded (for tests that do not exercise apt) can be
+added on top without a second debootstrap; there is none yet. A change to the recipe (packages, files, this
+module's ``IMAGE_VERSION``) gives a new hash and a new build; old builds stay until var/vm is removed.
 Each VM boots a throw-away qcow2 overlay of the image, in the lab's state directory (removed by ``down()``).
 
 Everything a VM must have of its own arrives through QEMU's fw_cfg at every boot and is applied by the image's
@@ -51,7 +52,7 @@ SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "iptables", "iproute2",
                  "iputils-ping", "procps", "kmod", "passwd", "linux-image-amd64")
-LAYERS = {"base": (), "openvpn": ("openvpn",)}
+LAYERS = {"base": ()}  # layer -> packages added on top of the base tree (none yet: see the module docstring)
 FIRST_VM_HOST = 40  # VMs get 203.0.113.40 and up (namespace nodes count up from .10)
 VM_NAME_MAX = 12  # "v-" + name must fit a 15-char interface name
 BUILD_TIMEOUT = 900.0
@@ -269,8 +270,7 @@ def _build(work: Path, layer: str, root: Path, log) -> None:
     _run(["cp", "-a", base_tree, tree], timeout=300)
     (tree / ".complete").unlink(missing_ok=True)
     if LAYERS[layer]:
-        log(f"installing {' '.join(LAYERS[layer])} into the {layer} layer ...")
-        _chroot_install(tree, LAYERS[layer])
+        raise LabError(f"image layer {layer!r} adds packages, which this build does not do yet")
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     initrds = sorted((tree / "boot").glob("initrd.img-*"))
     if not kernels or not initrds:
@@ -310,28 +310,6 @@ def _customize(tree: Path) -> None:
         deb.unlink()
 
 
-def _chroot_install(tree: Path, packages: tuple[str, ...]) -> None:
-    """apt-get install in the tree from the Debian registry; no service starts (policy-rc.d says no)."""
-    policy = tree / "usr/sbin/policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    resolv = tree / "etc/resolv.conf"
-    kept = resolv.read_text()
-    shutil.copy2("/etc/resolv.conf", resolv)
-    try:
-        _run(["mount", "-t", "proc", "proc", tree / "proc"])
-        apt = ["chroot", tree, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-o", "Acquire::Retries=2"]
-        _run([*apt, "update"], timeout=300)
-        _run([*apt, "install", "-y", "--no-install-recommends", *packages], timeout=600)
-        _run([*apt, "clean"], timeout=60)
-    finally:
-        _umount_chroot(tree)
-        resolv.write_text(kept)
-        policy.unlink(missing_ok=True)
-    shutil.rmtree(tree / "var/lib/apt/lists", ignore_errors=True)
-    (tree / "var/lib/apt/lists/partial").mkdir(parents=True)
-
-
 def _umount_chroot(tree: Path) -> None:
     if (tree / "proc/self").exists() and os.path.ismount(tree / "proc"):
         _run(["umount", "-l", tree / "proc"], check=False)
@@ -345,9 +323,13 @@ class AptProxy:
     The cache lives under ``var/vm/apt-cache`` (kept between runs); configuration, logs and pid in ``run_dir``.
     """
 
+    # apt-cacher-ng's own port: here it could not bind any other (it resolves the port as a service name), and the
+    # lab address it binds exists in one lab at a time (the host-link lock), so one port is enough.
+    PORT = 3142
+
     def __init__(self, cache_dir: str | Path, run_dir: str | Path, bind: str = HOST_ADDR):
         self.cache_dir, self.run_dir, self.bind = Path(cache_dir), Path(run_dir), bind
-        self.port = _free_port(bind)
+        self.port = self.PORT
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -393,12 +375,6 @@ class AptProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _free_port(bind: str) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))  # the lab address may not exist yet; any free port number will do
-        return s.getsockname()[1]
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -251,6 +251,19 @@ def test_apply_twice_the_second_run_uploads_nothing_and_restarts_nothing(c, host
           f"{', '.join(f'{n} {s:.2f}s' for n, s, _ in second.steps)}")
 
 
+def test_teardown_stops_every_instance_and_removes_lanhubs_files_and_rules_but_not_others(c, host, material):
+    p.apply(c, files=node_files(material, tcp=True), wanted={UDP, TCP})
+    c.run("mkdir -p /etc/openvpn/server && echo 'a host file' > /etc/openvpn/server/theirs.conf", hide=True)
+    assert sorted(p.teardown(c)) == [TCP, UDP]
+    assert not p.instance_running(c, UDP) and not p.instance_running(c, TCP)
+    for path in ("openvpn/lanhub", "openvpn/server/lanhub-udp.conf", "openvpn/server/lanhub-tcp.conf",
+                 "sysctl.d/90-lanhub.conf"):
+        assert not host.etc_path(path).exists(), path
+    assert host.etc_path("openvpn/server/theirs.conf").read_text() == "a host file\n"
+    assert "LANHUB" not in c.run("iptables -S", hide=True).stdout
+    assert p.teardown(c) == []  # nothing left: a second run finds nothing
+
+
 def test_apply_restarts_an_instance_whose_config_changed(c, host, material):
     p.apply(c, files=node_files(material), wanted={UDP})
     changed = p.apply(c, files=node_files(material, udp=server_conf(extra="# tuned\n")), wanted={UDP})

@@ -89,8 +89,10 @@ def authorize(vm, ssh_key, key_line: str) -> None:
 
 
 def node_side(vm, ssh_key) -> str:
-    """What LanHub could have changed on the node: its files (with hashes), the openvpn package, lanhub units."""
-    return root_out(vm, ssh_key, "find /etc/openvpn -type f 2>/dev/null | sort | xargs -r sha256sum; echo @@; "
+    """What LanHub could have changed on the node: its files (with hashes; not the run directory, where running
+    instances write status and address-pool files), the openvpn package, its units."""
+    return root_out(vm, ssh_key, "find /etc/openvpn /etc/sysctl.d -type f -not -path '/etc/openvpn/lanhub/run/*' "
+                                 "2>/dev/null | sort | xargs -r sha256sum; echo @@; "
                                  "dpkg-query -W -f='${Status}\\n' openvpn 2>/dev/null; echo @@; "
                                  "systemctl list-units --all --plain --no-legend 'openvpn*' | awk '{print $1, $3}'; "
                                  "ls /etc/systemd/system/*.wants/ | grep openvpn; true")
