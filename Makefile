@@ -7,7 +7,7 @@ test:  ## set up and run the whole test suite (the VM tests included)
 	scripts/test.sh
 
 test-vm:  ## only the tests on QEMU Debian VMs (tests/vm; root, qemu-system-x86, debootstrap, apt-cacher-ng)
-	scripts/test.sh tests/vm -m vm
+	scripts/test.sh tests/vm -m vm  # -m vm replaces addopts' "not vm_extra": every VM test
 
 lab:  ## build the Hangzhou + Hong Kong lab in network namespaces and connect two players (needs root)
 	scripts/bootstrap.sh test
