@@ -96,8 +96,16 @@ def get_player_by_token(token: str) -> Player:
     return player
 
 
-def get_lan_node(lan: Lan, ref: str) -> Node:
-    """A node of `lan` named by pk or by name (profile download URLs accept either)."""
+def get_lan_node(lan: Lan, ref: str, *, among: list[Node] | None = None) -> Node:
+    """A node of `lan` named by pk or by name (profile download URLs accept either).
+
+    With `among` (nodes of `lan` the caller has loaded already, such as the ready ones), the node must be one of
+    them, and no query is made: a download is on a hot path."""
+    if among is not None:
+        node = next((n for n in among if n.lan_id == lan.pk and (n.name == ref or str(n.pk) == ref)), None)
+        if node is None:
+            raise Http404("No such server on this LAN, or it is not ready for players yet.")
+        return node
     query = Node.objects.filter(lan=lan)
     node = query.filter(pk=int(ref)).first() if ref.isdigit() else query.filter(name=ref).first()
     if node is None:

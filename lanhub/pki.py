@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import re
@@ -239,6 +240,13 @@ def _aki(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 def _load_ca(ca: CaLike) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Accept an ``Issued`` or a (cert_pem, key_pem) pair, and refuse a key that does not belong to the cert."""
     cert_pem, key_pem = (ca.cert_pem, ca.key_pem) if isinstance(ca, Issued) else ca
+    return _parse_ca(cert_pem, key_pem)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_ca(cert_pem: str, key_pem: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Parsed and checked once per CA and process: a LAN issues every player with the same CA, and parsing the
+    PEMs and matching key to certificate costs more than signing. The objects are immutable and thread-safe."""
     cert = x509.load_pem_x509_certificate(cert_pem.encode())
     key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():

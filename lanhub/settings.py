@@ -71,7 +71,10 @@ def _database():
         # once instead of waiting, and the real-worker tests write from several threads.
         # IMMEDIATE: a transaction takes the write lock when it begins, so a writer waits (up to the timeout)
         # instead of failing at once with "database is locked" when it upgrades from reading.
-        config.setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
+        # WAL: readers never wait for the writer, and a commit is one fsync of the log instead of the rollback
+        # journal's several (synchronous stays FULL, so a commit is as durable as before).
+        config.setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE",
+                                                init_command="PRAGMA journal_mode=WAL;")
         config["TEST"] = {"NAME": str(VAR_DIR / "test-lanhub.sqlite3")}
     config["CONN_MAX_AGE"] = _typed("CONN_MAX_AGE", env.int, 60)
     config["CONN_HEALTH_CHECKS"] = True
@@ -153,7 +156,7 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(VAR_DIR / "static")))  # collectstatic writes here
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # var/ also holds the SQLite file; whitenoise wants the folder
 # In development whitenoise serves straight from static/ so no collectstatic is needed between edits.
 WHITENOISE_USE_FINDERS = DEBUG

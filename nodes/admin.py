@@ -10,6 +10,7 @@ from django.db.models import Count
 from django.utils.html import format_html, format_html_join
 
 from nodes import services
+from nodes.forms import game_choice_field
 from nodes.models import Lan, Link, Node, RevokedCertificate, SyncRun, VpnSession
 
 RUN_KINDS = ("sync", "drift", "status")  # SyncRun.kind (nodes/syncing.py)
@@ -22,6 +23,8 @@ def _errors(exc: ValidationError) -> str:
 
 class LanAdminForm(forms.ModelForm):
     """Plans the LAN with the new settings, so a supernet its pools no longer fit is a form error."""
+
+    discovery_games = game_choice_field()  # the dashboard's checkboxes and rules, not a JSON text box
 
     class Meta:
         model = Lan
@@ -62,7 +65,8 @@ class LanAdmin(admin.ModelAdmin):
             services.replan(obj, reason="LAN settings changed", requested_by=request.user)
             return
         lan = services.create_lan(owner=obj.owner, name=obj.name, slug=obj.slug, supernet=obj.supernet,
-                                  pool_prefix=obj.pool_prefix, topology_mode=obj.topology_mode)
+                                  pool_prefix=obj.pool_prefix, topology_mode=obj.topology_mode,
+                                  discovery_games=obj.discovery_games, discovery_ports=obj.discovery_ports)
         obj.pk = lan.pk
         obj.refresh_from_db()
 

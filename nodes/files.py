@@ -50,7 +50,7 @@ def pki_files(lan, node) -> dict[str, PkiFile]:
 
 def desired_files(lan, node, lan_plan) -> dict:
     """path -> file (RenderedFile or PkiFile) for one node under the current plan."""
-    files = dict(render.render_node(lan_plan.plan, lan_plan.spec, lan_plan.specs, node.name))
+    files = dict(render.render_node(lan_plan.plan, lan_plan.spec, lan_plan.specs, node.name, lan_plan.discovery))
     files.update(pki_files(lan, node))
     return files
 

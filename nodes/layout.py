@@ -84,6 +84,19 @@ PKI_LINK_CERT = f"{PKI_DIR}/link.crt"
 PKI_LINK_KEY = f"{PKI_DIR}/link.key"
 
 
+# The LAN-discovery relay (docs/discovery.md): its program and config are uploaded like the OpenVPN files; the
+# systemd unit is written by the ensure_relay step on systemd hosts only (a lab's /etc/systemd is the machine's).
+RELAY_DIR = f"{LANHUB_DIR}/relay"
+RELAY_PROGRAM = f"{RELAY_DIR}/lanhub-relay.py"
+RELAY_CONFIG = f"{RELAY_DIR}/relay.json"
+RELAY_FILES = (RELAY_PROGRAM, RELAY_CONFIG)
+RELAY_UNIT_NAME = "lanhub-relay.service"
+RELAY_UNIT = f"/etc/systemd/system/{RELAY_UNIT_NAME}"
+RELAY_PID = f"{RUN_DIR}/lanhub-relay.pid"
+RELAY_LOG = f"{RUN_DIR}/lanhub-relay.log"
+RELAY_PORT = 7400  # relay-to-relay messages, on the nodes' own tunnel addresses only
+
+
 def ccd_path(downstream: str) -> str:
     """The upstream's client-config-dir file for a downstream node's link certificate."""
     return f"{CCD_DIR}/{link_cn(downstream)}"

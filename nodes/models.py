@@ -13,7 +13,7 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
-from nodes import layout
+from nodes import games, layout
 
 # Names reach file paths, certificate names and shell commands: the rules live in nodes/layout.py, which the
 # planner uses too.
@@ -35,6 +35,22 @@ def validate_network(value: str) -> None:
         raise ValidationError(f"{value!r} is not an IPv4 network in CIDR form: {exc}") from None
     if not net.is_private:
         raise ValidationError(f"{value} is not a private range; a LAN lives inside 10/8, 172.16/12 or 192.168/16.")
+
+
+def validate_game_keys(value) -> None:
+    if not isinstance(value, list):
+        raise ValidationError("The game list must be a list of preset names.")
+    try:
+        games.check_games(value)
+    except games.GameListError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def validate_custom_ports(value: str) -> None:
+    try:
+        games.parse_ports(value)
+    except games.GameListError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 class TopologyMode(models.TextChoices):
@@ -60,6 +76,15 @@ class Lan(models.Model):
         "Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
         help_text="Offered to players when nothing better is known about where they are.",
     )
+    # LAN discovery: the games whose broadcast/multicast announcements the nodes' relays carry (nodes/games.py).
+    discovery_games = models.JSONField(
+        default=games.default_games, blank=True, validators=[validate_game_keys],
+        help_text="Games whose LAN announcements cross between servers.",
+    )
+    discovery_ports = models.CharField(
+        max_length=200, blank=True, validators=[validate_custom_ports],
+        help_text="Other UDP ports to relay, e.g. 7777, 27016-27020.",
+    )
     # PKI. Private halves are sealed (lanhub/secrets.py) and never rendered in the admin.
     ca_cert = models.TextField(blank=True, editable=False)
     ca_key_sealed = models.TextField(blank=True, editable=False)
@@ -78,6 +103,21 @@ class Lan(models.Model):
 
     def __str__(self):
         return self.name
+
+    def clean(self):
+        super().clean()
+        try:
+            games.discovery_spec(self.discovery_games or [], self.discovery_ports)
+        except games.GameListError as exc:
+            raise ValidationError({"discovery_ports": str(exc)}) from None
+
+    @property
+    def discovery(self) -> games.DiscoverySpec:
+        return games.discovery_spec(self.discovery_games or [], self.discovery_ports)
+
+    @property
+    def discovery_labels(self) -> list[str]:
+        return games.games_label(self.discovery_games or [], self.discovery_ports)
 
 
 class NodeState(models.TextChoices):
@@ -172,6 +212,11 @@ class Node(models.Model):
     @property
     def region_label(self) -> str:
         return self.region or "(no region)"
+
+
+# A node's large columns, which pages that list nodes never show: defer them there (new columns still load).
+NODE_BULK_FIELDS = ("applied_files", "server_cert", "server_key_sealed", "link_cert", "link_key_sealed",
+                    "ssh_host_key", "last_error")
 
 
 class LinkState(models.TextChoices):

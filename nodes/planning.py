@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from nodes import layout, runs, topology
+from nodes import games, layout, runs, topology
 from nodes.files import desired_files
 from nodes.models import Lan, Link, Node, RevokedCertificate, SyncState
 
@@ -26,6 +26,7 @@ class LanPlan:
     spec: topology.LanSpec
     specs: dict[str, topology.NodeSpec]
     nodes: dict[str, Node]
+    discovery: games.DiscoverySpec = games.DiscoverySpec()  # the LAN's game list, for the relays and pushes
 
 
 def lan_spec(lan: Lan) -> topology.LanSpec:
@@ -60,7 +61,8 @@ def plan_lan(lan: Lan) -> LanPlan:
         plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses)
     except topology.PlanError as exc:
         raise ValidationError(str(exc)) from None
-    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes})
+    return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes},
+                   discovery=lan.discovery)
 
 
 def estimated_rtts(nodes: list[Node]) -> dict[frozenset[str], float]:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
-from nodes import layout
+from nodes import games, layout
 from nodes.topology import LanSpec, NodeSpec, Plan, PlanError, dynamic_pool
 
 # Paths, instance names, ports and certificate names come from layout.py (re-exported here for callers and tests).
@@ -43,6 +45,12 @@ node_cn = layout.node_cn
 instance_for_path = layout.instance_for_path
 link_management_ports = layout.link_management_ports
 HEADER = "# Managed by LanHub; local edits are overwritten at the next sync."
+STATUS_INTERVAL = 2  # seconds between status-file rewrites: the discovery relay learns its players from them
+RELAY_PROGRAM = layout.RELAY_PROGRAM
+RELAY_CONFIG = layout.RELAY_CONFIG
+RELAY_UNIT = layout.RELAY_UNIT
+RELAY_FILES = layout.RELAY_FILES
+_RELAY_SOURCE = Path(__file__).with_name("discovery") / "relay.py"
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ def _common_tail(management: int, status: str) -> list[str]:
         "persist-tun",
         "disable-dco",
         f"management 127.0.0.1 {management}",
-        f"status {RUN}/{status}.status",
+        f"status {RUN}/{status}.status {STATUS_INTERVAL}",
         "verb 3",
     ]
 
@@ -101,11 +109,20 @@ def _server_pki() -> list[str]:
     ]
 
 
+def _discovery_pushes(discovery: games.DiscoverySpec) -> list[str]:
+    """Routes that bring a player's game announcements into the tunnel: the limited broadcast and the LAN's
+    multicast groups, each as a /32 (never all of 224/4: the player's home mDNS and SSDP stay home). A player's
+    subnet broadcast is on-link on the tunnel already."""
+    hosts = ["255.255.255.255", *discovery.groups]
+    return [f'push "route {host} 255.255.255.255"' for host in hosts]
+
+
 def _text(lines: list[str]) -> str:
     return "\n".join([HEADER, *lines]) + "\n"
 
 
-def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
+def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
+                      discovery: games.DiscoverySpec = games.DiscoverySpec()) -> RenderedFile:
     pool = plan.pools[node.name].udp
     low, high = dynamic_pool(pool)
     downstreams = set(plan.downstreams(node.name))
@@ -118,7 +135,8 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     ]
     # Without these the kernel never hands the downstreams' prefixes to OpenVPN (verified: players fail).
     lines += [f"route {_net(r.prefix)}" for r in plan.routes[node.name] if r.via in downstreams]
-    lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki()]
+    lines += [f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_discovery_pushes(discovery)]
+    lines += _server_pki()
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
     lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME)]
@@ -126,12 +144,14 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
     return RenderedFile(layout.instance_paths(UDP_INSTANCE)["conf"], _text(lines), instance=UDP_INSTANCE)
 
 
-def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec) -> RenderedFile:
+def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
+                      discovery: games.DiscoverySpec = games.DiscoverySpec()) -> RenderedFile:
     pool = plan.pools[node.name].tcp
     lines = [
         f"port {node.tcp_port}", "proto tcp-server", f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
-        f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_server_pki(),
+        f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_discovery_pushes(discovery),
+        *_server_pki(),
     ]
     lines += _pool_persist(layout.TCP_BASENAME)
     lines += _common_tail(TCP_MANAGEMENT, layout.TCP_BASENAME)
@@ -175,6 +195,53 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
 
 
+def relay_address(plan: Plan, name: str) -> ipaddress.IPv4Address:
+    """Where a node's relay listens: its UDP server's own tunnel address, reachable from every node over the
+    LAN's routes (and inside the iroutes that name this node, so no player can forge it)."""
+    return plan.pools[name].udp.network_address + 1
+
+
+def render_relay_config(plan: Plan, node: NodeSpec, discovery: games.DiscoverySpec) -> RenderedFile:
+    """The discovery relay's JSON config: its address, its peers, its instances, the relayed ports and groups."""
+    pools = plan.pools[node.name]
+    config = {
+        "node": node.name,
+        "address": str(relay_address(plan, node.name)),
+        "port": layout.RELAY_PORT,
+        "peers": [str(relay_address(plan, other)) for other in sorted(plan.pools) if other != node.name],
+        "instances": [
+            {"device": layout.UDP_DEVICE, "pool": str(pools.udp),
+             "status": layout.instance_paths(UDP_INSTANCE)["status"]},
+            {"device": layout.TCP_DEVICE, "pool": str(pools.tcp),
+             "status": layout.instance_paths(TCP_INSTANCE)["status"]},
+        ],
+        "link_prefix": layout.LINK_CN_PREFIX,
+        "ports": [list(r) for r in discovery.ports],
+        "groups": list(discovery.groups),
+        "rate": {"packets": games.RATE_PACKETS, "bytes": games.RATE_BYTES,
+                 "burst_packets": games.BURST_PACKETS, "burst_bytes": games.BURST_BYTES},
+    }
+    return RenderedFile(RELAY_CONFIG, json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+
+def render_relay_program() -> RenderedFile:
+    return RenderedFile(RELAY_PROGRAM, _RELAY_SOURCE.read_text(), mode=0o755)
+
+
+def render_relay_unit() -> RenderedFile:
+    """The systemd unit. Not one of the node's uploaded files: ensure_relay writes it where systemd runs (hosts
+    without systemd run the same command as a daemon with a pid file, and a test lab's shared /etc/systemd must
+    never receive it)."""
+    lines = [
+        "[Unit]", "Description=LanHub LAN-discovery relay (game broadcasts between servers)",
+        "After=network-online.target", "",
+        "[Service]", f"ExecStart=/usr/bin/python3 {RELAY_PROGRAM} --config {RELAY_CONFIG}",
+        "Restart=always", "RestartSec=2", "",
+        "[Install]", "WantedBy=multi-user.target",
+    ]
+    return RenderedFile(RELAY_UNIT, _text(lines))
+
+
 def render_sysctl() -> RenderedFile:
     return RenderedFile(SYSCTL_PATH, _text(["net.ipv4.ip_forward=1"]))
 
@@ -200,12 +267,13 @@ def render_firewall(lan: LanSpec) -> RenderedFile:
 
 
 def render_node(
-    plan: Plan, lan: LanSpec, nodes_by_name: Mapping[str, NodeSpec], name: str
+    plan: Plan, lan: LanSpec, nodes_by_name: Mapping[str, NodeSpec], name: str,
+    discovery: games.DiscoverySpec = games.DiscoverySpec(),
 ) -> dict[str, RenderedFile]:
     """Every file one node needs, by path. A down node gets its own servers and no links."""
     node = nodes_by_name[name]
-    files = [render_udp_server(plan, lan, node), render_tcp_server(plan, lan, node), render_sysctl(),
-             render_firewall(lan)]
+    files = [render_udp_server(plan, lan, node, discovery), render_tcp_server(plan, lan, node, discovery),
+             render_sysctl(), render_firewall(lan), render_relay_program(), render_relay_config(plan, node, discovery)]
     files += [render_ccd(plan, name, down) for down in plan.downstreams(name)]
     upstreams = plan.upstreams(name)
     ports = link_management_ports(upstreams)
@@ -213,10 +281,11 @@ def render_node(
     return {f.path: f for f in files}
 
 
-def render_lan(plan: Plan, lan: LanSpec, nodes: Sequence[NodeSpec] | Mapping[str, NodeSpec]):
+def render_lan(plan: Plan, lan: LanSpec, nodes: Sequence[NodeSpec] | Mapping[str, NodeSpec],
+               discovery: games.DiscoverySpec = games.DiscoverySpec()):
     """Files for every node: node name -> path -> file."""
     by_name = dict(nodes) if isinstance(nodes, Mapping) else {n.name: n for n in nodes}
-    return {name: render_node(plan, lan, by_name, name) for name in sorted(by_name)}
+    return {name: render_node(plan, lan, by_name, name, discovery) for name in sorted(by_name)}
 
 
 def diff(old: Mapping[str, str | RenderedFile], new: Mapping[str, RenderedFile]) -> FileDiff:

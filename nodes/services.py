@@ -6,6 +6,7 @@ writes more than one row is atomic, and Celery tasks are enqueued only after the
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from cryptography import x509
@@ -16,7 +17,7 @@ from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import layout
+from nodes import games, layout
 from nodes.models import Lan, Node, RevokedCertificate
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
@@ -34,10 +35,12 @@ CRL_DAYS = 30
 
 @transaction.atomic
 def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8", pool_prefix: int = 16,
-               topology_mode: str = "auto") -> Lan:
+               topology_mode: str = "auto", discovery_games: list[str] | None = None,
+               discovery_ports: str = "") -> Lan:
     """Create a LAN with its own certificate authority, tls-crypt key, empty CRL and SSH deploy key."""
     lan = Lan(owner=owner, name=name, slug=slug or slugify(name)[:32], supernet=supernet, pool_prefix=pool_prefix,
-              topology_mode=topology_mode)
+              topology_mode=topology_mode, discovery_ports=discovery_ports,
+              discovery_games=games.default_games() if discovery_games is None else list(discovery_games))
     lan.full_clean()
     now = timezone.now()
     ca = pki.create_ca(name=f"lanhub-{lan.slug}-ca", now=now)
@@ -50,9 +53,28 @@ def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8"
     return lan
 
 
+@transaction.atomic
+def update_discovery(lan: Lan, *, discovery_games: list[str], discovery_ports: str = "", requested_by=None) -> Lan:
+    """Change the games whose LAN announcements are relayed; the nodes whose relay config or pushed routes
+    change are synced (every node for a port; a multicast group also changes what players are pushed)."""
+    Lan.objects.select_for_update().filter(pk=lan.pk).first()
+    lan.discovery_games, lan.discovery_ports = list(discovery_games), discovery_ports.strip()
+    lan.full_clean(exclude=["owner", "default_node"])
+    lan.save(update_fields=["discovery_games", "discovery_ports"])
+    sync_changed_nodes(lan, reason="game list changed", requested_by=requested_by)
+    return lan
+
+
 def lan_ca(lan: Lan) -> tuple[str, str]:
-    """The CA certificate and its private key, unsealed for one signing operation."""
-    return lan.ca_cert, unseal(lan.ca_key_sealed)
+    """The CA certificate and its private key, unsealed for signing."""
+    return lan.ca_cert, _unsealed_ca_key(lan.ca_key_sealed)
+
+
+@functools.lru_cache(maxsize=64)
+def _unsealed_ca_key(sealed: str) -> str:
+    """Kept per process, keyed by the sealed text: every player issued on a LAN signs with the same CA key, and
+    a new key (a new LAN) is a new entry. Process memory already holds it while signing; it never leaves it."""
+    return unseal(sealed)
 
 
 def _write_crl(lan: Lan, *, now) -> None:

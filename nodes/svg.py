@@ -7,6 +7,7 @@ never a <style> element. Every name is escaped: a region or a host name is text,
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from collections.abc import Sequence
 from html import escape
@@ -116,6 +117,14 @@ def _node(node, x: float, y: float) -> str:
 
 def _cut(text: str, length: int) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
+
+
+def qr_svg_document(data: str, *, scale: int = 4) -> bytes:
+    """The same QR code as a standalone SVG document (served as image/svg+xml and shown with <img>)."""
+    out = io.BytesIO()
+    segno.make(data, error="m").save(out, kind="svg", scale=scale, light="#ffffff", xmldecl=False, svgclass="qr",
+                                     lineclass=None)
+    return out.getvalue()
 
 
 def qr_svg(data: str, *, scale: int = 4) -> str:

@@ -124,7 +124,8 @@ def _sync(node: Node, run: SyncRun) -> None:
     run.log += "".join(f"note: {n}\n" for n in notes) + (f"disconnected {killed} client(s)\n" if killed else "")
     _store_link_states(node, links, result.verify.get("links", {}))
     run.changed_files = sorted(result.changed)
-    run.restarted = sorted(set(result.restarted) | set(result.instances.started))
+    run.restarted = sorted(set(result.restarted) | set(result.instances.started)
+                           | ({"lanhub-relay"} if result.relay.started or result.relay.restarted else set()))
     Node.objects.filter(pk=node.pk).update(
         applied_files={path: f.sha256 for path, f in files.items()}, state=NodeState.READY, last_error="",
         openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0,

@@ -10,6 +10,7 @@ urlpatterns = [
     path("lans/new/", views.lan_create, name="lan_create"),
     path("lans/<slug:slug>/", views.lan_detail, name="lan_detail"),
     path("lans/<slug:slug>/nodes/add/", views.node_add, name="node_add"),
+    path("lans/<slug:slug>/games/", views.lan_games, name="lan_games"),
     path("lans/<slug:slug>/topology.svg", views.lan_topology_svg, name="lan_topology_svg"),
     path("nodes/<int:pk>/", views.node_detail, name="node_detail"),
     path("nodes/<int:pk>/sync/", views.node_sync, name="node_sync"),

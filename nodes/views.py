@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.db.models import Count, F, OuterRef, Prefetch, Subquery, Window
-from django.db.models.functions import Coalesce, RowNumber
+from django.core.paginator import Paginator
+from django.db.models import Count, OuterRef, Prefetch, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -17,12 +18,15 @@ from django.views.decorators.http import require_GET, require_POST
 
 from lanhub.access import get_lan_for_host, get_node_for_host
 from nodes import services, svg
-from nodes.forms import LanForm, NodeForm, add_service_error
-from nodes.models import Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
+from nodes.forms import GameListForm, LanForm, NodeForm, add_service_error
+from nodes.models import NODE_BULK_FIELDS, Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
 from players.forms import InviteForm
 from players.models import Player
 
 ACTIVE_RUN = (SyncStatus.QUEUED, SyncStatus.RUNNING)
+PLAYERS_PER_PAGE = 50  # the dashboard's players table; ?players=<page> for the rest
+CARD_DEFERRED = tuple(f for f in NODE_BULK_FIELDS if f != "last_error")  # a card shows the last error
+INVITES_SHOWN = 20  # the newest invites; older ones are used up or expired in practice
 
 
 # --- LANs -------------------------------------------------------------------------------------------------------
@@ -58,8 +62,9 @@ def _render_lan_list(request, form, status=200):
     return render(request, "nodes/lan_list.html", {"lans": lans, "form": form}, status=status)
 
 
-def _count(query) -> Subquery:
-    return Coalesce(Subquery(query.order_by().values("lan").annotate(n=Count("pk")).values("n")), 0)
+def _count(query, *, by: str = "lan") -> Coalesce:
+    """COUNT(*) of `query` (filtered on an OuterRef) as a correlated subquery, grouped on its `by` column."""
+    return Coalesce(Subquery(query.order_by().values(by).annotate(n=Count("pk")).values("n")), 0)
 
 
 @require_GET
@@ -84,6 +89,21 @@ def node_add(request, slug):
     return render(request, "nodes/lan_detail.html", _dashboard(request, lan, node_form=form))
 
 
+@require_POST
+@login_required
+def lan_games(request, slug):
+    lan = get_lan_for_host(request, slug)
+    form = GameListForm(request.POST, instance=Lan(pk=lan.pk, owner_id=lan.owner_id))
+    if form.is_valid():
+        try:
+            services.update_discovery(lan, requested_by=request.user, **form.cleaned_data)
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            return redirect(reverse("nodes:lan_detail", kwargs={"slug": lan.slug}) + "#games")
+    return render(request, "nodes/lan_detail.html", _dashboard(request, lan, games_form=form), status=400)
+
+
 @require_GET
 @login_required
 def lan_topology_svg(request, slug):
@@ -96,33 +116,42 @@ def lan_topology_svg(request, slug):
     return response
 
 
-def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None) -> dict:
-    """Everything the LAN dashboard shows, in a fixed number of queries (see tests/nodes/test_views.py)."""
-    latest_runs = SyncRun.objects.annotate(
-        rank=Window(RowNumber(), partition_by=F("node_id"), order_by=(F("created_at").desc(), F("pk").desc()))
-    ).filter(rank=1)
-    nodes = list(lan.nodes.order_by("created_at", "pk")
-                 .prefetch_related(Prefetch("sync_runs", queryset=latest_runs, to_attr="latest")))
-    sessions = list(VpnSession.objects.filter(node__lan=lan).select_related("node", "player")
-                    .order_by("node__name", "common_name"))
-    by_player = {s.player_id: s for s in sessions if s.player_id}
-    players = list(lan.players.all())
-    for player in players:
-        player.session = by_player.get(player.pk)
-    for node in nodes:
-        node.run = node.latest[0] if node.latest else None
+def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_form=None) -> dict:
+    """Everything the LAN dashboard shows, in a fixed number of queries (see tests/nodes/test_views.py).
+
+    Each query is bounded by what the page shows, never by the LAN's history or size: the latest run of a node is
+    one index seek on (node, -created_at) per node, players come a page at a time with only their own sessions,
+    invites are the newest few, and their QR codes are images the browser fetches on demand (players:invite_qr).
+    """
+    nodes = list(lan.nodes.order_by("created_at", "pk").defer(*CARD_DEFERRED).annotate(
         # Players only: a downstream node's link client is a session on its upstream's server, not a player.
-        node.online = sum(1 for s in sessions if s.node_id == node.pk and s.player_id)
-    invites = list(lan.invites.all())
+        online=_count(VpnSession.objects.filter(node=OuterRef("pk"), player__isnull=False), by="node"),
+        latest_run_id=Subquery(SyncRun.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-pk")
+                               .values("pk")[:1]),
+    ))
+    runs = SyncRun.objects.only("node_id", "status", "current_step", "progress", "created_at").in_bulk(
+        [node.latest_run_id for node in nodes if node.latest_run_id])
+    for node in nodes:
+        node.run = runs.get(node.latest_run_id)
+    players = Paginator(lan.players.prefetch_related(
+        Prefetch("sessions", queryset=VpnSession.objects.select_related("node").only("player_id", "vpn_address",
+                                                                                      "node__name"),
+                 to_attr="session_list")),
+        PLAYERS_PER_PAGE).get_page(request.GET.get("players"))
+    for player in players:
+        player.session = player.session_list[0] if player.session_list else None
+    invites = list(lan.invites.all()[:INVITES_SHOWN + 1])
     for invite in invites:
         invite.url = request.build_absolute_uri(reverse("players:join", args=[invite.token]))
-        invite.qr = svg.qr_svg(invite.url) if invite.problem() is None else ""
     return {
-        "lan": lan, "nodes": nodes, "sessions": sessions, "players": players, "invites": invites,
-        "links": list(Link.objects.filter(lan=lan).select_related("upstream", "downstream")),
-        "online_total": sum(1 for s in sessions if s.player_id),
+        "lan": lan, "nodes": nodes, "players": players, "invites": invites[:INVITES_SHOWN],
+        "more_invites": len(invites) > INVITES_SHOWN,
+        "links": list(Link.objects.filter(lan=lan).select_related("upstream", "downstream")
+                      .only("address", "state", "rtt_ms", "upstream__name", "downstream__name")),
+        "online_total": sum(node.online for node in nodes),
         "node_form": node_form or NodeForm(lan=lan),
         "invite_form": invite_form or InviteForm(),
+        "games_form": games_form or GameListForm(instance=lan),
     }
 
 

@@ -63,13 +63,13 @@ def profile_remotes(*, chosen: NodeLike, others: Sequence[NodeLike]) -> list[Rem
     others) is not tried twice.
     """
     remotes: list[Remote] = []
+    seen: set[tuple[str, int, str]] = set()  # a set, not `remote in remotes`: 100 nodes are 200 remotes
     for node in (chosen, *others):
         for proto, port in (("udp", node.udp_port), ("tcp", node.tcp_port)):
-            if not port:
+            if not port or (node.public_address, port, proto) in seen:
                 continue
-            remote = Remote(host=node.public_address, port=port, proto=proto)
-            if remote not in remotes:
-                remotes.append(remote)
+            seen.add((node.public_address, port, proto))
+            remotes.append(Remote(host=node.public_address, port=port, proto=proto))
     return remotes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from lanhub import pki
 from lanhub.secrets import seal, unseal
 from nodes import layout
 from nodes import services as node_services
-from nodes.models import Lan, Node, NodeState
+from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
 from players import profiles
 from players.models import NICKNAME_RE, Invite, Player, new_token
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
+PROFILE_CACHE_SIZE = 512  # rendered profiles kept per process (about 5-15 KB each)
 INVITE_MAX_TTL = dt.timedelta(days=30)
 
 
@@ -78,7 +80,8 @@ def validate_nickname(nickname: str) -> str:
 def redeem_invite(*, token: str, nickname: str, client_address: str | None = None) -> Player:
     """Turn an invite into a player. The invite row is locked, so its use limit holds under concurrency."""
     nickname = validate_nickname(nickname)
-    invite = Invite.objects.select_for_update().filter(token=token).first()
+    # of=("self",): on PostgreSQL only the invite row is locked, not its LAN (loaded in the same query).
+    invite = Invite.objects.select_for_update(of=("self",)).select_related("lan").filter(token=token).first()
     if invite is None:
         raise InviteUnusable("not_found")
     problem = invite.problem()
@@ -86,9 +89,12 @@ def redeem_invite(*, token: str, nickname: str, client_address: str | None = Non
         raise InviteUnusable(problem)
     if Player.objects.filter(lan_id=invite.lan_id, nickname__iexact=nickname).exists():
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."})
-    player = Player(lan_id=invite.lan_id, nickname=nickname, invite=invite, joined_from=client_address)
+    player = Player(lan=invite.lan, nickname=nickname, invite=invite, joined_from=client_address)
     _issue_certificate(player, lan=invite.lan)
-    player.full_clean()
+    # The LAN and the invite are the rows just read under the lock, so their foreign keys need no lookup; the
+    # nickname's uniqueness was checked above and is enforced by its constraint (the IntegrityError below), and
+    # the token is 192 random bits under a unique index: no query of its own for either.
+    player.full_clean(exclude=["lan", "invite"], validate_unique=False, validate_constraints=False)
     try:
         with transaction.atomic():  # two friends taking one nickname through two invites at the same moment
             player.save()
@@ -159,7 +165,8 @@ class Profile:
 
 
 def ready_nodes(lan: Lan) -> list[Node]:
-    return list(lan.nodes.filter(state=NodeState.READY, healthy=True).order_by("created_at", "pk"))
+    return list(lan.nodes.filter(state=NodeState.READY, healthy=True).order_by("created_at", "pk")
+                .defer(*NODE_BULK_FIELDS))
 
 
 def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
@@ -168,11 +175,18 @@ def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
         raise ValidationError("This player was revoked.")
     lan = player.lan
     others = [n for n in ranked if n.pk != node.pk]
-    content = profiles.render_profile(
-        lan_name=lan.name, nickname=player.nickname,
-        remotes=profiles.profile_remotes(chosen=node, others=others),
-        ca_pem=lan.ca_cert, cert_pem=player.cert_pem, key_pem=unseal(player.key_sealed),
-        tls_crypt=unseal(lan.tls_crypt_sealed),
-    )
+    content = _render_profile(lan.name, player.nickname, tuple(profiles.profile_remotes(chosen=node, others=others)),
+                              lan.ca_cert, player.cert_pem, player.key_sealed, lan.tls_crypt_sealed)
     return Profile(filename=profiles.profile_filename(lan=lan.slug, nickname=player.nickname, node=node.name),
                    content=content)
+
+
+@functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)
+def _render_profile(lan_name: str, nickname: str, remotes: tuple[profiles.Remote, ...], ca_pem: str, cert_pem: str,
+                    key_sealed: str, tls_crypt_sealed: str) -> str:
+    """The rendered profile, cached per process and keyed by every input as stored: the private halves sealed, so
+    a new certificate, a re-sealed key, a renamed LAN or another order of servers is simply another key, and
+    nothing needs invalidating. In process memory only, never in Redis: the text holds the player's private key.
+    A hit skips two unseals and the PEM checks; the key (seven strings) is hashed in microseconds."""
+    return profiles.render_profile(lan_name=lan_name, nickname=nickname, remotes=remotes, ca_pem=ca_pem,
+                                   cert_pem=cert_pem, key_pem=unseal(key_sealed), tls_crypt=unseal(tls_crypt_sealed))

@@ -7,6 +7,7 @@ urlpatterns = [
     # The host's buttons (signed in; another host's object is a 404).
     path("lans/<slug:slug>/invites/", views.invite_create, name="invite_create"),
     path("invites/<int:pk>/revoke/", views.invite_revoke, name="invite_revoke"),
+    path("invites/<int:pk>/qr.svg", views.invite_qr, name="invite_qr"),
     path("players/<int:pk>/revoke/", views.player_revoke, name="player_revoke"),
     path("players/<int:pk>/reissue/", views.player_reissue, name="player_reissue"),
     path("lans/<slug:slug>/lobby/", views.host_lobby, name="host_lobby"),

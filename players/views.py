@@ -24,7 +24,7 @@ from lanhub.access import (LinkNotFound, get_invite_by_token, get_invite_for_hos
 from lanhub.middleware import CSP
 from nodes.forms import add_service_error
 from nodes.models import Lan, VpnSession
-from nodes.svg import qr_svg
+from nodes.svg import qr_svg, qr_svg_document
 from nodes.views import _dashboard
 from players import ranking, services
 from players.forms import ChooseNodeForm, InviteForm, JoinForm, RttForm
@@ -124,6 +124,18 @@ def invite_revoke(request, pk):
     services.revoke_invite(invite)
     messages.success(request, "Invite withdrawn: its link no longer works.")
     return redirect(reverse("nodes:lan_detail", args=[invite.lan.slug]) + "#invites")
+
+
+@require_GET
+@login_required
+def invite_qr(request, pk):
+    """The invite link as a QR code, drawn when a browser asks for it rather than for every invite on every
+    dashboard load. The token never changes, so the browser may keep the picture."""
+    invite = get_invite_for_host(request, pk)
+    url = request.build_absolute_uri(reverse("players:join", args=[invite.token]))
+    response = HttpResponse(qr_svg_document(url), content_type="image/svg+xml")
+    response["Cache-Control"] = "private, max-age=86400"  # it encodes a secret link: never in a shared cache
+    return response
 
 
 @require_POST
@@ -255,9 +267,7 @@ def player_lost_device(request, player):
 def profile_download(request, player, node_ref):
     ranked = _ranking(request, player)
     nodes = [node for node, _ in ranked]
-    node = get_lan_node(player.lan, node_ref)
-    if node not in nodes:
-        raise Http404("That server is not ready for players yet.")
+    node = get_lan_node(player.lan, node_ref, among=nodes)  # only a ready node of the player's LAN
     profile = services.build_profile(player, node=node, ranked=nodes)
     response = HttpResponse(profile.content, content_type="application/x-openvpn-profile")
     response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'

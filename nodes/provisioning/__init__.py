@@ -43,6 +43,7 @@ from nodes.provisioning.instances import (
     ensure_instances,
     instance_running,
 )
+from nodes.provisioning.relay import RelayResult, ensure_relay, relay_state
 from nodes.provisioning.system import (
     FIREWALL_RULES,
     check_os,
@@ -59,17 +60,19 @@ from nodes.provisioning.verification import (
     ping_through,
     verify,
 )
-from nodes.ssh import ProvisioningError, command_error
+from nodes.render import RELAY_CONFIG, RELAY_FILES
+from nodes.ssh import ProvisioningError, command_error, run_root
 
 __all__ = [
     "CCD_DIR", "FIREWALL_RULES", "INSTANCE_RE", "LINK_WAIT", "MANAGED_PREFIXES", "ROLLBACK_DIR", "RUN_DIR", "STEPS",
     "STOP_WAIT", "VERIFY_WAIT", "ApplyResult", "InstanceResult", "Log", "NodeLink", "ProvisioningError",
-    "UploadResult", "apply", "check_os", "discard_backups", "ensure_forwarding", "ensure_instances",
-    "ensure_openvpn", "instance_running", "node_links", "openvpn_release", "ping_through", "rollback", "teardown",
-    "upload_files", "verify",
+    "RelayResult", "UploadResult", "apply", "check_os", "discard_backups", "ensure_forwarding", "ensure_instances",
+    "ensure_openvpn", "ensure_relay", "instance_running", "node_links", "openvpn_release", "ping_through",
+    "relay_state", "rollback", "teardown", "upload_files", "verify",
 ]
 
-STEPS = ("check_os", "ensure_openvpn", "upload_files", "ensure_forwarding", "ensure_instances", "verify")
+STEPS = ("check_os", "ensure_openvpn", "upload_files", "ensure_forwarding", "ensure_instances", "ensure_relay",
+         "verify")
 
 Log = Callable[[str, float, bool], None]
 
@@ -81,6 +84,7 @@ class ApplyResult:
     upload: UploadResult = field(default_factory=UploadResult)
     forwarding_changed: bool = False
     instances: InstanceResult = field(default_factory=InstanceResult)
+    relay: RelayResult = field(default_factory=RelayResult)
     verify: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     steps: list[tuple[str, float, bool]] = field(default_factory=list)
@@ -121,6 +125,9 @@ def apply(c: Connection, *, files: Mapping[str, object], remove: Iterable[str] =
         step("ensure_instances", lambda: ensure_instances(c, wanted=wanted, restart=chosen & wanted,
                                                           progress=result.instances),
              changed=lambda r: r.changed)
+        step("ensure_relay", lambda: ensure_relay(c, wanted=RELAY_CONFIG in files, changed_files=result.upload.touched,
+                                                  progress=result.relay),
+             changed=lambda r: r.changed)
         result.verify = step("verify", lambda: verify(c, wanted=wanted, links=links), changed=lambda v: False)
     except ProvisioningError as error:
         _recover(c, result, error)
@@ -154,7 +161,7 @@ class _Stepper:
 def _recover(c: Connection, result: ApplyResult, error: ProvisioningError) -> None:
     """Undo this run: files first, then instances back onto them. Failures here are added to ``error``."""
     done = result.instances
-    if not result.upload.touched and not done.changed:
+    if not result.upload.touched and not done.changed and not result.relay.changed:
         return
     try:
         rollback(c, result.upload)
@@ -167,6 +174,10 @@ def _recover(c: Connection, result: ApplyResult, error: ProvisioningError) -> No
             if name in running:
                 _stop(c, name, systemd)
             _start(c, name, systemd)
+        if result.relay.changed or set(RELAY_FILES) & set(result.upload.touched):
+            # back onto the restored files: restarted if its config is there again, stopped if not
+            ensure_relay(c, wanted=bool(run_root(c, f"test -e {RELAY_CONFIG}", hide=True, warn=True).ok),
+                         changed_files=RELAY_FILES)
         error.message += " The previous files were restored" + (" and the instances restarted on them."
                                                                  if done.changed else ".")
     except Exception as exc:

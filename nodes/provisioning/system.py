@@ -34,14 +34,20 @@ def check_os(c: Connection) -> str:
                             "derivatives (it installs OpenVPN with apt).", permanent=True)
 
 
+PACKAGES = {"openvpn": "openvpn", "python3": "python3"}  # binary -> Debian package (python3 runs the relay)
+
+
 def ensure_openvpn(c: Connection) -> bool:
-    """Install the distribution's openvpn package unless an openvpn binary is already there."""
-    check_sudo(c, "ensure_openvpn")  # the first step that needs root: a failing probe below must mean "no openvpn"
-    if run_root(c, "command -v openvpn", hide=True, warn=True).ok:
+    """Install the distribution's openvpn and python3 packages unless their binaries are already there."""
+    check_sudo(c, "ensure_openvpn")  # the first step that needs root: a failing probe below must mean "missing"
+    probe = " ; ".join(f"command -v {b} >/dev/null || echo {b}" for b in PACKAGES)
+    missing = run_root(c, probe + "; true", hide=True, warn=True).stdout.split()
+    packages = " ".join(PACKAGES[b] for b in PACKAGES if b in missing)
+    if not packages:
         return False
     # Lock timeout: a fresh cloud server is often still running unattended-upgrades when it is first synced.
     apt = "DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300"
-    run_root(c, f"{apt} update && {apt} install -y --no-install-recommends openvpn", hide=True)
+    run_root(c, f"{apt} update && {apt} install -y --no-install-recommends {packages}", hide=True)
     return True
 
 

@@ -1,8 +1,8 @@
 """The teardown step: what deleting a node does on the server itself.
 
-Every LanHub instance is stopped and disabled (systemd units) or killed (plain daemons), then LanHub's files are
-removed: its OpenVPN configs, /etc/openvpn/lanhub (keys, run files, firewall rules), its client-config-dir files,
-the sysctl drop-in, and the LANHUB-FORWARD firewall chain with its jump. The openvpn package stays (the host may
+Every LanHub instance and the discovery relay are stopped and disabled (systemd units) or killed (plain daemons),
+then LanHub's files are removed: its OpenVPN configs, /etc/openvpn/lanhub (keys, run files, firewall rules, the
+relay), its client-config-dir files, the sysctl drop-in, and the LANHUB-FORWARD firewall chain with its jump. The openvpn package stays (the host may
 use it for something else), and so do files LanHub did not write. Safe to run again: a second run finds nothing.
 """
 
@@ -14,6 +14,7 @@ from fabric import Connection
 
 from nodes import layout
 from nodes.provisioning.instances import _instance_state, _stop
+from nodes.provisioning.relay import ensure_relay
 from nodes.ssh import check_sudo, run_root
 
 
@@ -24,6 +25,7 @@ def teardown(c: Connection) -> list[str]:
     stopped = sorted(running | present)
     for name in stopped:
         _stop(c, name, systemd)
+    ensure_relay(c, wanted=False)  # the discovery relay: stopped, and its systemd unit file removed
     run_root(c, (
         f"rm -f {layout.SERVER_DIR}/lanhub-*.conf {layout.CLIENT_DIR}/{layout.LINK_PREFIX}*.conf "
         f"{layout.CCD_DIR}/{layout.LINK_CN_PREFIX}* {shlex.quote(layout.SYSCTL_PATH)} && "

@@ -17,7 +17,7 @@ from django.utils import timezone
 from nodes import services as node_services
 from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus, VpnSession
 from players import services as player_services
-from tests.browser.conftest import PHONE, screenshot
+from tests.browser.conftest import PHONE, SCREENSHOTS, screenshot
 
 PASSWORD = "a-long-test-password"
 
@@ -151,3 +151,24 @@ def test_the_host_dashboard_shows_servers_topology_invites_and_players(page, liv
     assert "10.2.0.6" in page.inner_text("#players")
     assert lan.ssh_public_key in page.inner_text("#add-server")
     screenshot(page, "dashboard")
+
+
+def test_the_host_ticks_a_game_and_a_custom_port_and_the_player_page_names_them(page, live_server, cast):
+    sign_in(page, live_server, "alice", "/lans/gamenight/")
+    games = page.locator("#games")
+    games.locator("input[value=directplay]").check()
+    games.locator("#id_discovery_ports").fill("7777-7780")
+    games.locator("button[type=submit]").click()
+    page.wait_for_url(f"{live_server.url}/lans/gamenight/#games")
+    assert games.locator("input[value=directplay]").is_checked()
+    assert games.locator("#id_discovery_ports").input_value() == "7777-7780"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    games.screenshot(path=str(SCREENSHOTS / "games.png"))
+    games.locator("#id_discovery_ports").fill("70000")
+    games.locator("button[type=submit]").click()
+    assert "between 1 and 65535" in page.locator("#games").inner_text()
+
+    page.goto(f"{live_server.url}/me/{cast['bob'].token}/")
+    text = page.locator("#lan-play").inner_text()
+    assert "Age of Empires II and other DirectPlay games" in text and "other games on UDP 7777-7780" in text
+    assert "join by IP" in text

@@ -19,6 +19,7 @@ from django.test import Client, override_settings
 
 from nodes import openvpn_mgmt as management
 from nodes import services, tasks
+from nodes.render import RELAY_CONFIG
 from nodes.ssh import open_connection
 from nodes.models import Link, Node, NodeState, SyncRun, SyncStatus, VpnSession
 from players import services as player_services
@@ -200,6 +201,9 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         FIGURES["revoke_to_session_killed_s"] = time.monotonic() - revoked_at
         # The server told his client to stop; started again, the new CRL refuses its handshake.
         wait_until(lambda: bob_host.openvpn_pid() is None, timeout=10, what="bob's client to be told to stop")
+        # The kill may come from a status poll still running from step 5, before Hong Kong's sync has uploaded the
+        # new CRL: wait for the syncs, then the handshake must be refused.
+        wait_until(lambda: settled(lan), timeout=60, what=lambda: f"the revocation syncs\n{describe_runs(lan)}")
         bob_host.start_openvpn(bob_profile)
         wait_until(lambda: re.search(r"CRL CHECK FAILED|certificate revoked", server_log(hk_host)), timeout=20,
                    what=lambda: f"Hong Kong to refuse bob's certificate; bob's log:\n{bob_host.log()[-3000:]}")
@@ -207,13 +211,17 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         bob_host.stop_openvpn()
 
         # 7. Singapore joins: only the servers whose files change are synced (in hub mode: Singapore and
-        # Hangzhou; Hong Kong's routes already send everything through Hangzhou).
+        # Hangzhou; Hong Kong's routes already send everything through Hangzhou, so there only the discovery relay
+        # learns its new peer, and no OpenVPN instance restarts).
         before = set(SyncRun.objects.filter(node__lan=lan).values_list("pk", flat=True))
         sg_host, _ = register(lab, lan, "singapore")
         wait_ready(lan, ["hangzhou", "hongkong", "singapore"])
         touched = set(SyncRun.objects.filter(node__lan=lan).exclude(pk__in=before)
                       .values_list("node__name", flat=True))
-        assert touched == {"hangzhou", "singapore"}, touched
+        assert touched == {"hangzhou", "singapore", "hongkong"}, touched
+        hk_run = SyncRun.objects.filter(node__name="hongkong", node__lan=lan).exclude(pk__in=before).exclude(
+            status=SyncStatus.SKIPPED).latest("created_at")
+        assert (hk_run.changed_files, hk_run.restarted) == ([RELAY_CONFIG], ["lanhub-relay"]), hk_run.log
         dave = join(Client(), invite, "dave")
         dave_host, dave_ip, _ = connect(lab, "dave", download(Client(), dave, "singapore"))
         # Hangzhou restarted its UDP server for Singapore's routes: alice reconnected, over UDP or, when her

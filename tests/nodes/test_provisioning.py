@@ -6,6 +6,7 @@ down what the steps do with any set of files; certificates come from lanhub/pki.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -320,3 +321,44 @@ def test_a_player_connects_to_the_server_apply_started(c, lab, host, material):
         assert p.ping_through(c, "lh-udp", address, wait=5) is not None
     finally:
         player.stop_openvpn()
+
+
+def relay_files(*, peers=("10.249.0.1",), ports=((6112, 6112),)) -> dict[str, File]:
+    config = {"node": "hangzhou", "address": "10.251.0.1", "port": 7400, "peers": list(peers),
+              "instances": [{"device": "lh-udp", "pool": "10.251.0.0/16",
+                             "status": f"{p.RUN_DIR}/lanhub-udp.status"}],
+              "ports": [list(r) for r in ports], "groups": [], "rate": {"packets": 20, "bytes": 32000}}
+    return {render.RELAY_PROGRAM: render.render_relay_program(),
+            render.RELAY_CONFIG: File(render.RELAY_CONFIG, json.dumps(config))}
+
+
+def relay_pid(host) -> int | None:
+    text = node_file(host, f"{p.RUN_DIR}/lanhub-relay.pid")
+    pid = int(text) if text else None
+    return pid if pid in host.lab.pids(host.ns) else None
+
+
+def test_ensure_relay_starts_it_restarts_it_on_a_changed_config_and_stops_it_when_unwanted(c, host):
+    upload = p.upload_files(c, relay_files())
+    first = p.ensure_relay(c, wanted=True, changed_files=upload.touched)
+    assert first.started and not first.restarted
+    pid = relay_pid(host)
+    assert pid and p.relay_state(c) == (False, True)
+    assert "7400" in host.exec(["ss", "-Hlnu"]).stdout  # bound to the UDP server's address even before it exists
+    assert not p.ensure_relay(c, wanted=True).changed  # nothing changed: left alone
+    upload = p.upload_files(c, relay_files(ports=((6112, 6112), (4445, 4445))))
+    again = p.ensure_relay(c, wanted=True, changed_files=upload.touched)
+    assert again.restarted and relay_pid(host) not in (None, pid)
+    host.lab.kill_process(host, "lanhub-relay")  # what the drift check finds: not running, so it starts again
+    assert p.ensure_relay(c, wanted=True).started and relay_pid(host)
+    gone = p.ensure_relay(c, wanted=False)
+    assert gone.stopped and relay_pid(host) is None and p.relay_state(c) == (False, False)
+
+
+def test_ensure_relay_reports_a_relay_that_cannot_start_with_its_log(c, host):
+    files = relay_files()
+    files[render.RELAY_CONFIG] = File(render.RELAY_CONFIG, '{"node": "x", "address": "not an address"}')
+    p.upload_files(c, files)
+    with pytest.raises(ProvisioningError) as raised:
+        p.ensure_relay(c, wanted=True, changed_files=list(files))
+    assert raised.value.step == "ensure_relay" and "bad config" in raised.value.message, raised.value.message

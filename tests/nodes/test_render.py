@@ -2,10 +2,12 @@
 
 import dataclasses
 import hashlib
+import json
 
 from django.test import SimpleTestCase
 
 from nodes.render import (
+    RELAY_CONFIG,
     FileDiff, RenderedFile, diff, link_device, link_management_ports, render_lan,
 )
 from nodes.topology import LanSpec, NodeSpec, plan_lan
@@ -29,6 +31,7 @@ ifconfig-pool 10.251.1.1 10.251.255.253
 client-config-dir /etc/openvpn/server/ccd
 route 10.248.0.0 255.254.0.0
 push "route 10.0.0.0 255.0.0.0"
+push "route 255.255.255.255 255.255.255.255"
 ca /etc/openvpn/lanhub/pki/ca.crt
 cert /etc/openvpn/lanhub/pki/node.crt
 key /etc/openvpn/lanhub/pki/node.key
@@ -42,7 +45,7 @@ persist-key
 persist-tun
 disable-dco
 management 127.0.0.1 7505
-status /etc/openvpn/lanhub/run/lanhub-udp.status
+status /etc/openvpn/lanhub/run/lanhub-udp.status 2
 verb 3
 """
 
@@ -110,9 +113,14 @@ class ReferenceLanTests(SimpleTestCase):
         nodes = [HANGZHOU, dataclasses.replace(HONGKONG, healthy=False)]
         files = render_lan(plan_lan(lan, nodes), lan, nodes)
         self.assertEqual(sorted(p.rsplit("/", 1)[-1] for p in files["hongkong"]),
-                         ["90-lanhub.conf", "firewall.rules", "lanhub-tcp.conf", "lanhub-udp.conf"])
+                         ["90-lanhub.conf", "firewall.rules", "lanhub-relay.py",
+                          "lanhub-tcp.conf", "lanhub-udp.conf", "relay.json"])
         self.assertNotIn(CCD_HK, files["hangzhou"])
         self.assertFalse([l for l in lines(files["hangzhou"][UDP]) if l.startswith("route ")])
+
+
+def without_relay(files: dict) -> dict:
+    return {path: f for path, f in files.items() if path != RELAY_CONFIG}
 
 
 class NamingTests(SimpleTestCase):
@@ -179,7 +187,12 @@ class StabilityTests(SimpleTestCase):
         before = render_lan(plan, spec, base)
         newcomer = NodeSpec("newcomer", region="r1", order=99, public_address="198.51.100.99")
         grown_plan, grown = self.replan(spec, base + [newcomer], plan)
-        changed = {n for n in before if before[n] != grown[n]}
+        # Every relay learns the new peer (its config only: no OpenVPN instance restarts for it).
+        for name in before:
+            old, new = json.loads(before[name][RELAY_CONFIG].content), json.loads(grown[name][RELAY_CONFIG].content)
+            self.assertEqual(set(new.pop("peers")) - set(old.pop("peers")), {json.loads(grown["newcomer"][RELAY_CONFIG].content)["address"]})
+            self.assertEqual(old, new)
+        changed = {n for n in before if without_relay(before[n]) != without_relay(grown[n])}
         # Must change: the newcomer's neighbours, and nodes that reach it other than by their default route.
         must = set(grown_plan.neighbours("newcomer"))
         must |= {n for n in before if plan.routes[n] != grown_plan.routes[n]}

@@ -7,7 +7,7 @@ from cryptography import x509
 from django.core.exceptions import ValidationError
 from django.test import override_settings
 
-from nodes import services, syncing
+from nodes import render, services, syncing
 from nodes.files import desired_files
 from nodes.models import Link, Node, RevokedCertificate, SyncRun, SyncState, SyncStatus
 from players import services as player_services
@@ -56,7 +56,12 @@ class PlanningTests(BaseTestCase):
         before = set(SyncRun.objects.values_list("pk", flat=True))
         self.add_node("singapore", region="asia/sg")
         queued = set(SyncRun.objects.exclude(pk__in=before).values_list("node__name", flat=True))
-        self.assertEqual(queued, {"hangzhou", "singapore"})  # Hong Kong already routes everything via Hangzhou
+        self.assertEqual(queued, {"hangzhou", "singapore", "hongkong"})
+        # Hong Kong already routes everything via Hangzhou: only its discovery relay learns the new peer.
+        hk = Node.objects.get(lan=self.lan, name="hongkong")
+        files = desired_files(self.lan, hk, services.plan_lan(self.lan))
+        changed = {p for p, f in files.items() if hk.applied_files.get(p) != f.sha256}
+        self.assertEqual(changed, {render.RELAY_CONFIG})
 
     def test_an_impossible_node_is_refused_before_anything_is_saved(self):
         self.add_node("hangzhou", udp_pool="10.251.0.0/16", tcp_pool="10.250.0.0/16")

@@ -4,15 +4,20 @@ Every view is tested for success, the wrong method (405) and another host's obje
 every host URL as charlie against alice's objects.
 """
 
+import datetime as dt
 from types import SimpleNamespace
 
 from django.contrib.auth import get_user_model
 from django.test import SimpleTestCase
 from django.urls import reverse
+from django.utils import timezone
 
-from nodes import svg
+from nodes import games, svg
 from nodes.models import Lan, Link, LinkState, Node, SyncRun, SyncStatus, VpnSession
+from nodes.views import INVITES_SHOWN, PLAYERS_PER_PAGE
+from players import services as player_services
 from tests.base import BaseTestCase
+from tests.nodes.test_services import mark_synced
 
 
 class HostTestCase(BaseTestCase):
@@ -97,19 +102,61 @@ class DashboardTests(HostTestCase):
         self.assertContains(response, "Queued")  # adding a node queued a sync of it
         self.assertContains(response, self.lan.ssh_public_key)
         self.assertContains(response, "/join/%s/" % self.invite.token)
-        self.assertContains(response, 'class="qr"')
+        self.assertContains(response, 'class="qr"')  # an <img>, drawn when the browser asks
         self.assertContains(response, "10.1.0.6")  # bob is online on hongkong
         self.assertContains(response, reverse("nodes:lan_topology_svg", args=[self.lan.slug]))
 
-    def test_it_loads_in_a_fixed_number_of_queries(self):
-        # 1 session, 2 user, 3 the LAN, 4 its nodes, 5 the latest sync run of each (one window query),
-        # 6 VPN sessions with node and player, 7 players, 8 invites, 9 links with both ends,
-        # 10 the upstream choices of the add-server form.
-        with self.assertNumQueries(10):
+    def test_it_loads_in_a_fixed_number_of_queries_whatever_the_history_and_the_number_of_players(self):
+        # 1 session, 2 user, 3 the LAN, 4 its nodes with their online counts and latest run ids (correlated
+        # subqueries), 5 those runs, 6 the number of players, 7 one page of players, 8 their sessions with nodes,
+        # 9 the newest invites, 10 links with both ends, 11 the upstream choices of the add-server form.
+        with self.assertNumQueries(11):
             self.client.get(self.url())
         self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
-        with self.assertNumQueries(10):  # the same with one more node
-            self.client.get(self.url())
+        nodes = list(Node.objects.filter(lan=self.lan))
+        start = timezone.now() - dt.timedelta(days=14)
+        SyncRun.objects.bulk_create(SyncRun(node=nodes[i % 3], kind="drift", status=SyncStatus.COMPLETED,
+                                            created_at=start + dt.timedelta(minutes=5 * i)) for i in range(300))
+        invite = player_services.create_invite(lan=self.lan, max_uses=100)
+        for i in range(PLAYERS_PER_PAGE + 5):
+            player_services.redeem_invite(token=invite.token, nickname=f"friend{i:02}")
+        for i in range(INVITES_SHOWN):
+            player_services.create_invite(lan=self.lan, note=f"invite {i}")
+        with self.assertNumQueries(11):  # the same with another node, history, two pages of players, more invites
+            response = self.client.get(self.url())
+        self.assertContains(response, "Players 1–50 of %d" % (PLAYERS_PER_PAGE + 6))
+        self.assertContains(response, "Only the %d newest invites are shown." % INVITES_SHOWN)
+
+    def test_each_node_card_shows_its_latest_run(self):
+        older = SyncRun.objects.create(node=self.hangzhou, status=SyncStatus.FAILED, current_step="connect",
+                                       created_at=timezone.now() - dt.timedelta(hours=1))
+        newest = SyncRun.objects.create(node=self.hangzhou, status=SyncStatus.RUNNING, current_step="upload-files")
+        cards = {node.name: node for node in self.client.get(self.url()).context["nodes"]}
+        self.assertEqual(cards["hangzhou"].run.pk, newest.pk)
+        self.assertNotEqual(cards["hangzhou"].run.pk, older.pk)
+        self.assertEqual(cards["hongkong"].run.node_id, self.hongkong.pk)
+
+    def test_the_second_page_lists_the_remaining_players(self):
+        invite = player_services.create_invite(lan=self.lan, max_uses=100)
+        for i in range(PLAYERS_PER_PAGE):
+            player_services.redeem_invite(token=invite.token, nickname=f"zz{i:02}")
+        response = self.client.get(self.url() + "?players=2")
+        self.assertContains(response, "zz49")
+        self.assertNotContains(response, "zz00<")
+        self.assertContains(response, "Players 51–51 of 51")
+
+    def test_invite_qr_codes_are_images_drawn_on_demand_for_the_host_only(self):
+        response = self.client.get(self.url())
+        qr_url = reverse("players:invite_qr", args=[self.invite.pk])
+        self.assertContains(response, f'src="{qr_url}"')
+        self.assertNotContains(response, "<svg")
+        image = self.client.get(qr_url)
+        self.assertEqual(image["Content-Type"], "image/svg+xml")
+        self.assertIn(b'<svg xmlns="http://www.w3.org/2000/svg"', image.content)
+        self.assertIn("private", image["Cache-Control"])
+        self.assertEqual(self.client.post(qr_url).status_code, 405)
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(qr_url).status_code, 404)
 
     def test_node_cards_count_players_only_and_show_the_openvpn_version_number(self):
         # hongkong's link client is a session on hangzhou's server; it is not a player.
@@ -343,6 +390,57 @@ class SvgRenderingTests(SimpleTestCase):
         self.assertIn("No servers yet", svg.render_topology([], []))
 
 
+class GameListTests(HostTestCase):
+    def url(self, lan=None):
+        return reverse("nodes:lan_games", args=[(lan or self.lan).slug])
+
+    def test_the_dashboard_shows_the_presets_with_the_default_ticked(self):
+        response = self.client.get(reverse("nodes:lan_detail", args=[self.lan.slug]))
+        self.assertContains(response, 'id="games"')
+        self.assertContains(response, "Minecraft Java Edition (224.0.2.60:4445)")
+        self.assertContains(response, 'value="minecraft-java" id="id_discovery_games_2" checked')
+        self.assertContains(response, 'value="directplay" id="id_discovery_games_1">')
+
+    def test_saving_the_list_stores_it_and_syncs_the_nodes_whose_relay_changes(self):
+        self.add_node("hangzhou")
+        mark_synced(self.lan)
+        before = SyncRun.objects.count()
+        response = self.client.post(self.url(), {"discovery_games": ["directplay", "factorio"],
+                                                 "discovery_ports": "7777-7780, 27016"})
+        self.assertRedirects(response, reverse("nodes:lan_detail", args=[self.lan.slug]) + "#games",
+                             fetch_redirect_response=False)
+        self.lan.refresh_from_db()
+        self.assertEqual((self.lan.discovery_games, self.lan.discovery_ports),
+                         (["directplay", "factorio"], "7777-7780, 27016"))
+        self.assertEqual(self.lan.discovery.ports, ((2300, 2400), (7777, 7780), (27016, 27016), (34197, 34197),
+                                                    (47624, 47624)))
+        self.assertEqual(SyncRun.objects.count(), before + 1)
+        self.assertEqual(SyncRun.objects.latest("created_at").reason, "game list changed")
+
+    def test_saving_the_same_list_again_syncs_nothing(self):
+        self.add_node("hangzhou")
+        mark_synced(self.lan)
+        before = SyncRun.objects.count()
+        self.client.post(self.url(), {"discovery_games": list(games.DEFAULT_GAMES), "discovery_ports": ""})
+        self.assertEqual(SyncRun.objects.count(), before)
+
+    def test_bad_ports_are_a_form_error_and_nothing_changes(self):
+        for ports, message in (("70000", "between 1 and 65535"), ("7777-7700", "between 1 and 65535"),
+                               ("abc", "is not a port"), ("1-60000", "Too many ports")):
+            with self.subTest(ports=ports):
+                response = self.client.post(self.url(), {"discovery_games": ["factorio"], "discovery_ports": ports})
+                self.assertContains(response, message, status_code=400)
+        self.lan.refresh_from_db()
+        self.assertEqual(self.lan.discovery_games, list(games.DEFAULT_GAMES))
+
+    def test_an_unknown_game_is_refused(self):
+        response = self.client.post(self.url(), {"discovery_games": ["quake"]})
+        self.assertContains(response, "quake", status_code=400)
+
+    def test_it_rejects_a_get(self):
+        self.assertEqual(self.client.get(self.url()).status_code, 405)
+
+
 class AnotherHostsObjectsTests(HostTestCase):
     """Charlie, a host too, walks every host URL with alice's objects: each one is a 404, and nothing changes."""
 
@@ -353,11 +451,13 @@ class AnotherHostsObjectsTests(HostTestCase):
             ("get", reverse("nodes:lan_detail", args=[lan.slug])),
             ("get", reverse("nodes:lan_topology_svg", args=[lan.slug])),
             ("post", reverse("nodes:node_add", args=[lan.slug])),
+            ("post", reverse("nodes:lan_games", args=[lan.slug])),
             ("get", reverse("nodes:node_detail", args=[node.pk])),
             ("post", reverse("nodes:node_sync", args=[node.pk])),
             ("get", reverse("nodes:node_status", args=[node.pk])),
             ("post", reverse("players:invite_create", args=[lan.slug])),
             ("post", reverse("players:invite_revoke", args=[invite.pk])),
+            ("get", reverse("players:invite_qr", args=[invite.pk])),
             ("post", reverse("players:player_revoke", args=[player.pk])),
             ("post", reverse("players:player_reissue", args=[player.pk])),
             ("get", reverse("players:host_lobby", args=[lan.slug])),

@@ -289,6 +289,19 @@ class PlayerHomeTests(PlayerPageTestCase):
         self.assertNotContains(response, "pending")
         self.assertContains(response, 'data-measure="auto"')
 
+    def test_it_says_which_games_work_by_lan_play_and_what_to_do_for_the_others(self):
+        response = self.client.get(me_url(self.bob))
+        self.assertContains(response, "<strong>LAN play works</strong> across every server of Game Night for: "
+                                      "Warcraft III / StarCraft, Minecraft Java Edition,")
+        self.assertContains(response, "choose <em>join by IP</em>")
+        self.lan.discovery_games, self.lan.discovery_ports = ["directplay"], "7777-7780"
+        self.lan.save()
+        response = self.client.get(me_url(self.bob))
+        self.assertContains(response, "for: Age of Empires II and other DirectPlay games, other games on UDP 7777-7780.")
+        self.lan.discovery_games, self.lan.discovery_ports = [], ""
+        self.lan.save()
+        self.assertContains(self.client.get(me_url(self.bob)), "LAN game discovery is off for Game Night")
+
     def test_its_csp_lets_the_page_time_requests_to_the_nodes_and_nothing_else(self):
         csp = self.client.get(me_url(self.bob))["Content-Security-Policy"]
         self.assertIn("connect-src 'self' http://203.0.113.10:443 https://203.0.113.10:443 "
@@ -416,6 +429,18 @@ class ProfileDownloadTests(PlayerPageTestCase):
         self.assertEqual(self.download(str(office.pk)).status_code, 404)
         self.assertEqual(self.download("office").status_code, 404)
 
+    def test_a_download_after_a_change_carries_the_change(self):
+        # Rendered profiles are cached per process, keyed by what they are made of: nothing stale may come back.
+        first = self.download("hongkong").content.decode()
+        Node.objects.filter(pk=self.hangzhou.pk).update(public_address="203.0.113.99")
+        moved = self.download("hongkong").content.decode()
+        self.assertIn("remote 203.0.113.99 1194 udp", moved)
+        self.assertNotIn("203.0.113.99", first)
+        bob = services.reissue_player(self.bob)
+        renewed = self.client.get(me_url(bob, "profile_download", "hongkong")).content.decode()
+        self.assertIn(bob.cert_pem.strip(), renewed)
+        self.assertNotIn(bob.cert_pem.strip(), first)
+
     def test_a_revoked_player_gets_410_and_no_profile(self):
         services.revoke_player(self.bob)
         response = self.download("hongkong")
@@ -442,6 +467,7 @@ class LobbyTests(PlayerPageTestCase):
         self.assertContains(response, 'data-copy="10.2.0.6"')
         self.assertContains(response, me_url(self.bob, "lobby_fragment"))
         self.assertNotContains(response, "link-hongkong")
+        self.assertContains(response, "<strong>LAN play works</strong> across every server of Game Night")
 
     def test_the_live_fragment_is_just_the_rows(self):
         response = self.client.get(me_url(self.bob, "lobby_fragment"))

@@ -1,0 +1,151 @@
+"""LAN-discovery figures: broadcast latency across two servers next to unicast over the same servers, and the
+relay's CPU time, printed as JSON lines (each figure next to its floor or target, measured in the same run).
+
+    .venv/bin/python benchmarks/discovery.py              # the e2e run (root, openvpn, sshd) + the relay alone
+    .venv/bin/python benchmarks/discovery.py --from-file  # only print var/discovery-figures.json + the relay alone
+    .venv/bin/python benchmarks/discovery.py --relay-only # only the relay alone
+
+1. Across two servers, from the discovery e2e run (`pytest tests/e2e/test_discovery.py`, which writes
+   var/discovery-figures.json when it passes): alice on Hangzhou, bob on Hong Kong, 20 probes each, medians.
+   The broadcast's one-way delivery (alice -> 255.255.255.255 -> Hangzhou's relay -> Hong Kong's relay -> bob) is
+   printed next to a unicast datagram's one-way delivery alice -> bob over the same servers (the floor), with
+   their ratio (target: at most 1.5x); the round trips (bob answers by unicast) and ICMP ping are printed too.
+   The same run gives each relay's CPU time while alice offers 1,000 broadcasts per second (the origin relay reads
+   them all and forwards what the per-player limit lets through).
+2. The relay alone, full path, no rate limit in the way: the relay's own code (nodes/discovery/relay.py) in a
+   throwaway network namespace with a tun device that nobody reads, fed N packets as from its tun device, each relayed to 3 peer
+   relays and delivered to 4 local players (7 packets written per packet read). CPU time per 1,000 packets, so the
+   CPU share at 1,000 packets/s, next to the floor: the same namespace writing the same 7 packets per input with
+   a bare raw socket and no relay logic. Nothing leaves the namespace (a tun device nobody reads drops everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "var" / "discovery-figures.json"
+TARGET_RATIO = 1.5
+
+
+def run_e2e(timeout: float) -> int:
+    env = dict(os.environ, CACHE_PREFIX=f"lanhub-disc-{os.getpid()}", CELERY_QUEUE=f"lanhub-disc-{os.getpid()}")
+    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "tests/e2e/test_discovery.py", "-q", "-s",
+               "-p", "no:cacheprovider"]
+    try:
+        return subprocess.run(command, cwd=ROOT, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(json.dumps({"error": f"the e2e run took longer than {timeout:.0f} s and was stopped"}))
+        return 1
+
+
+def print_e2e() -> None:
+    f = json.loads(FIGURES.read_text())
+    ratio = (f["broadcast_one_way_ms"] / f["unicast_one_way_ms"]
+             if f.get("broadcast_one_way_ms") and f.get("unicast_one_way_ms") else None)
+    lines = [
+        {"figure": "broadcast one-way delivery across two servers (median of 20)", "ms": f["broadcast_one_way_ms"],
+         "floor": "unicast one-way over the same servers", "floor_ms": f["unicast_one_way_ms"],
+         "ratio": ratio and round(ratio, 2), "target_ratio": TARGET_RATIO,
+         "delivered": f["broadcast_delivered"]},
+        {"figure": "broadcast + unicast reply round trip", "ms": f["broadcast_round_trip_ms"],
+         "floor": "unicast UDP round trip", "floor_ms": f["unicast_round_trip_ms"],
+         "ping_ms": f["ping_ms"]},
+    ]
+    for name in ("hangzhou", "hongkong", "singapore"):
+        key = f"relay_cpu_ms_per_s_at_1000pps_{name}"
+        if key in f:
+            lines.append({"figure": f"relay CPU on {name} while alice (on hangzhou) offers "
+                                    f"{f['offered_pps']:.0f} broadcasts/s", "cpu_ms_per_s": round(f[key], 1),
+                          "share_of_one_core": round(f[key] / 1000, 4)})
+    for line in lines:
+        print(json.dumps(line))
+
+
+# The microbenchmark runs inside its own namespace: the relay module is imported from the repository.
+MICRO = textwrap.dedent("""
+    import importlib.util, json, socket, struct, sys, time, types
+    spec = importlib.util.spec_from_file_location("relay", sys.argv[1])
+    relay = importlib.util.module_from_spec(spec); spec.loader.exec_module(relay)
+    count = int(sys.argv[2])
+    config = relay.Config({"node": "bench", "address": "10.251.0.1", "port": 7400,
+        "peers": ["10.249.0.1", "10.247.0.1", "10.245.0.1"],
+        "instances": [{"device": "dummy0", "pool": "10.251.0.0/16", "status": "/nonexistent"}],
+        "ports": [[6112, 6112]], "groups": [],
+        "rate": {"packets": 1e9, "bytes": 1e12, "burst_packets": 1e9, "burst_bytes": 1e12}})
+    r = relay.Relay(config)
+    inst = config.instances[0]
+    inst.players = {int.from_bytes(socket.inet_aton(f"10.251.1.{i}"), "big") for i in range(1, 6)}
+    sender = int.from_bytes(socket.inet_aton("10.251.1.1"), "big")
+    payloads = [relay.build_udp(sender, 0xFFFFFFFF, 6112, 6112, b"x" * 60 + str(i).encode()) for i in range(count)]
+    began = time.process_time()
+    for p in payloads:
+        r.originate(inst, p, time.monotonic())
+    relay_cpu = time.process_time() - began
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    out = payloads[0]
+    targets = ["10.249.0.1", "10.247.0.1", "10.245.0.1"] + [f"10.251.1.{i}" for i in range(2, 6)]
+    began = time.process_time()
+    for _ in range(count):
+        for t in targets:
+            raw.sendto(out, (t, 0))
+    floor_cpu = time.process_time() - began
+    print(json.dumps({"packets": count, "relay_cpu_s": relay_cpu, "floor_cpu_s": floor_cpu,
+                      "written": r.counters["delivered"] + r.counters["relayed"] * len(config.peers)}))
+""")
+
+
+def relay_alone(count: int) -> None:
+    ns = f"lhbench{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for argv in (["ip", "tuntap", "add", "dev", "dummy0", "mode", "tun"],
+                     ["ip", "addr", "add", "10.251.0.1/16", "dev", "dummy0"], ["ip", "link", "set", "dummy0", "up"],
+                     ["ip", "route", "add", "10.0.0.0/8", "dev", "dummy0"]):
+            subprocess.run(["ip", "netns", "exec", ns, *argv], check=True)
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", MICRO,
+                              str(ROOT / "nodes" / "discovery" / "relay.py"), str(count)],
+                             check=True, capture_output=True, text=True, timeout=300).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    r = json.loads(out)
+    per_1000 = r["relay_cpu_s"] * 1000 / r["packets"]
+    print(json.dumps({"figure": "relay alone: CPU per 1,000 broadcasts relayed (3 peers + 4 local players each)",
+                      "cpu_ms": round(per_1000 * 1000, 1), "share_of_one_core_at_1000pps": round(per_1000, 4),
+                      "floor": "bare raw-socket writes of the same 7 packets",
+                      "floor_cpu_ms": round(r["floor_cpu_s"] * 1000 * 1000 / r["packets"], 1),
+                      "packets": r["packets"], "written": r["written"]}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-file", action="store_true", help="print the last e2e figures, do not run it")
+    parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument("--packets", type=int, default=20_000)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print(json.dumps({"error": "needs root (network namespaces)"}))
+        return 1
+    status = 0
+    if not args.relay_only:
+        if not args.from_file:
+            FIGURES.unlink(missing_ok=True)
+            status = run_e2e(args.timeout)
+        if status == 0 and FIGURES.exists():
+            print_e2e()
+        else:
+            print(json.dumps({"error": "the discovery e2e run failed: no figures from it"}))
+    relay_alone(args.packets)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The discovery relay's pure parts (nodes/discovery/relay.py): packets, status files, the rate limit, the game list.
+
+The relay end to end (tun devices, raw sockets, three servers) is tests/e2e/test_discovery.py.
+"""
+
+import ipaddress
+import struct
+import tempfile
+
+from django.test import SimpleTestCase
+
+from nodes import games
+from nodes.discovery import relay
+
+
+def ip(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+def checksum_ok(packet: bytes) -> bool:
+    udp = packet[20:]
+    data = packet[12:20] + struct.pack("!BBH", 0, 17, len(udp)) + udp
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+STATUS_V1 = """\
+OpenVPN CLIENT LIST
+Updated,2026-12-02 03:00:00
+Common Name,Real Address,Bytes Received,Bytes Sent,Connected Since
+player-alice-x1,198.51.100.10:41234,100,200,2026-12-02 02:59:00
+link-hongkong,203.0.113.11:1194,100,200,2026-12-02 02:59:00
+ROUTING TABLE
+Virtual Address,Common Name,Real Address,Last Ref
+10.251.1.1,player-alice-x1,198.51.100.10:41234,2026-12-02 03:00:00
+10.251.0.2,link-hongkong,203.0.113.11:1194,2026-12-02 03:00:00
+10.249.0.0/16,link-hongkong,203.0.113.11:1194,2026-12-02 03:00:00
+10.9.0.7,player-stray-x2,198.51.100.12:1194,2026-12-02 03:00:00
+GLOBAL STATS
+Max bcast/mcast queue length,0
+END
+"""
+
+STATUS_V2 = """\
+TITLE,OpenVPN 2.6.14
+TIME,2026-12-02 03:00:00,1764644400
+HEADER,ROUTING_TABLE,Virtual Address,Common Name,Real Address,Last Ref,Last Ref (time_t)
+ROUTING_TABLE,10.250.0.2,player-dave-x3,198.51.100.13:50000,2026-12-02 03:00:00,1764644400
+END
+"""
+
+
+class PacketTests(SimpleTestCase):
+    def test_a_built_packet_parses_back_with_a_valid_checksum_for_every_payload_length(self):
+        for size in range(0, 70):
+            payload = bytes(range(size))
+            packet = relay.build_udp(ip("10.251.1.1"), ip("10.249.1.1"), 6112, 6112, payload)
+            self.assertTrue(checksum_ok(packet), size)
+            self.assertEqual(relay.parse_udp(packet), (ip("10.251.1.1"), ip("10.249.1.1"), 6112, 6112, payload))
+
+    def test_a_payload_summed_once_gives_the_same_packet(self):
+        payload = b"[MOTD]world[/MOTD]"
+        self.assertEqual(relay.build_udp(1, 2, 3, 4, payload, relay._checksum(payload)),
+                         relay.build_udp(1, 2, 3, 4, payload))
+
+    def test_fragments_and_other_protocols_are_not_parsed(self):
+        packet = bytearray(relay.build_udp(1, 2, 3, 4, b"x" * 40))
+        packet[6] |= 0x20  # more fragments
+        self.assertIsNone(relay.parse_udp(bytes(packet)))
+        packet = bytearray(relay.build_udp(1, 2, 3, 4, b"x"))
+        packet[9] = 6  # TCP
+        self.assertIsNone(relay.parse_udp(bytes(packet)))
+
+    def test_the_kernel_filter_is_nine_classic_bpf_instructions(self):
+        self.assertEqual(len(relay.bpf_program(ip("10.251.255.255"))), 9 * 8)
+
+
+class StatusFileTests(SimpleTestCase):
+    def setUp(self):
+        self.tmp = self.enterContext(tempfile.TemporaryDirectory())
+
+    def read(self, text: str, pool: str) -> set[str]:
+        path = f"{self.tmp}/x.status"
+        with open(path, "w") as handle:
+            handle.write(text)
+        return {str(ipaddress.IPv4Address(a)) for a in relay.read_players(path, ipaddress.IPv4Network(pool), "link-")}
+
+    def test_players_are_the_routing_tables_addresses_in_the_pool_without_links_or_iroutes(self):
+        self.assertEqual(self.read(STATUS_V1, "10.251.0.0/16"), {"10.251.1.1"})
+
+    def test_status_version_2_is_read_too(self):
+        self.assertEqual(self.read(STATUS_V2, "10.250.0.0/16"), {"10.250.0.2"})
+
+    def test_a_missing_file_means_no_players(self):
+        self.assertEqual(relay.read_players(f"{self.tmp}/none", ipaddress.IPv4Network("10.0.0.0/8"), "link-"), set())
+
+
+class RateLimitTests(SimpleTestCase):
+    def config(self):
+        return relay.Config({"node": "n", "address": "10.251.0.1", "port": 7400, "peers": [], "instances": [],
+                             "ports": [[6112, 6112]], "groups": [],
+                             "rate": {"packets": 20, "bytes": 32000, "burst_packets": 40, "burst_bytes": 64000}})
+
+    def test_a_burst_passes_then_the_rate_holds(self):
+        config = self.config()
+        bucket = relay.Bucket(config, now=0.0)
+        self.assertEqual(sum(bucket.take(config, 100, 0.0) for _ in range(1000)), 40)
+        self.assertEqual(sum(bucket.take(config, 100, 1.0) for _ in range(1000)), 20)  # one second later
+
+    def test_bytes_are_limited_too(self):
+        config = self.config()
+        bucket = relay.Bucket(config, now=0.0)
+        self.assertEqual(sum(bucket.take(config, 1400, 0.0) for _ in range(100)), 40)
+        bucket = relay.Bucket(config, now=0.0)
+        self.assertEqual(sum(bucket.take(config, 16000, 0.0) for _ in range(100)), 4)
+
+
+class GameListTests(SimpleTestCase):
+    def test_presets_and_custom_ports_merge_into_sorted_ranges(self):
+        spec = games.discovery_spec(["warcraft3", "minecraft-java"], "6113, 4446-4450")
+        self.assertEqual(spec.ports, ((4445, 4450), (6112, 6113)))
+        self.assertEqual(spec.groups, ("224.0.2.60",))
+
+    def test_bad_custom_ports_say_what_is_wrong(self):
+        for text, message in (("0", "between 1 and 65535"), ("9-1", "between 1 and 65535"), ("x", "not a port"),
+                              (", ".join(str(p) for p in range(1000, 1017)), "At most 16"),
+                              ("1-3000", "Too many ports"), ("6112\n", None)):
+            with self.subTest(text=text):
+                if message is None:
+                    self.assertEqual(games.parse_ports(text), ((6112, 6112),))
+                else:
+                    with self.assertRaisesMessage(games.GameListError, message):
+                        games.discovery_spec([], text)
