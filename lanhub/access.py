@@ -107,7 +107,8 @@ def get_lan_node(lan: Lan, ref: str, *, among: list[Node] | None = None) -> Node
             raise Http404("No such server on this LAN, or it is not ready for players yet.")
         return node
     query = Node.objects.filter(lan=lan)
-    node = query.filter(pk=int(ref)).first() if ref.isdigit() else query.filter(name=ref).first()
+    # Only ASCII digits are a pk: str.isdigit() is also true for "²", which int() refuses.
+    node = query.filter(pk=int(ref)).first() if re.fullmatch(r"[0-9]{1,18}", ref) else query.filter(name=ref).first()
     if node is None:
         raise Http404("No such server on this LAN.")
     return node

@@ -6,12 +6,36 @@ Periodic work (drift repair, status polls, CRL renewal) is scheduled here and ca
 import os
 
 from celery import Celery
+from celery.signals import beat_init, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lanhub.settings")
 
 app = Celery("lanhub")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def _refuse_unsafe(process: str) -> None:
+    # Celery never runs Django's system checks; a worker with the development LANHUB_KEY would unseal real keys.
+    # Celery logs and ignores an ordinary exception from a signal handler, so the refusal leaves as SystemExit.
+    from django.core.exceptions import ImproperlyConfigured
+
+    from lanhub.checks import refuse_unsafe_start
+
+    try:
+        refuse_unsafe_start(process)
+    except ImproperlyConfigured:
+        raise SystemExit(78) from None  # EX_CONFIG
+
+
+@worker_init.connect
+def refuse_unsafe_worker(**kwargs):
+    _refuse_unsafe("worker")
+
+
+@beat_init.connect
+def refuse_unsafe_beat(**kwargs):
+    _refuse_unsafe("beat")
 
 
 @app.on_after_finalize.connect

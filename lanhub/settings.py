@@ -45,6 +45,9 @@ def _strict_bool(name, default):
 
 
 DEBUG = _strict_bool("DEBUG", True)
+# DEBUG as the environment set it. Test runners switch DEBUG itself off while tests run (pytest-django does), and
+# the start-up refusal (lanhub/checks.py) must follow what the process was started with, not that switch.
+DEBUG_FROM_ENVIRONMENT = DEBUG
 SECRET_KEY = env.str("SECRET_KEY", default=DEV_SECRET_KEY)
 LANHUB_KEY = env.str("LANHUB_KEY", default=DEV_LANHUB_KEY)
 ALLOWED_HOSTS = _typed("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
@@ -108,6 +111,7 @@ INSTALLED_APPS = [
     "lanhub.apps.LanhubConfig",
     "nodes.apps.NodesConfig",
     "players.apps.PlayersConfig",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -120,7 +124,26 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "lanhub.middleware.ContentSecurityPolicyMiddleware",
+    # Last, as django-axes asks: it turns a locked-out sign-in into its lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Sign-in throttling (django-axes) for the host login and the admin login, which share the auth backend: after
+# AXES_FAILURE_LIMIT wrong passwords for one user name from one address, that pair is locked out for
+# AXES_COOLOFF_MINUTES, the right password included. Locking by user name alone would let anyone lock a host out;
+# by address alone, a host behind carrier-grade NAT with others. Counters live in the cache (Redis).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+AXES_FAILURE_LIMIT = _typed("AXES_FAILURE_LIMIT", env.int, 5)
+AXES_COOLOFF_TIME = _typed("AXES_COOLOFF_MINUTES", env.int, 15) / 60  # hours, as django-axes reads a number
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "lanhub.clientip.axes_client_ip"
+AXES_VERBOSE = False
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 
 ROOT_URLCONF = "lanhub.urls"
 WSGI_APPLICATION = "lanhub.wsgi.application"
@@ -166,7 +189,19 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 
+# Addresses (or networks) of the reverse proxies in front of the portal. Only a request from one of them may name
+# the client in X-Forwarded-For; anyone else could send that header to dodge the join limit and login throttling.
+TRUSTED_PROXIES = _typed("TRUSTED_PROXIES", env.list, [])
+
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if not DEBUG else None
+# HTTPS enforcement, named after the Django settings they set. They are off by default so a fresh checkout works
+# over plain HTTP; `check --deploy` stays clean once a TLS deployment sets them (README, "Deploying for real").
+SECURE_HSTS_SECONDS = _typed("SECURE_HSTS_SECONDS", env.int, 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _strict_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = _strict_bool("SECURE_HSTS_PRELOAD", False)
+SECURE_SSL_REDIRECT = _strict_bool("SECURE_SSL_REDIRECT", False)
+# The proxy probes /healthz over plain HTTP; it must not be redirected.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 SESSION_COOKIE_SECURE = not DEBUG
 CSRF_COOKIE_SECURE = not DEBUG
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -194,13 +229,20 @@ LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 360
 # A node that misses this many status polls in a row is marked down and the LAN is re-planned.
 LANHUB_DOWN_AFTER_POLLS = _typed("LANHUB_DOWN_AFTER_POLLS", env.int, 3)
 LANHUB_SSH_TIMEOUT = _typed("LANHUB_SSH_TIMEOUT", env.int, 10)
+# Nodes on the portal's own machine (loopback, its own addresses) or link-local addresses are refused as SSH
+# targets, so the worker cannot be aimed at local services; the lab and the test suite (nodes here) allow them.
+LANHUB_SSH_ALLOW_LOCAL_TARGETS = _strict_bool("LANHUB_SSH_ALLOW_LOCAL_TARGETS", False)
 LANHUB_JOIN_RATE = _typed("LANHUB_JOIN_RATE", env.int, 20)  # joins per client address per hour
+# "I lost my device" re-signs the CRL and syncs every node: a few per player per hour are plenty.
+LANHUB_LOST_DEVICE_RATE = _typed("LANHUB_LOST_DEVICE_RATE", env.int, 3)
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Player and invite tokens are credentials: the filter masks them in every record (404 warnings name the path).
+    "filters": {"mask_tokens": {"()": "lanhub.logmask.MaskTokensFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["mask_tokens"]}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"paramiko": {"level": "WARNING"}},
 }

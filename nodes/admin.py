@@ -166,11 +166,16 @@ class NodeAdmin(admin.ModelAdmin):
         obj.refresh_from_db()
 
     def delete_model(self, request, obj):
-        services.delete_node(obj, requested_by=request.user)
+        self._deleted(request, obj.name, services.delete_node(obj, requested_by=request.user))
 
     def delete_queryset(self, request, queryset):
         for node in queryset:
-            services.delete_node(node, requested_by=request.user)
+            self._deleted(request, node.name, services.delete_node(node, requested_by=request.user))
+
+    def _deleted(self, request, name, problem):
+        if problem:
+            self.message_user(request, f"{name} was removed from the LAN, but LanHub could not clean up the server "
+                                       f"({problem}); stop its OpenVPN by hand if it still runs.", messages.WARNING)
 
     @admin.action(description="Sync now")
     def sync_nodes(self, request, queryset):

@@ -7,7 +7,10 @@ so a re-issued key reaches the node, but their contents never leave this functio
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass, field
+
+from django.conf import settings
 
 from lanhub.secrets import unseal
 from nodes import layout, render
@@ -39,13 +42,27 @@ def pki_files(lan, node) -> dict[str, PkiFile]:
     files = [
         PkiFile(layout.PKI_CA, lan.ca_cert, restarts="all"),
         PkiFile(layout.PKI_TLS_CRYPT, unseal(lan.tls_crypt_sealed), 0o600, restarts="all"),
-        PkiFile(layout.PKI_CRL, lan.crl_pem),
+        PkiFile(layout.PKI_CRL_DIR_KEEP, ""),
         PkiFile(layout.PKI_NODE_CERT, node.server_cert, restarts="servers"),
         PkiFile(layout.PKI_NODE_KEY, unseal(node.server_key_sealed), 0o600, restarts="servers"),
         PkiFile(layout.PKI_LINK_CERT, node.link_cert, restarts="links"),
         PkiFile(layout.PKI_LINK_KEY, unseal(node.link_key_sealed), 0o600, restarts="links"),
+        PkiFile(layout.MANAGEMENT_PASSWORD_FILE, management_password(lan, node) + "\n", 0o600, restarts="all"),
     ]
+    # One empty file per revoked serial; OpenVPN looks the file up at each handshake, so nothing restarts.
+    files += [PkiFile(layout.revoked_serial_path(serial), "") for serial in revoked_serials(lan)]
     return {f.path: f for f in files}
+
+
+def management_password(lan, node) -> str:
+    """The node's management-interface password: derived from LANHUB_KEY, so it is stable across syncs, differs
+    per node, and is never stored. The worker reads it back from the node (nodes/openvpn_mgmt.py)."""
+    material = f"lanhub-management:{lan.pk}:{node.pk}".encode()
+    return hmac.new(settings.LANHUB_KEY.encode(), material, hashlib.sha256).hexdigest()
+
+
+def revoked_serials(lan) -> list[str]:
+    return sorted(lan.revoked_certificates.values_list("serial", flat=True))
 
 
 def desired_files(lan, node, lan_plan) -> dict:

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 # --- name rules -----------------------------------------------------------------------------------------------
 
-NODE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+# \A and \Z, not ^ and $: "$" also matches before a trailing newline (issue 14, item 13).
+NODE_NAME_PATTERN = r"\A[a-z][a-z0-9-]{0,31}\Z"
 REGION_PART_PATTERN = r"[a-z0-9][a-z0-9-]{0,31}"
-REGION_PATTERN = rf"^({REGION_PART_PATTERN})(/{REGION_PART_PATTERN}){{0,7}}$|^$"
+REGION_PATTERN = rf"\A(({REGION_PART_PATTERN})(/{REGION_PART_PATTERN}){{0,7}})?\Z"
 NODE_NAME_RE = re.compile(NODE_NAME_PATTERN)
 REGION_RE = re.compile(REGION_PATTERN)
 NODE_NAME_RULE = "Use 1–32 lowercase letters, digits or '-', starting with a letter."
@@ -77,11 +78,23 @@ MANAGED_PREFIXES = (f"{OPENVPN_DIR}/", "/etc/sysctl.d/")  # a planner bug must n
 
 PKI_CA = f"{PKI_DIR}/ca.crt"
 PKI_TLS_CRYPT = f"{PKI_DIR}/tls-crypt.key"
-PKI_CRL = f"{PKI_DIR}/crl.pem"
+# Revocation without expiry: `crl-verify DIR dir` refuses a certificate when DIR holds a file named after its
+# decimal serial. Unlike a CRL file, a directory has no nextUpdate, so a node LanHub cannot reach keeps accepting
+# its players indefinitely and keeps refusing the revoked ones (OPENVPN-NOTES.md, "CRL expiry").
+PKI_CRL_DIR = f"{PKI_DIR}/revoked"
+PKI_CRL_DIR_KEEP = f"{PKI_CRL_DIR}/.keep"  # the directory must exist for OpenVPN to start, revoked or not
+
+
+def revoked_serial_path(serial_hex: str) -> str:
+    """The file that revokes a certificate, from its serial as LanHub stores it (hex)."""
+    return f"{PKI_CRL_DIR}/{int(serial_hex, 16)}"
 PKI_NODE_CERT = f"{PKI_DIR}/node.crt"
 PKI_NODE_KEY = f"{PKI_DIR}/node.key"
 PKI_LINK_CERT = f"{PKI_DIR}/link.crt"
 PKI_LINK_KEY = f"{PKI_DIR}/link.key"
+# The management interfaces listen on 127.0.0.1 and ask for this password (root-only file): without it any local
+# user of the node could kill sessions or read who is online (OPENVPN-NOTES.md, "Management on TCP").
+MANAGEMENT_PASSWORD_FILE = f"{PKI_DIR}/management.pw"
 
 
 # The LAN-discovery relay (docs/discovery.md): its program and config are uploaded like the OpenVPN files; the
@@ -112,7 +125,7 @@ UDP_INSTANCE = f"server/{UDP_BASENAME}"
 TCP_INSTANCE = f"server/{TCP_BASENAME}"
 SERVER_INSTANCES = (UDP_INSTANCE, TCP_INSTANCE)
 LINK_PREFIX = "lanhub-link-"
-INSTANCE_RE = re.compile(r"^(server|client)/(lanhub-[a-z0-9][a-z0-9-]{0,40})$")
+INSTANCE_RE = re.compile(r"\A(server|client)/(lanhub-[a-z0-9][a-z0-9-]{0,40})\Z")
 UDP_MANAGEMENT = 7505
 TCP_MANAGEMENT = 7506
 LINK_PORTS = range(7510, 8000)

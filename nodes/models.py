@@ -5,6 +5,7 @@ pools, a link's fixed address) is stored here so the next plan can honour it.
 """
 
 import ipaddress
+import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -16,15 +17,35 @@ from django.utils import timezone
 from nodes import games, layout
 
 # Names reach file paths, certificate names and shell commands: the rules live in nodes/layout.py, which the
-# planner uses too.
+# planner uses too. Every pattern ends in \Z, not $: "$" also matches just before a trailing newline, which
+# would smuggle a line into a config file.
 NAME_RE = layout.NODE_NAME_PATTERN
 name_validator = RegexValidator(layout.NODE_NAME_PATTERN, layout.NODE_NAME_RULE)
 region_validator = RegexValidator(layout.REGION_PATTERN, layout.REGION_RULE)
-host_validator = RegexValidator(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$"
-    r"|^[0-9a-fA-F:]+$",
-    "Enter a host name or an IP address.",
-)
+HOSTNAME_RE = re.compile(
+    r"\A(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
+unix_user_validator = RegexValidator(r"\A[a-z_][a-z0-9_-]{0,31}\Z", "Enter a Unix user name.")
+
+
+def host_validator(value: str) -> None:
+    """A DNS name or an IP address that parses as one ("dead:beef" looks like IPv6 but is not an address)."""
+    if not isinstance(value, str):
+        raise ValidationError("Enter a host name or an IP address.")
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise ValidationError("Enter a host name or an IP address.") from None
+        return
+    if not HOSTNAME_RE.match(value):
+        raise ValidationError("Enter a host name or an IP address.")
+    if re.fullmatch(r"[0-9.]+", value):
+        try:  # all digits and dots: it must be a real IPv4 address, not 999.1.1.1 passed on as a name
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValidationError("Enter a host name or an IP address.") from None
+
+
 port_validators = [MinValueValidator(1), MaxValueValidator(65535)]
 
 
@@ -147,7 +168,7 @@ class Node(models.Model):
     ssh_host = models.CharField(max_length=253, validators=[host_validator])
     ssh_port = models.PositiveIntegerField(default=22, validators=port_validators)
     ssh_user = models.CharField(max_length=32, default="root",
-                                validators=[RegexValidator(r"^[a-z_][a-z0-9_-]{0,31}$", "Enter a Unix user name.")])
+                                validators=[unix_user_validator])
     ssh_host_key = models.TextField(blank=True, help_text="Pinned on first contact. Clear it to accept a new key.")
     latitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-90), MaxValueValidator(90)])
     longitude = models.FloatField(null=True, blank=True,

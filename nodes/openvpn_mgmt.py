@@ -102,10 +102,7 @@ def command(c: Connection, port: int, cmd: str, *, multiline: bool = False, time
     channel = _open_channel(c, int(port), timeout)
     try:
         reader = _LineReader(channel, time.monotonic() + timeout, port)
-        banner = reader.next_line(skip_notifications=False)
-        if banner.startswith("ENTER PASSWORD"):
-            raise ProvisioningError("management", f"The management interface on port {port} wants a password; "
-                                    "LanHub's configs set none.", permanent=True)
+        _log_in(c, channel, reader, port)
         channel.sendall(f"{cmd}\n".encode())
         if not multiline:
             return [reader.next_line()]
@@ -119,6 +116,38 @@ def command(c: Connection, port: int, cmd: str, *, multiline: bool = False, time
         except (OSError, EOFError, paramiko.SSHException):
             pass
         channel.close()
+
+
+PASSWORD_PROMPT = "ENTER PASSWORD:"
+
+
+def _log_in(c: Connection, channel: paramiko.Channel, reader: "_LineReader", port: int) -> None:
+    """Read the greeting; when the interface asks for its password (LanHub's configs set one), give it first.
+
+    The prompt comes without a newline; after the right password OpenVPN answers SUCCESS and then sends its
+    usual >INFO banner. An interface without a password (an older config) sends the banner at once."""
+    first = reader.next_line(skip_notifications=False, prompt=PASSWORD_PROMPT)
+    if first != PASSWORD_PROMPT:
+        return
+    channel.sendall(f"{management_password(c)}\n".encode())
+    answer = reader.next_line(prompt=PASSWORD_PROMPT)  # a wrong password may get the prompt again
+    if not answer.startswith("SUCCESS"):
+        raise ProvisioningError("management", f"The management interface on port {port} refused LanHub's "
+                                f"password ({answer.strip()[:100]}): sync the node to rewrite it.")
+    reader.next_line(skip_notifications=False)  # the >INFO banner
+
+
+def management_password(c: Connection) -> str:
+    """The password in the node's root-only file, read once per SSH connection (the watcher keeps one open)."""
+    cached = getattr(c, "_lanhub_management_password", None)
+    if cached is None:
+        out = run_root(c, f"cat -- {layout.MANAGEMENT_PASSWORD_FILE}", hide=True, warn=True)
+        cached = out.stdout.strip() if out.ok else ""
+        if not cached:
+            raise ProvisioningError("management", "The management interface wants a password, and the node has "
+                                    f"no {layout.MANAGEMENT_PASSWORD_FILE}: sync the node to write it.")
+        c._lanhub_management_password = cached
+    return cached
 
 
 def _open_channel(c: Connection, port: int, timeout: float) -> paramiko.Channel:
@@ -140,9 +169,13 @@ class _LineReader:
     def __init__(self, channel: paramiko.Channel, deadline: float, port: int):
         self.channel, self.deadline, self.port, self.buffer = channel, deadline, port, b""
 
-    def next_line(self, *, skip_notifications: bool = True) -> str:
+    def next_line(self, *, skip_notifications: bool = True, prompt: str | None = None) -> str:
+        """The next line; with `prompt`, also a partial line equal to it (a prompt waits without a newline)."""
         while True:
             while b"\n" not in self.buffer:
+                if prompt is not None and self.buffer.decode(errors="replace").startswith(prompt):
+                    self.buffer = self.buffer[len(prompt.encode()):]
+                    return prompt
                 if time.monotonic() > self.deadline:
                     raise ProvisioningError("management", f"The management interface on port {self.port} "
                                             "did not answer in time.")

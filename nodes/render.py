@@ -87,10 +87,17 @@ def _common_tail(management: int, status: str) -> list[str]:
         "persist-key",
         "persist-tun",
         "disable-dco",
-        f"management 127.0.0.1 {management}",
+        f"management 127.0.0.1 {management} {layout.MANAGEMENT_PASSWORD_FILE}",
         f"status {RUN}/{status}.status {STATUS_INTERVAL}",
         "verb 3",
     ]
+
+
+def _unprivileged() -> list[str]:
+    # Servers drop root once their sockets, tun device, routes, keys and status/pool files are open (persist-key
+    # and persist-tun keep them across a soft restart): a bug in the TLS or packet code then runs as nobody.
+    # Link clients keep root: they re-add their routes on every reconnect, which nobody may not do.
+    return ["user nobody", "group nogroup"]
 
 
 def _pool_persist(instance: str) -> list[str]:
@@ -105,7 +112,7 @@ def _server_pki() -> list[str]:
         f"key {layout.PKI_NODE_KEY}",
         "dh none",
         f"tls-crypt {layout.PKI_TLS_CRYPT}",
-        f"crl-verify {layout.PKI_CRL}",
+        f"crl-verify {layout.PKI_CRL_DIR} dir",
     ]
 
 
@@ -139,7 +146,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
     lines += _server_pki()
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
-    lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME)]
+    lines += ["explicit-exit-notify 1", *_pool_persist(layout.UDP_BASENAME), *_unprivileged()]
     lines += _common_tail(UDP_MANAGEMENT, layout.UDP_BASENAME)
     return RenderedFile(layout.instance_paths(UDP_INSTANCE)["conf"], _text(lines), instance=UDP_INSTANCE)
 
@@ -153,7 +160,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
         f'push "route {_net(ipaddress.IPv4Network(lan.supernet))}"', *_discovery_pushes(discovery),
         *_server_pki(),
     ]
-    lines += _pool_persist(layout.TCP_BASENAME)
+    lines += [*_pool_persist(layout.TCP_BASENAME), *_unprivileged()]
     lines += _common_tail(TCP_MANAGEMENT, layout.TCP_BASENAME)
     return RenderedFile(layout.instance_paths(TCP_INSTANCE)["conf"], _text(lines), instance=TCP_INSTANCE)
 
@@ -234,9 +241,11 @@ def render_relay_unit() -> RenderedFile:
     never receive it)."""
     lines = [
         "[Unit]", "Description=LanHub LAN-discovery relay (game broadcasts between servers)",
-        "After=network-online.target", "",
+        "After=network-online.target",
+        # The relay exits cleanly when its config is removed (the node was deleted): then it must stay stopped.
+        f"ConditionPathExists={RELAY_CONFIG}", "",
         "[Service]", f"ExecStart=/usr/bin/python3 {RELAY_PROGRAM} --config {RELAY_CONFIG}",
-        "Restart=always", "RestartSec=2", "",
+        "Restart=on-failure", "RestartSec=2", "",
         "[Install]", "WantedBy=multi-user.target",
     ]
     return RenderedFile(RELAY_UNIT, _text(lines))
@@ -251,7 +260,7 @@ def render_firewall(lan: LanSpec) -> RenderedFile:
 
     ``lh+`` matches lh-udp, lh-tcp and every lhl-* link device. Declaring and flushing the chain makes the
     chain's rules idempotent. The FORWARD jump is not: iptables-restore cannot say "insert if missing", and a
-    ``-D`` of a missing rule would fail the whole restore. A second jump is harmless (the chain only accepts),
+    ``-D`` of a missing rule would fail the whole restore. A second jump is harmless (the chain is idempotent),
     but the applying step should drop the ``-I`` line when ``iptables -C FORWARD -j LANHUB-FORWARD`` succeeds.
     """
     supernet = ipaddress.IPv4Network(lan.supernet)
@@ -260,6 +269,10 @@ def render_firewall(lan: LanSpec) -> RenderedFile:
         ":LANHUB-FORWARD - [0:0]",
         "-F LANHUB-FORWARD",
         f"-A LANHUB-FORWARD -i lh+ -o lh+ -s {supernet} -d {supernet} -j ACCEPT",
+        # Anything else to or from a tunnel is dropped: a player must not use the node as a way onto its uplink
+        # (the node would forward, un-NATed, whatever a player sends), nor the uplink reach the players through it.
+        "-A LANHUB-FORWARD -i lh+ -j DROP",
+        "-A LANHUB-FORWARD -o lh+ -j DROP",
         "-I FORWARD 1 -j LANHUB-FORWARD",
         "COMMIT",
     ]

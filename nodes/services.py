@@ -17,8 +17,9 @@ from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import games, layout
+from nodes import games, layout, provisioning, revocation
 from nodes.models import Lan, Node, RevokedCertificate
+from nodes.ssh import ProvisioningError, open_connection
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
     LanPlan, check_node, estimated_rtts, node_specs, plan_lan, replan, revoked_names, sync_changed_nodes,
@@ -85,14 +86,17 @@ def _write_crl(lan: Lan, *, now) -> None:
 
 
 @transaction.atomic
-def revoke_certificate(*, lan: Lan, serial: str, common_name: str, reason: str) -> None:
-    """Add a certificate to the LAN's CRL and ask every node to pick up the new CRL."""
+def revoke_certificate(*, lan: Lan, serial: str, common_name: str, reason: str) -> list[str]:
+    """Revoke a certificate on every node before returning (nodes/revocation.py), record it, and sync the nodes
+    (which also kills its live sessions). Returns the names of nodes that could not be reached in time."""
     RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
                                              defaults={"common_name": common_name, "reason": reason})
     lan = Lan.objects.select_for_update().get(pk=lan.pk)
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
+    unreached = revocation.push_revoked(lan, [serial])
     sync_changed_nodes(lan, reason=f"certificate revoked: {common_name}")
+    return unreached
 
 
 @transaction.atomic
@@ -153,39 +157,31 @@ def update_node(node: Node, *, requested_by=None, **fields) -> Node:
 
 
 @transaction.atomic
-def delete_node(node: Node, *, requested_by=None) -> None:
-    """Remove a node from the LAN; its certificates are revoked (the server may not be ours any more), the others
-    are re-planned and synced without it, and after commit a task stops and removes LanHub's OpenVPN instances and
-    files on the server itself (``syncing.teardown_removed_node``)."""
+def delete_node(node: Node, *, requested_by=None) -> str:
+    """Remove a node from the LAN: LanHub is taken off the server (instances stopped, files removed), its
+    certificates are revoked on the other nodes (the server may not be ours any more), and the others are
+    re-planned and synced without it, so new profiles and pages no longer list it.
+
+    Returns "" when the server was cleaned up (or never set up), else why it could not be: the row goes anyway,
+    because a host deletes a server that is gone as often as one that is still there."""
     lan, name, old_certificates = node.lan, node.name, node_certificates(node)
-    where = removed_node_target(node)
+    problem = _decommission(node)
     node.delete()
     _revoke_all(lan, old_certificates, reason=f"node {name} removed")
     replan(lan, reason=f"node {name} removed", requested_by=requested_by)
-    if where is not None:
-        transaction.on_commit(lambda: enqueue_teardown(lan.pk, where))
+    return problem
 
 
-TEARDOWN_TASK = "nodes.tasks.teardown_removed_node"
-
-
-def removed_node_target(node: Node) -> dict | None:
-    """How to reach a node being deleted, for the teardown that runs after its row is gone (its LAN's deploy key
-    logs in). None when LanHub never reached it (no pinned host key): then nothing of LanHub's is on it."""
-    if not node.ssh_host_key.strip():
-        return None
-    return {"name": node.name, "ssh_host": node.ssh_host, "ssh_port": node.ssh_port, "ssh_user": node.ssh_user,
-            "ssh_host_key": node.ssh_host_key}
-
-
-def enqueue_teardown(lan_id: int, where: dict) -> None:
-    from celery import current_app
-    from kombu.exceptions import OperationalError
-
+def _decommission(node: Node) -> str:
+    if not node.applied_files or not node.ssh_host_key:
+        return ""  # LanHub never set this server up
     try:
-        current_app.signature(TEARDOWN_TASK, args=(lan_id, where)).delay()
-    except OperationalError as exc:
-        log.warning("could not queue the teardown of removed node %s: %s", where.get("name"), exc)
+        with open_connection(node) as c:
+            provisioning.decommission(c, applied=node.applied_files.keys())
+    except ProvisioningError as exc:
+        log.warning("node %s deleted, but its server was not cleaned up: %s", node.name, exc.message)
+        return exc.message
+    return ""
 
 
 def node_certificates(node: Node) -> list[tuple[str, str]]:
@@ -204,12 +200,44 @@ def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -
     lan = Lan.objects.select_for_update().get(pk=lan.pk)
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
+    revocation.push_revoked(lan, [serial for serial, _ in certificates])
+
+
+# Node certificates live two years and are re-issued once less than one is left, so a node the portal cannot
+# reach (or a portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. Nothing else on a
+# node expires: revocation is a directory (nodes/layout.py: PKI_CRL_DIR), not a CRL with a nextUpdate.
+NODE_CERT_DAYS = 730
+NODE_CERT_RENEW_DAYS = 365
 
 
 def _issue_node_certificates(node: Node) -> None:
     now = timezone.now()
     ca = lan_ca(node.lan)
-    server = pki.issue_server(ca=ca, common_name=layout.node_cn(node.name), now=now)
-    link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now)
+    server = pki.issue_server(ca=ca, common_name=layout.node_cn(node.name), now=now, days=NODE_CERT_DAYS)
+    link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now, days=NODE_CERT_DAYS)
     node.server_cert, node.server_key_sealed = server.cert_pem, seal(server.key_pem)
     node.link_cert, node.link_key_sealed = link.cert_pem, seal(link.key_pem)
+
+
+def node_certificate_expiry(node: Node):
+    """When the first of the node's two certificates expires."""
+    return min(x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+               for pem in (node.server_cert, node.link_cert) if pem)
+
+
+@transaction.atomic
+def renew_node_certificates(lan: Lan, *, now=None) -> list[Node]:
+    """Re-issue the certificates of every node of `lan` with less than NODE_CERT_RENEW_DAYS left, and sync them.
+
+    The old certificates are not revoked: they expire by themselves, and until the sync lands the node still
+    presents them."""
+    now = now or timezone.now()
+    renewed = []
+    for node in Node.objects.select_for_update().filter(lan=lan).select_related("lan"):
+        if not node.server_cert or (node_certificate_expiry(node) - now).days >= NODE_CERT_RENEW_DAYS:
+            continue
+        _issue_node_certificates(node)
+        node.save(update_fields=["server_cert", "server_key_sealed", "link_cert", "link_key_sealed"])
+        request_sync(node, reason="node certificates renewed before they expire")
+        renewed.append(node)
+    return renewed

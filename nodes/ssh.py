@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import shlex
 import socket
 from collections.abc import Callable
@@ -54,9 +55,12 @@ def open_connection(node, *, pin: Callable[[str], None] | None = None, timeout: 
     """
     timeout = timeout or getattr(settings, "LANHUB_SSH_TIMEOUT", 10)
     pkey = _deploy_key(node)
+    # The TCP connection is made here, to an address vetted here, and handed to paramiko: resolving twice would
+    # let a DNS answer change between the check and the connect.
+    sock = _connect_socket(node, timeout)
     c = Connection(
         node.ssh_host, user=node.ssh_user, port=node.ssh_port, connect_timeout=timeout,
-        connect_kwargs={"pkey": pkey, "look_for_keys": False, "allow_agent": False,
+        connect_kwargs={"sock": sock, "pkey": pkey, "look_for_keys": False, "allow_agent": False,
                         "banner_timeout": timeout, "auth_timeout": timeout, "channel_timeout": timeout},
         # An explicit empty SSHConfig keeps ~/.ssh/config and /etc/ssh/ssh_config of the worker out of the way;
         # in_stream=False because a worker (or pytest) has no stdin worth forwarding to a remote command.
@@ -66,6 +70,7 @@ def open_connection(node, *, pin: Callable[[str], None] | None = None, timeout: 
     first_contact = _FirstContactPolicy() if not node.ssh_host_key.strip() else None
     if first_contact:
         if pin is None:
+            sock.close()
             raise ProvisioningError("connect", f"{_where(node)} has no pinned host key and this call cannot pin one.",
                                     permanent=True)
         c.client.set_missing_host_key_policy(first_contact)
@@ -132,6 +137,69 @@ def command_error(step: str, exc: BaseException) -> ProvisioningError:
     if isinstance(exc, (socket.error, EOFError, paramiko.SSHException)):
         return ProvisioningError(step, f"the SSH session failed: {exc or type(exc).__name__}")
     raise exc
+
+
+# ---- where LanHub may connect ----------------------------------------------------------------------------------
+
+def refused_target(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why `address` may not be an SSH target, or None. A host types any address into the node form and the worker
+    connects to it: without this, any host could reach services on the portal's own machine (loopback, its own
+    addresses) or a cloud metadata service (link-local 169.254.169.254) from the worker. The lab and the tests,
+    whose nodes live on this machine, set LANHUB_SSH_ALLOW_LOCAL_TARGETS."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    if getattr(settings, "LANHUB_SSH_ALLOW_LOCAL_TARGETS", False):
+        return None
+    if address.is_loopback or address.is_unspecified:
+        return "it is a loopback address of the portal's own machine"
+    if address.is_link_local:
+        return "it is a link-local address"
+    if address.is_multicast or address.is_reserved:
+        return "it is not a unicast address"
+    if _is_own_address(address):
+        return "it is an address of the portal's own machine"
+    return None
+
+
+def _is_own_address(address) -> bool:
+    # The kernel knows which addresses are ours: binding to one succeeds only if it is configured here.
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+def _connect_socket(node, timeout: int) -> socket.socket:
+    """A TCP connection to the node's SSH port, after every resolved address has been vetted."""
+    unreachable = ProvisioningError(
+        "connect", f"Could not open an SSH session with {_where(node)}: nothing answered there as an SSH server "
+        "(the node is down, the address or port is wrong, or a firewall is in the way).")
+    try:
+        infos = socket.getaddrinfo(node.ssh_host, node.ssh_port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        raise ProvisioningError("connect", f"Cannot resolve {node.ssh_host!r} to an address.",
+                                permanent=True) from None
+    targets = []
+    for family, kind, proto, _, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        why = refused_target(address)
+        if why:
+            raise ProvisioningError("connect", f"LanHub does not connect to {node.ssh_host} ({address}): {why}.",
+                                    permanent=True)
+        targets.append((family, kind, proto, sockaddr))
+    for family, kind, proto, sockaddr in targets:
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+        except OSError:
+            sock.close()
+            continue
+        return sock
+    raise unreachable
 
 
 # ---- keys ---------------------------------------------------------------------------------------------------------
@@ -212,13 +280,10 @@ def _connect_error(node, exc: BaseException) -> ProvisioningError:
         return ProvisioningError(
             "connect", f"{where} refused LanHub's deploy key: add the LAN's public SSH key to that user's "
             "authorized_keys (and make sure the user may log in).", permanent=True)
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return ProvisioningError("connect", f"Timed out connecting to {where}: the node is down or a firewall "
-                                 "drops SSH.")
-    if isinstance(exc, socket.gaierror):
-        return ProvisioningError("connect", f"Cannot resolve {node.ssh_host}: {exc.strerror or exc}.")
-    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError) or isinstance(exc, ConnectionRefusedError):
-        return ProvisioningError("connect", f"{where} refused the connection: is sshd running on that port?")
-    if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
-        return ProvisioningError("connect", f"SSH to {where} failed: {exc or type(exc).__name__}.")
+    # Everything else means no SSH server spoke to us. One message for all of it (refused, timed out, reset,
+    # something that is not sshd): a host must not learn from the worker which ports of a machine are open.
+    if isinstance(exc, (OSError, EOFError, paramiko.SSHException, ValueError)):
+        return ProvisioningError(
+            "connect", f"Could not open an SSH session with {where}: nothing answered there as an SSH server (the "
+            "node is down, the address or port is wrong, or a firewall is in the way).")
     raise exc

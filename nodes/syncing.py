@@ -207,26 +207,3 @@ def _store_status(node: Node, status) -> None:
     Node.objects.filter(pk=node.pk).update(missed_polls=0, last_seen_at=now)
     if was_down:
         mark_health(node, healthy=True, reason=f"{node.name} answers again")
-
-
-class _RemovedNode:
-    """What open_connection needs of a node whose row was deleted: its LAN (for the deploy key) and SSH target."""
-
-    def __init__(self, lan, where: dict):
-        self.lan, self.name = lan, where["name"]
-        self.ssh_host, self.ssh_port, self.ssh_user = where["ssh_host"], where["ssh_port"], where["ssh_user"]
-        self.ssh_host_key = where["ssh_host_key"]
-
-
-def teardown_removed_node(lan, where: dict) -> str:
-    """Stop and remove LanHub's instances and files on a deleted node's server; a server that cannot be reached is
-    logged and left (it may be gone for good: that is often why it was deleted)."""
-    node = _RemovedNode(lan, where)
-    try:
-        with open_connection(node) as c:
-            stopped = provisioning.teardown(c)
-    except ProvisioningError as exc:
-        log.warning("teardown of removed node %s (%s) failed: %s", node.name, node.ssh_host, exc)
-        return f"failed: {exc}"
-    log.info("removed node %s: stopped %s and removed LanHub's files", node.name, ", ".join(stopped) or "nothing")
-    return "done"

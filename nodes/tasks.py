@@ -11,9 +11,11 @@ from nodes.models import Lan, Node
 
 log = logging.getLogger(__name__)
 
-# Connection errors back off 5, 10, 20, 40, 80 s before the run is left failed.
+# Connection errors back off 5, then 10 s before the run is left failed (the drift check tries a ready node again
+# later). Not more: every kind of connection failure is retried alike, and five quick retries against a closed
+# port would make the worker a patient port scanner.
 RETRY_BACKOFF = 5
-MAX_RETRIES = 5
+MAX_RETRIES = 2
 
 
 # A database that is briefly busy (a locked SQLite file, a failover) is retried too: the run stays queued meanwhile.
@@ -29,15 +31,6 @@ def sync_node(self, node_id: int, run_id: int | None = None) -> str:
         if retry_run is not None:
             raise self.retry(args=(node_id, retry_run.pk), countdown=RETRY_BACKOFF * 2**self.request.retries)
     return run.status
-
-
-@shared_task(acks_late=True)
-def teardown_removed_node(lan_id: int, where: dict) -> str:
-    """The node's row is gone (deleted), so this task takes its LAN's key and the SSH target it had."""
-    lan = Lan.objects.filter(pk=lan_id).first()
-    if lan is None:
-        return "gone"
-    return syncing.teardown_removed_node(lan, where)
 
 
 @shared_task(acks_late=True)
@@ -76,12 +69,15 @@ def check_all_drift() -> int:
 
 @shared_task
 def renew_crls() -> int:
+    """Renew what would expire: node certificates with less than a year left (the nodes themselves revoke through
+    a directory that never expires), and the LAN's signed CRL record."""
     renewed = 0
     for lan in Lan.objects.all():
-        try:  # one broken LAN must not keep the others' CRLs from being renewed before they lapse
+        try:  # one broken LAN must not keep the others' certificates from being renewed
+            renewed += len(services.renew_node_certificates(lan))
             renewed += services.renew_crl(lan)
         except Exception:
-            log.exception("CRL renewal of LAN %s failed", lan.pk)
+            log.exception("certificate renewal of LAN %s failed", lan.pk)
     return renewed
 
 

@@ -1,10 +1,17 @@
-"""Operators' view of players and invites; revocation goes through the services (new CRL, nodes synced)."""
+"""Operators' view of players and invites; revocation goes through the services (new CRL, nodes synced).
+
+Player and invite tokens are credentials (a player token downloads the player's private key; an invite token
+makes a new player), so they are never shown here, not even read-only to staff who may only view: TOKEN_FIELDS
+are excluded from every form, list and search. Hosts hand out their own invite links from their dashboard.
+"""
 
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
 from players import services
 from players.models import Invite, Player
+
+TOKEN_FIELDS = ("token",)
 
 
 @admin.register(Player)
@@ -14,10 +21,10 @@ class PlayerAdmin(admin.ModelAdmin):
     search_fields = ("nickname", "common_name", "lan__name")
     list_select_related = ("lan", "preferred_node__lan")  # a node prints as "name (LAN)"
     raw_id_fields = ("lan", "invite", "preferred_node")
-    exclude = ("key_sealed", "cert_pem")
+    exclude = ("key_sealed", "cert_pem", *TOKEN_FIELDS)
     # A player belongs to one LAN for life: its certificate comes from that LAN's CA and its revocation goes to that
     # LAN's CRL.
-    readonly_fields = ("lan", "invite", "token", "common_name", "serial", "issued_at", "joined_from", "created_at",
+    readonly_fields = ("lan", "invite", "common_name", "serial", "issued_at", "joined_from", "created_at",
                        "revoked_at")
     actions = ("revoke_players", "reissue_players")
 
@@ -46,7 +53,8 @@ class InviteAdmin(admin.ModelAdmin):
     search_fields = ("note", "lan__name")
     list_select_related = ("lan",)
     raw_id_fields = ("lan", "created_by")
-    readonly_fields = ("token", "uses", "revoked_at", "created_at")
+    exclude = TOKEN_FIELDS
+    readonly_fields = ("uses", "revoked_at", "created_at")
     actions = ("revoke_invites",)
 
     @admin.action(description="Revoke")

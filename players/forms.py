@@ -3,6 +3,7 @@
 import datetime as dt
 import json
 import math
+import re
 
 from django import forms
 
@@ -55,13 +56,14 @@ class RttForm(forms.Form):
     def clean_rtts(self) -> dict[int, float | None]:
         try:
             raw = json.loads(self.cleaned_data["rtts"])
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested brackets exhaust the parser's recursion
             raise forms.ValidationError("Not JSON.") from None
         if not isinstance(raw, dict):
             raise forms.ValidationError("Expected an object.")
         rtts: dict[int, float | None] = {}
         for key, value in raw.items():
-            if not str(key).isdigit() or int(key) not in self.node_ids:
+            # ASCII digits only: "²".isdigit() is true, and int("²") raises.
+            if not re.fullmatch(r"[0-9]{1,18}", key) or int(key) not in self.node_ids:
                 continue  # a node removed since the page loaded: ignore it rather than fail the rest
             if value is None:
                 rtts[int(key)] = None

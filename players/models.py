@@ -15,7 +15,8 @@ from django.utils import timezone
 from nodes.models import Lan, Node
 
 TOKEN_BYTES = 24  # 192 random bits, 32 URL-safe characters
-NICKNAME_RE = r"^[A-Za-z0-9_-]{2,32}$"
+# \Z, not $: "$" also matches before a trailing newline, and a name with a newline must never pass.
+NICKNAME_RE = r"\A[A-Za-z0-9_-]{2,32}\Z"
 nickname_validator = RegexValidator(NICKNAME_RE, "Use 2–32 letters, digits, '-' or '_'.")
 
 

@@ -130,6 +130,10 @@ def _options(remotes: Sequence[Remote]) -> list[str]:
         "persist-tun",
         "remote-cert-tls server",  # only a certificate with serverAuth, i.e. a node, can be the server
         f"verify-x509-name {NODE_CN_PREFIX} name-prefix",  # any node of this LAN, never a fellow player
+        # A rogue or stale node must not take over the player's traffic or name resolution: the LAN needs only
+        # its routes, so a pushed default gateway or DNS server is ignored (OpenVPN 2.4+, OpenVPN Connect).
+        'pull-filter ignore "redirect-gateway"',
+        'pull-filter ignore "dhcp-option"',
         "verb 3",
     ]
 

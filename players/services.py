@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import re
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.core.cache import cache
@@ -19,7 +19,7 @@ from nodes import layout
 from nodes import services as node_services
 from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
 from players import profiles
-from players.models import NICKNAME_RE, Invite, Player, new_token
+from players.models import Invite, Player, new_token, nickname_validator
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
 PROFILE_CACHE_SIZE = 512  # rendered profiles kept per process (about 5-15 KB each)
@@ -35,7 +35,53 @@ class InviteUnusable(Exception):
 
 
 class RateLimited(Exception):
-    """Too many joins from one address; the message says when to try again."""
+    """Too many requests of one kind from one client; the message says when to try again."""
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@contextmanager
+def rate_slot(key: str, *, limit: int, window: int, message: str):
+    """Take one of `limit` slots per `window` seconds for `key` (in Redis), and give it back if the block raises.
+
+    Only what succeeds is counted: a friend who mistypes a nickname five times has joined once, not five times.
+    Taking the slot before the work (rather than counting after) keeps the limit exact under concurrency."""
+    key = f"rate:{key}"
+    cache.add(key, 0, timeout=window)
+    try:
+        count = cache.incr(key)
+    except ValueError:  # the key expired between add and incr
+        cache.set(key, 1, timeout=window)
+        count = 1
+    if count > limit:
+        _give_back(key)
+        raise RateLimited(message, retry_after=window)
+    try:
+        yield
+    except BaseException:
+        _give_back(key)
+        raise
+
+
+def join_rate_key(client_address: str | None) -> str:
+    return f"join:{client_address or 'unknown'}"
+
+
+def lost_device_rate_key(player: Player) -> str:
+    return f"lost-device:{player.pk}"
+
+
+def clear_rate(key: str) -> None:
+    cache.delete(f"rate:{key}")
+
+
+def _give_back(key: str) -> None:
+    try:
+        cache.decr(key)
+    except ValueError:  # expired meanwhile: nothing left to give back
+        pass
 
 
 @transaction.atomic
@@ -56,29 +102,29 @@ def revoke_invite(invite: Invite) -> Invite:
     return invite
 
 
-def check_join_rate(client_address: str | None, *, limit: int, window: int = 3600) -> None:
-    """Count joins per client address in Redis; refuse past `limit` in `window` seconds."""
-    key = f"join-rate:{client_address or 'unknown'}"
-    cache.add(key, 0, timeout=window)
-    try:
-        count = cache.incr(key)
-    except ValueError:  # the key expired between add and incr
-        cache.set(key, 1, timeout=window)
-        count = 1
-    if count > limit:
-        raise RateLimited("Too many people joined from your address in the last hour. Try again later.")
-
-
 def validate_nickname(nickname: str) -> str:
     nickname = (nickname or "").strip()
-    if not re.match(NICKNAME_RE, nickname):
-        raise ValidationError({"nickname": "Use 2–32 letters, digits, '-' or '_'."})
+    try:
+        nickname_validator(nickname)
+    except ValidationError:
+        raise ValidationError({"nickname": "Use 2–32 letters, digits, '-' or '_'."}) from None
     return nickname
 
 
+def redeem_invite(*, token: str, nickname: str, client_address: str | None = None,
+                  join_rate: int | None = None) -> Player:
+    """Turn an invite into a player. The invite row is locked, so its use limit holds under concurrency.
+
+    With `join_rate`, at most that many players join per client address per hour; failed attempts do not count."""
+    if join_rate is None:
+        return _redeem(token=token, nickname=nickname, client_address=client_address)
+    with rate_slot(join_rate_key(client_address), limit=join_rate, window=3600,
+                   message="Too many people joined from your address in the last hour. Try again later."):
+        return _redeem(token=token, nickname=nickname, client_address=client_address)
+
+
 @transaction.atomic
-def redeem_invite(*, token: str, nickname: str, client_address: str | None = None) -> Player:
-    """Turn an invite into a player. The invite row is locked, so its use limit holds under concurrency."""
+def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
     nickname = validate_nickname(nickname)
     # of=("self",): on PostgreSQL only the invite row is locked, not its LAN (loaded in the same query).
     invite = Invite.objects.select_for_update(of=("self",)).select_related("lan").filter(token=token).first()
@@ -125,8 +171,9 @@ def revoke_player(player: Player, *, reason: str = "revoked by the host") -> Pla
         return player
     player.revoked_at = timezone.now()
     player.save(update_fields=["revoked_at"])
-    node_services.revoke_certificate(lan=player.lan, serial=player.serial, common_name=player.common_name,
-                                     reason=reason)
+    # Every reachable node refuses the certificate once this returns; the others are named to the host.
+    player.unreached_nodes = node_services.revoke_certificate(
+        lan=player.lan, serial=player.serial, common_name=player.common_name, reason=reason)
     return player
 
 
@@ -144,6 +191,15 @@ def reissue_player(player: Player) -> Player:
     node_services.revoke_certificate(lan=player.lan, serial=old_serial, common_name=old_name,
                                      reason=f"device lost; replaced for {player.nickname}")
     return player
+
+
+def replace_lost_device(player: Player, *, limit: int) -> Player:
+    """The player's own "I lost my device" button: a reissue, at most `limit` times per player per hour, because
+    each one re-signs the CRL and syncs every node of the LAN."""
+    with rate_slot(lost_device_rate_key(player), limit=limit, window=3600,
+                   message="This page was switched to a new profile several times in the last hour. "
+                           "Wait a while, or ask the host."):
+        return reissue_player(player)
 
 
 @transaction.atomic

@@ -7,31 +7,32 @@ says which. Every page here is a thin view: authorize, validate, call one servic
 
 from __future__ import annotations
 
-import ipaddress
 from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse
+from django.http import HttpResponse, HttpResponseNotModified
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from lanhub.access import (LinkNotFound, get_invite_by_token, get_invite_for_host, get_lan_for_host, get_lan_node,
                            get_player_by_token, get_player_for_host)
+from lanhub.clientip import client_address
 from lanhub.middleware import CSP
 from nodes.forms import add_service_error
 from nodes.models import Lan, VpnSession
 from nodes.svg import qr_svg, qr_svg_document
 from nodes.views import _dashboard
+from players import lobby as live
 from players import ranking, services
 from players.forms import ChooseNodeForm, InviteForm, JoinForm, RttForm
 from players.models import Player
 
 RTT_SESSION_KEY = "lanhub.rtt.{}"  # per player: {node pk: ms or None}, as the player's browser measured
-LOBBY_POLL_SECONDS = 5
 
 # Wording of the pages a public link can end on: (status, title, explanation).
 LINK_PROBLEMS = {
@@ -60,6 +61,12 @@ def _link_problem(request, reason: str, lan: Lan | None = None) -> HttpResponse:
                   {"title": title, "text": text, "reason": reason, "lan": lan}, status=status)
 
 
+def _rate_limited(request, exc, lan: Lan) -> HttpResponse:
+    response = render(request, "players/rate_limited.html", {"message": str(exc), "lan": lan}, status=429)
+    response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 def public_link(view):
     """Turn LinkNotFound (a malformed or unknown token) into its own explanatory 404 page."""
 
@@ -85,16 +92,6 @@ def active_player(view):
         return view(request, player, *args, **kwargs)
 
     return wrapper
-
-
-def client_address(request) -> str | None:
-    """The peer's address. X-Forwarded-For is not trusted: anyone can send it, and it would defeat the join limit;
-    a deployment behind a proxy must have the proxy set REMOTE_ADDR (gunicorn --forwarded-allow-ips)."""
-    address = request.META.get("REMOTE_ADDR") or ""
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return None
 
 
 # --- Host: invites and players ----------------------------------------------------------------------------------
@@ -142,8 +139,13 @@ def invite_qr(request, pk):
 @login_required
 def player_revoke(request, pk):
     player = get_player_for_host(request, pk)
-    services.revoke_player(player)
-    messages.success(request, f"{player.nickname} is revoked: every server refuses them after its next sync.")
+    player = services.revoke_player(player)
+    unreached = getattr(player, "unreached_nodes", [])
+    if unreached:
+        messages.warning(request, f"{player.nickname} is revoked. {', '.join(unreached)} could not be reached: "
+                                  "it refuses them as soon as it answers again.")
+    else:
+        messages.success(request, f"{player.nickname} is revoked: every server refuses them from now on.")
     return redirect(reverse("nodes:lan_detail", args=[player.lan.slug]) + "#players")
 
 
@@ -186,24 +188,19 @@ def join(request, token):
     if problem:
         return _link_problem(request, problem, lan=invite.lan)
     form = JoinForm(request.POST if request.method == "POST" else None)
-    if request.method == "POST":
+    if request.method == "POST" and form.is_valid():
         try:
-            services.check_join_rate(client_address(request), limit=settings.LANHUB_JOIN_RATE)
+            player = services.redeem_invite(token=invite.token, nickname=form.cleaned_data["nickname"],
+                                            client_address=client_address(request),
+                                            join_rate=settings.LANHUB_JOIN_RATE)
         except services.RateLimited as exc:
-            response = render(request, "players/rate_limited.html", {"message": str(exc), "lan": invite.lan},
-                              status=429)
-            response["Retry-After"] = "3600"
-            return response
-        if form.is_valid():
-            try:
-                player = services.redeem_invite(token=invite.token, nickname=form.cleaned_data["nickname"],
-                                                client_address=client_address(request))
-            except services.InviteUnusable as exc:  # used up or revoked while the friend was typing
-                return _link_problem(request, exc.reason, lan=invite.lan)
-            except ValidationError as exc:
-                add_service_error(form, exc)
-            else:
-                return redirect("players:player_home", token=player.token)
+            return _rate_limited(request, exc, lan=invite.lan)
+        except services.InviteUnusable as exc:  # used up or revoked while the friend was typing
+            return _link_problem(request, exc.reason, lan=invite.lan)
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            return redirect("players:player_home", token=player.token)
     return render(request, "players/join.html", {"invite": invite, "lan": invite.lan, "form": form})
 
 
@@ -252,7 +249,9 @@ def player_choose(request, player):
 @active_player
 def player_lost_device(request, player):
     try:
-        player = services.reissue_player(player)
+        player = services.replace_lost_device(player, limit=settings.LANHUB_LOST_DEVICE_RATE)
+    except services.RateLimited as exc:
+        return _rate_limited(request, exc, lan=player.lan)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
@@ -327,7 +326,8 @@ def _probe_csp(ranked) -> str:
 
 
 def _lobby(lan: Lan, *, fragment_url: str, back: str | None, me: Player | None) -> dict:
-    return {"lan": lan, "fragment_url": fragment_url, "back": back, "me": me, "poll_seconds": LOBBY_POLL_SECONDS,
+    return {"lan": lan, "fragment_url": fragment_url, "back": back, "me": me,
+            "poll_seconds": live.LOBBY_POLL_SECONDS,
             **_lobby_rows(lan)}
 
 
@@ -343,6 +343,14 @@ def _lobby_rows(lan: Lan) -> dict:
 
 
 def _lobby_fragment(request, lan: Lan, *, me: Player | None) -> HttpResponse:
-    response = render(request, "players/_lobby_rows.html", {"lan": lan, "me": me, **_lobby_rows(lan)})
-    response["Cache-Control"] = "no-store"
+    """The rows every open lobby of the LAN shares (players/lobby.py, imported as `live`), or a 304 when the asker
+    has them already. They are the same for every viewer: the page marks its own player (static/js/lobby.js)."""
+    etag, html = live.current(
+        lan, lambda: render_to_string("players/_lobby_rows.html", {"lan": lan, "me": None, **_lobby_rows(lan)}))
+    if request.headers.get("If-None-Match") == etag:
+        response = HttpResponseNotModified()
+    else:
+        response = HttpResponse(html())
+    response["ETag"] = etag
+    response["Cache-Control"] = "no-store"  # the page's script revalidates with If-None-Match itself
     return response

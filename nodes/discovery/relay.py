@@ -223,8 +223,8 @@ class Bucket:
 
 
 class Relay:
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, *, config_path: str | None = None):
+        self.config, self.config_path = config, config_path
         self.selector = selectors.DefaultSelector()
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.listener = self._listen()
@@ -247,7 +247,14 @@ class Relay:
         return sock
 
     def scan(self, now: float) -> None:
-        """Open the packet socket of every device that (re)appeared; re-read status files that changed."""
+        """Open the packet socket of every device that (re)appeared; re-read status files that changed.
+
+        A config file that is gone means LanHub was taken off this server (node deleted): the relay stops, and its
+        systemd unit's ConditionPathExists keeps it from starting again."""
+        if self.config_path and not os.path.exists(self.config_path):
+            log.info("%s is gone: LanHub was removed from this server, stopping", self.config_path)
+            self.running = False
+            return
         for inst in self.config.instances:
             try:
                 index = socket.if_nametoindex(inst.device)
@@ -409,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.pidfile, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
     try:
-        relay = Relay(config)
+        relay = Relay(config, config_path=args.config)
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from fabric import Connection
 
+from nodes.provisioning.decommission import decommission  # noqa: F401
 from nodes.provisioning.files import (
     MANAGED_PREFIXES,
     ROLLBACK_DIR,
@@ -50,7 +51,6 @@ from nodes.provisioning.system import (
     ensure_forwarding,
     ensure_openvpn,
 )
-from nodes.provisioning.teardown import teardown
 from nodes.provisioning.verification import (
     LINK_WAIT,
     VERIFY_WAIT,
@@ -68,7 +68,7 @@ __all__ = [
     "STOP_WAIT", "VERIFY_WAIT", "ApplyResult", "InstanceResult", "Log", "NodeLink", "ProvisioningError",
     "RelayResult", "UploadResult", "apply", "check_os", "discard_backups", "ensure_forwarding", "ensure_instances",
     "ensure_openvpn", "ensure_relay", "instance_running", "node_links", "openvpn_release", "ping_through",
-    "relay_state", "rollback", "teardown", "upload_files", "verify",
+    "relay_state", "rollback", "upload_files", "verify",
 ]
 
 STEPS = ("check_os", "ensure_openvpn", "upload_files", "ensure_forwarding", "ensure_instances", "ensure_relay",

@@ -1,13 +1,17 @@
-// The lobby refreshes itself: every few seconds it fetches the server-rendered list of who is online and swaps
-// it in. The fragment is HTML the server escaped, so no data is turned into markup here. Polling pauses while
-// the tab is hidden and resumes (at once) when it is shown again.
+// The lobby keeps itself current: every couple of seconds it asks for the server-rendered list of who is online,
+// sending the ETag of the list it shows; the server answers 304 (nothing new, a few hundred bytes) until the list
+// changes, then the new rows, which are swapped in. The rows are HTML the server escaped, so no data is turned
+// into markup here. They are the same for every viewer, so this script marks the viewer's own row. Polling pauses
+// while the tab is hidden and resumes (at once) when it is shown again. docs/lobby.md explains the choice.
 (function () {
   "use strict";
   var box = document.getElementById("lobby");
   if (!box) return;
   var url = box.getAttribute("data-live-url");
-  var every = (parseInt(box.getAttribute("data-poll-seconds"), 10) || 5) * 1000;
+  var every = (parseFloat(box.getAttribute("data-poll-seconds")) || 2) * 1000;
+  var me = box.getAttribute("data-me");
   var status = document.getElementById("live-status");
+  var etag = null;
   var timer = null;
 
   function say(text, state) {
@@ -16,13 +20,29 @@
     status.setAttribute("data-state", state);
   }
 
+  function markMe() {
+    if (!me) return;
+    box.querySelectorAll(".lobby-player").forEach(function (row) {
+      if (row.getAttribute("data-player") !== me || row.classList.contains("me")) return;
+      row.classList.add("me");
+      var who = row.querySelector(".who");
+      if (who) who.textContent = who.textContent + " (you)";
+    });
+  }
+
   function refresh() {
     timer = null;
-    fetch(url, {credentials: "same-origin", cache: "no-store"})
-      .then(function (r) { if (!r.ok) throw new Error("HTTP " + r.status); return r.text(); })
+    var headers = etag ? {"If-None-Match": etag} : {};
+    fetch(url, {credentials: "same-origin", cache: "no-store", headers: headers})
+      .then(function (r) {
+        if (r.status === 304) return null;
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        etag = r.headers.get("ETag");
+        return r.text();
+      })
       .then(function (html) {
-        box.innerHTML = html;
-        say("Live: updated " + new Date().toLocaleTimeString() + ".", "ok");
+        if (html !== null) { box.innerHTML = html; markMe(); }
+        say("Live: checked " + new Date().toLocaleTimeString() + ".", "ok");
       })
       .catch(function () { say("Can't reach LanHub right now; retrying…", "error"); })
       .then(schedule);
@@ -35,5 +55,6 @@
   document.addEventListener("visibilitychange", function () {
     if (document.hidden) { clearTimeout(timer); timer = null; } else { clearTimeout(timer); timer = null; refresh(); }
   });
+  markMe();
   schedule();
 })();

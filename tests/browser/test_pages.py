@@ -11,7 +11,6 @@ import re
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.cache import cache
 from django.utils import timezone
 
 from nodes import services as node_services
@@ -39,7 +38,7 @@ def cast(transactional_db):
     invite = player_services.create_invite(lan=lan, created_by=alice, note="Friday crew",
                                            ttl=dt.timedelta(hours=48), max_uses=5)
     bob = player_services.redeem_invite(token=invite.token, nickname="bob")
-    cache.delete("join-rate:127.0.0.1")
+    player_services.clear_rate(player_services.join_rate_key("127.0.0.1"))
     return {"alice": alice, "charlie": charlie, "lan": lan, "hangzhou": hangzhou, "hongkong": hongkong,
             "invite": invite, "bob": bob}
 
@@ -123,6 +122,18 @@ def test_the_lobby_shows_a_player_coming_online_without_a_reload(new_page, live_
     assert "10.2.0.6" in page.inner_text(".lobby-player[data-player='bob']")
     assert "bob (you)" in page.inner_text("#lobby")
     screenshot(page, "lobby")
+
+    # While nothing changes, each poll is a 304 without a body; when bob leaves, the next poll brings new rows.
+    statuses = []
+    page.on("response", lambda r: statuses.append(r.status) if "/lobby/live/" in r.url else None)
+    page.wait_for_function("document.getElementById('live-status').dataset.state === 'ok'", timeout=15_000)
+    with page.expect_response(lambda r: "/lobby/live/" in r.url and r.status == 304, timeout=15_000):
+        pass
+    VpnSession.objects.filter(player=bob).delete()
+    page.wait_for_selector(".lobby-player[data-player='bob']", state="detached", timeout=15_000)
+    assert "0 players online" in page.inner_text("#lobby")
+    assert 304 in statuses and 200 in statuses
+    assert page.evaluate("window.__noReload") is True
 
 
 def test_a_host_cannot_open_another_hosts_lan(page, live_server, cast):

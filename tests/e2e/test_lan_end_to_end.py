@@ -205,7 +205,8 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         # new CRL: wait for the syncs, then the handshake must be refused.
         wait_until(lambda: settled(lan), timeout=60, what=lambda: f"the revocation syncs\n{describe_runs(lan)}")
         bob_host.start_openvpn(bob_profile)
-        wait_until(lambda: re.search(r"CRL CHECK FAILED|certificate revoked", server_log(hk_host)), timeout=20,
+        refused = r"CRL CHECK FAILED|certificate revoked|serial=\d+ is revoked"  # file CRL | crl-verify dir
+        wait_until(lambda: re.search(refused, server_log(hk_host)), timeout=20,
                    what=lambda: f"Hong Kong to refuse bob's certificate; bob's log:\n{bob_host.log()[-3000:]}")
         assert lab.ping(bob_host, alice_ip, timeout=2) is None, "revoked bob still reaches alice"
         bob_host.stop_openvpn()

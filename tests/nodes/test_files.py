@@ -19,7 +19,7 @@ class InstancesToRestartTests(SimpleTestCase):
             f"{self.PKI}/ca.crt": PkiFile(f"{self.PKI}/ca.crt", "ca", restarts="all"),
             f"{self.PKI}/node.key": PkiFile(f"{self.PKI}/node.key", "key", 0o600, restarts="servers"),
             f"{self.PKI}/link.crt": PkiFile(f"{self.PKI}/link.crt", "link", restarts="links"),
-            f"{self.PKI}/crl.pem": PkiFile(f"{self.PKI}/crl.pem", "crl"),
+            f"{self.PKI}/revoked/4242": PkiFile(f"{self.PKI}/revoked/4242", ""),
         }
 
     def test_each_changed_file_restarts_exactly_the_instances_that_read_it(self):
@@ -27,7 +27,7 @@ class InstancesToRestartTests(SimpleTestCase):
         cases = [
             ([self.UDP_CONF], {UDP_INSTANCE}),
             ([self.CCD], set()),  # read at connect time: the link reconnects instead (reconnect_for)
-            ([f"{self.PKI}/crl.pem"], set()),  # OpenVPN re-reads the CRL itself
+            ([f"{self.PKI}/revoked/4242"], set()),  # OpenVPN looks the file up at each handshake
             ([f"{self.PKI}/node.key"], {UDP_INSTANCE, TCP_INSTANCE}),
             ([f"{self.PKI}/link.crt"], {self.LINK}),
             ([f"{self.PKI}/ca.crt"], wanted),

@@ -10,7 +10,8 @@ import pytest
 from nodes import provisioning as p
 from nodes.ssh import ProvisioningError, open_connection
 from nodes import openvpn_mgmt as management
-from tests.nodes.test_provisioning import TCP, UDP, client_profile, make_pki, node_files, remove_everything
+from nodes.layout import MANAGEMENT_PASSWORD_FILE as PASSWORD_FILE
+from tests.nodes.test_provisioning import TCP, UDP, File, client_profile, make_pki, node_files, remove_everything
 from tests.nodes.test_ssh import stand_in
 
 pytestmark = pytest.mark.lab
@@ -25,9 +26,16 @@ def online(lab, ssh_key):
     host.authorize(ssh_key.public_line)
     player = lab.add_player("bob")
     material = make_pki()
+    files = node_files(material, tcp=True)
+    # The TCP instance's interface asks for a password, as LanHub's rendered configs do; the UDP one has none
+    # (an older config), so both greetings are covered.
+    tcp = files["/etc/openvpn/server/lanhub-tcp.conf"]
+    files[tcp.path] = File(tcp.path, tcp.content.replace("management 127.0.0.1 7506",
+                                                         f"management 127.0.0.1 7506 {PASSWORD_FILE}"), instance=TCP)
+    files[PASSWORD_FILE] = File(PASSWORD_FILE, "s3cret-management-password\n", 0o600)
     with open_connection(stand_in(host, ssh_key)) as c:
         remove_everything(c)
-        p.upload_files(c, node_files(material, tcp=True))
+        p.upload_files(c, files)
         p.ensure_instances(c, wanted={UDP, TCP})
         p.verify(c, wanted={UDP, TCP})
     player.start_openvpn(client_profile(material, "bob", host.address))
@@ -88,3 +96,11 @@ def test_node_status_collects_every_server_and_kill_clients_disconnects_the_revo
     assert management.kill_clients(c, status, {"carol"}) == 0
     assert management.kill_clients(c, status, {"bob", "carol"}) == 1
 
+
+
+def test_a_password_protected_interface_is_read_with_the_nodes_password_file(c):
+    assert management.read_status(c, 7506) == []  # answered only after the password
+    c._lanhub_management_password = "wrong"
+    with pytest.raises(ProvisioningError) as caught:
+        management.read_status(c, 7506)
+    assert caught.value.step == "management"  # never an answer to a command

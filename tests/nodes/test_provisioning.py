@@ -252,19 +252,6 @@ def test_apply_twice_the_second_run_uploads_nothing_and_restarts_nothing(c, host
           f"{', '.join(f'{n} {s:.2f}s' for n, s, _ in second.steps)}")
 
 
-def test_teardown_stops_every_instance_and_removes_lanhubs_files_and_rules_but_not_others(c, host, material):
-    p.apply(c, files=node_files(material, tcp=True), wanted={UDP, TCP})
-    c.run("mkdir -p /etc/openvpn/server && echo 'a host file' > /etc/openvpn/server/theirs.conf", hide=True)
-    assert sorted(p.teardown(c)) == [TCP, UDP]
-    assert not p.instance_running(c, UDP) and not p.instance_running(c, TCP)
-    for path in ("openvpn/lanhub", "openvpn/server/lanhub-udp.conf", "openvpn/server/lanhub-tcp.conf",
-                 "sysctl.d/90-lanhub.conf"):
-        assert not host.etc_path(path).exists(), path
-    assert host.etc_path("openvpn/server/theirs.conf").read_text() == "a host file\n"
-    assert "LANHUB" not in c.run("iptables -S", hide=True).stdout
-    assert p.teardown(c) == []  # nothing left: a second run finds nothing
-
-
 def test_apply_restarts_an_instance_whose_config_changed(c, host, material):
     p.apply(c, files=node_files(material), wanted={UDP})
     changed = p.apply(c, files=node_files(material, udp=server_conf(extra="# tuned\n")), wanted={UDP})
@@ -353,6 +340,17 @@ def test_ensure_relay_starts_it_restarts_it_on_a_changed_config_and_stops_it_whe
     assert p.ensure_relay(c, wanted=True).started and relay_pid(host)
     gone = p.ensure_relay(c, wanted=False)
     assert gone.stopped and relay_pid(host) is None and p.relay_state(c) == (False, False)
+
+
+def test_the_relay_stops_itself_when_its_files_are_removed_with_the_node(c, host):
+    upload = p.upload_files(c, relay_files())
+    assert p.ensure_relay(c, wanted=True, changed_files=upload.touched).started and relay_pid(host)
+    p.upload_files(c, {}, remove=list(render.RELAY_FILES))  # what deleting the node does to LanHub's files
+    deadline = time.monotonic() + 10
+    while relay_pid(host) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert relay_pid(host) is None
+    assert p.relay_state(c) == (False, False)
 
 
 def test_ensure_relay_reports_a_relay_that_cannot_start_with_its_log(c, host):

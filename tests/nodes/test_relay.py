@@ -134,3 +134,33 @@ class GameListTests(SimpleTestCase):
                 else:
                     with self.assertRaisesMessage(games.GameListError, message):
                         games.discovery_spec([], text)
+
+
+class LifecycleTests(SimpleTestCase):
+    """A real Relay object (root: raw and packet sockets), listening on loopback only and sending nothing."""
+
+    def test_the_relay_stops_by_itself_when_its_config_is_removed_with_the_node(self):
+        import json
+        import os
+        import socket
+        import time
+
+        if os.geteuid() != 0:
+            self.skipTest("needs root (raw sockets)")
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+            probe.close()
+            data = {"node": "n", "address": "127.0.0.1", "port": port, "peers": [],
+                    "instances": [{"device": "lh-absent0", "pool": "10.251.0.0/16", "status": f"{tmp}/s"}],
+                    "ports": [[6112, 6112]], "groups": [], "rate": {"packets": 20, "bytes": 32000}}
+            path = f"{tmp}/relay.json"
+            with open(path, "w") as handle:
+                json.dump(data, handle)
+            running = relay.Relay(relay.Config(data), config_path=path)
+            running.scan(time.monotonic())
+            self.assertTrue(running.running)
+            os.unlink(path)
+            running.run(until=time.monotonic() + 5)
+            self.assertFalse(running.running)  # a relay that missed it would still be running at the deadline

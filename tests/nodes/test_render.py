@@ -37,14 +37,16 @@ cert /etc/openvpn/lanhub/pki/node.crt
 key /etc/openvpn/lanhub/pki/node.key
 dh none
 tls-crypt /etc/openvpn/lanhub/pki/tls-crypt.key
-crl-verify /etc/openvpn/lanhub/pki/crl.pem
+crl-verify /etc/openvpn/lanhub/pki/revoked dir
 explicit-exit-notify 1
 ifconfig-pool-persist /etc/openvpn/lanhub/run/lanhub-udp.ipp
+user nobody
+group nogroup
 keepalive 10 60
 persist-key
 persist-tun
 disable-dco
-management 127.0.0.1 7505
+management 127.0.0.1 7505 /etc/openvpn/lanhub/pki/management.pw
 status /etc/openvpn/lanhub/run/lanhub-udp.status 2
 verb 3
 """
@@ -68,7 +70,7 @@ class ReferenceLanTests(SimpleTestCase):
         self.assertIn("proto tcp-server", tcp)
         self.assertIn("server 10.250.0.0 255.255.0.0", tcp)
         self.assertIn('push "route 10.0.0.0 255.0.0.0"', tcp)
-        self.assertIn("management 127.0.0.1 7506", tcp)
+        self.assertIn("management 127.0.0.1 7506 /etc/openvpn/lanhub/pki/management.pw", tcp)
         self.assertFalse([line for line in tcp if line.startswith(("route ", "client-config-dir"))])
 
     def test_the_ccd_file_for_hongkong_fixes_its_address_and_iroutes_its_pools(self):
@@ -94,6 +96,12 @@ class ReferenceLanTests(SimpleTestCase):
         rules = lines(files["/etc/openvpn/lanhub/firewall.rules"])
         self.assertIn("-A LANHUB-FORWARD -i lh+ -o lh+ -s 10.0.0.0/8 -d 10.0.0.0/8 -j ACCEPT", rules)
         self.assertIn("-I FORWARD 1 -j LANHUB-FORWARD", rules)
+
+    def test_traffic_between_a_tunnel_and_the_uplink_is_dropped_after_the_lan_is_accepted(self):
+        rules = lines(reference()["hangzhou"]["/etc/openvpn/lanhub/firewall.rules"])
+        accept = rules.index("-A LANHUB-FORWARD -i lh+ -o lh+ -s 10.0.0.0/8 -d 10.0.0.0/8 -j ACCEPT")
+        self.assertGreater(rules.index("-A LANHUB-FORWARD -i lh+ -j DROP"), accept)
+        self.assertGreater(rules.index("-A LANHUB-FORWARD -o lh+ -j DROP"), accept)
 
     def test_files_name_the_instance_that_must_restart(self):
         files = reference()

@@ -181,23 +181,42 @@ class EstimatedRttTests(BaseTestCase):
         self.assertAlmostEqual(rtts[frozenset({"hangzhou", "hongkong"})], 1 + 1058 / 100, delta=0.5)
 
 
-class CrlRenewalTests(BaseTestCase):
-    def test_a_crl_close_to_lapsing_is_resigned_and_reaches_every_node(self):
-        self.add_node("hangzhou")
-        mark_synced(self.lan)
-        number = self.lan.crl_number
-        self.assertFalse(services.renew_crl(self.lan))  # fresh: nothing to do
+class CertificateRenewalTests(BaseTestCase):
+    def test_the_signed_crl_is_renewed_but_no_node_needs_it(self):
+        # Nodes revoke through crl-verify DIR dir (one file per serial), which never lapses: re-signing the CRL
+        # record changes no node's files, so nothing syncs.
         import datetime
 
         from django.utils import timezone
 
+        self.add_node("hangzhou")
+        mark_synced(self.lan)
         Lan = type(self.lan)
         Lan.objects.filter(pk=self.lan.pk).update(crl_next_update=timezone.now() + datetime.timedelta(days=2))
         self.assertTrue(services.renew_crl(self.lan))
-        self.lan.refresh_from_db()
-        self.assertEqual(self.lan.crl_number, number + 1)
-        self.assertGreater((self.lan.crl_next_update - timezone.now()).days, 25)
-        self.assertTrue(SyncRun.objects.filter(node__name="hangzhou", reason="CRL renewed").exists())
+        self.assertFalse(SyncRun.objects.filter(node__name="hangzhou", reason="CRL renewed").exists())
+
+    def test_node_certificates_with_less_than_a_year_left_are_reissued_and_synced(self):
+        import datetime
+
+        from django.utils import timezone
+
+        node = self.add_node("hangzhou")
+        mark_synced(self.lan)
+        now = timezone.now()
+        self.assertEqual(services.renew_node_certificates(self.lan, now=now), [])  # two years left
+        expiry = services.node_certificate_expiry(node)
+        self.assertEqual((expiry - now).days, services.NODE_CERT_DAYS - 1)
+        later = now + datetime.timedelta(days=services.NODE_CERT_DAYS - services.NODE_CERT_RENEW_DAYS + 1)
+        renewed = services.renew_node_certificates(self.lan, now=later)
+        self.assertEqual([n.name for n in renewed], ["hangzhou"])
+        old_certs = (node.server_cert, node.link_cert)
+        node.refresh_from_db()
+        self.assertNotEqual((node.server_cert, node.link_cert)[0], old_certs[0])
+        self.assertNotEqual((node.server_cert, node.link_cert)[1], old_certs[1])
+        # Issued now, for the full lifetime again (the decision used `later`; the certificate uses the real clock).
+        self.assertGreaterEqual((services.node_certificate_expiry(node) - now).days, services.NODE_CERT_DAYS - 1)
+        self.assertTrue(SyncRun.objects.filter(node=node, reason__contains="certificates renewed").exists())
 
 
 class StaleClaimTests(BaseTestCase):

@@ -97,7 +97,7 @@ def test_a_deploy_key_the_node_does_not_know_is_a_permanent_login_failure(server
 def test_a_closed_port_is_a_transient_connect_error(server, ssh_key):
     with pytest.raises(ProvisioningError) as caught:
         open_connection(stand_in(server, ssh_key, port=2222))
-    assert not caught.value.permanent and "refused the connection" in caught.value.message
+    assert not caught.value.permanent and "nothing answered there as an SSH server" in caught.value.message
 
 
 def test_an_address_where_nothing_answers_is_a_transient_connect_error(server, ssh_key):

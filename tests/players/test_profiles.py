@@ -140,7 +140,8 @@ def test_the_profile_holds_the_client_options_in_order_and_never_remote_random(l
         "remote hz.example.net 1194 udp", "remote hz.example.net 443 tcp",
         "remote hk.example.net 1194 udp", "remote hk.example.net 443 tcp",
         "server-poll-timeout 5", "hand-window 10", "resolv-retry infinite", "persist-key", "persist-tun",
-        "remote-cert-tls server", "verify-x509-name node- name-prefix", "verb 3",
+        "remote-cert-tls server", "verify-x509-name node- name-prefix",
+        'pull-filter ignore "redirect-gateway"', 'pull-filter ignore "dhcp-option"', "verb 3",
     ]
     assert "remote-random" not in text and "comp-lzo" not in text and "script-security" not in text
 
@@ -263,3 +264,10 @@ def test_the_file_name_is_lan_nickname_node_in_safe_characters(lan_name, nicknam
 def test_a_long_name_is_cut_to_a_reasonable_length():
     name = profile_filename(lan="l" * 300, nickname="n" * 300, node="x" * 300)
     assert len(name) == 40 * 3 + 2 + len(".ovpn") and re.fullmatch(r"[A-Za-z0-9_.-]+", name)
+
+
+def test_the_profile_ignores_a_pushed_default_gateway_and_dns(lan):
+    text = profile_for(lan, [Remote(host="127.0.0.1", port=1194, proto="udp")])
+    assert 'pull-filter ignore "redirect-gateway"' in text.splitlines()
+    assert 'pull-filter ignore "dhcp-option"' in text.splitlines()
+

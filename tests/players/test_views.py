@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import unittest
+from unittest import mock
 
 from django.core.cache import cache
 from django.db import connection, connections
@@ -18,7 +19,7 @@ from django.utils import timezone
 
 from nodes import services as node_services
 from nodes.models import Node, NodeState, RevokedCertificate, VpnSession
-from players import services
+from players import lobby, services
 from players.models import Invite, Player
 from tests.base import BaseTestCase
 
@@ -147,16 +148,16 @@ class PlayerReissueTests(HostTestCase):
 
 class JoinTests(BaseTestCase):
     def setUp(self):
-        cache.delete(f"join-rate:{CLIENT_ADDRESS}")
-        self.addCleanup(cache.delete, f"join-rate:{CLIENT_ADDRESS}")
+        services.clear_rate(services.join_rate_key(CLIENT_ADDRESS))
+        self.addCleanup(services.clear_rate, services.join_rate_key(CLIENT_ADDRESS))
 
     def counts(self):
         return Player.objects.count(), RevokedCertificate.objects.count()
 
-    def test_the_invite_page_names_the_lan_and_its_host(self):
+    def test_the_invite_page_names_the_lan_but_not_the_hosts_user_name(self):
         response = self.client.get(join_url(self.invite.token))
         self.assertContains(response, "Game Night")
-        self.assertContains(response, "alice")
+        self.assertNotContains(response, "alice")  # the host's sign-in name is half of a login
         self.assertContains(response, 'name="nickname"')
 
     def test_joining_creates_one_player_and_opens_their_page(self):
@@ -237,7 +238,7 @@ class ConcurrentJoinTests(TransactionTestCase):
         alice = get_user_model().objects.create_user("alice", "alice@example.org", "alice-password")
         lan = node_services.create_lan(owner=alice, name="Game Night", slug="gamenight")
         self.invite = services.create_invite(lan=lan, created_by=alice, max_uses=1)
-        cache.delete(f"join-rate:{CLIENT_ADDRESS}")
+        services.clear_rate(services.join_rate_key(CLIENT_ADDRESS))
 
     def test_fifty_concurrent_redemptions_of_a_one_use_invite_create_exactly_one_player(self):
         barrier = threading.Barrier(self.THREADS)
@@ -457,8 +458,10 @@ class ProfileDownloadTests(PlayerPageTestCase):
 class LobbyTests(PlayerPageTestCase):
     def setUp(self):
         super().setUp()
+        # connected_since "now": each test's rows differ, so no test sees rows another one rendered (Redis keeps
+        # rendered rows for HTML_SECONDS, and the tests share one LAN and reuse primary keys).
         VpnSession.objects.create(node=self.hongkong, instance="server-udp", common_name=self.bob.common_name,
-                                  player=self.bob, vpn_address="10.2.0.6")
+                                  player=self.bob, vpn_address="10.2.0.6", connected_since=timezone.now())
         VpnSession.objects.create(node=self.hangzhou, instance="link", common_name="link-hongkong")  # not a player
 
     def test_the_player_lobby_shows_who_is_online_with_a_copy_button(self):
@@ -475,10 +478,56 @@ class LobbyTests(PlayerPageTestCase):
         self.assertNotContains(response, "<html")
         self.assertEqual(response["Cache-Control"], "no-store")
 
-    def test_the_fragment_loads_in_a_fixed_number_of_queries(self):
-        # 1 the player, 2 the LAN's nodes, 3 player sessions with their players.
+    def test_the_fragment_loads_in_a_fixed_number_of_queries_and_a_poll_in_one(self):
+        # A first look: 1 the player, 2 the sessions' fingerprint, 3 the nodes' fingerprint, 4 the LAN's nodes,
+        # 5 player sessions with their players (the rows, rendered once for every open lobby).
+        with self.assertNumQueries(5):
+            first = self.client.get(me_url(self.bob, "lobby_fragment"))
+        # Another lobby with the same rows: 1 the player, 2 and 3 the fingerprints; the ETag comes from Redis.
         with self.assertNumQueries(3):
+            again = self.client.get(me_url(self.bob, "lobby_fragment"), HTTP_IF_NONE_MATCH=first["ETag"])
+        self.assertEqual(again.status_code, 304)
+        self.assertEqual(again.content, b"")
+        # With the once-a-second recheck (outside tests): the next lobbies of the LAN cost 1 the player.
+        with mock.patch.object(lobby, "RECHECK_SECONDS", 1):
             self.client.get(me_url(self.bob, "lobby_fragment"))
+            with self.assertNumQueries(1):
+                again = self.client.get(me_url(self.bob, "lobby_fragment"), HTTP_IF_NONE_MATCH=first["ETag"])
+            cache.delete(f"lobby:now:{lobby._lan_key(self.lan)}")
+        self.assertEqual(again.status_code, 304)
+
+    def test_a_poll_gets_304_until_someone_comes_online_then_the_new_rows(self):
+        url = me_url(self.bob, "lobby_fragment")
+        etag = self.client.get(url)["ETag"]
+        self.assertEqual(self.client.get(url, HTTP_IF_NONE_MATCH=etag).status_code, 304)
+        dave = services.redeem_invite(token=self.invite.token, nickname="dave")
+        VpnSession.objects.create(node=self.hangzhou, instance="server-udp", common_name=dave.common_name,
+                                  player=dave, vpn_address="10.1.0.10")
+        response = self.client.get(url, HTTP_IF_NONE_MATCH=etag)
+        self.assertEqual(response.status_code, 200)
+        self.assertContains(response, 'data-player="dave"')
+        self.assertContains(response, "2 players online")
+        self.assertNotEqual(response["ETag"], etag)
+        VpnSession.objects.filter(player=dave).delete()
+        self.assertNotContains(self.client.get(url, HTTP_IF_NONE_MATCH=response["ETag"]), "dave")
+
+    def test_rows_rewritten_unchanged_still_get_304(self):
+        url = me_url(self.bob, "lobby_fragment")
+        etag = self.client.get(url)["ETag"]
+        session = VpnSession.objects.get(player=self.bob)
+        session.delete()  # a status poll replaces a node's rows with the same ones
+        session.pk = None
+        session.save()
+        self.assertEqual(self.client.get(url, HTTP_IF_NONE_MATCH=etag).status_code, 304)
+
+    def test_a_revoked_player_leaves_the_lobby_of_the_others(self):
+        url = reverse("players:host_lobby_fragment", args=[self.lan.slug])
+        self.client.force_login(self.alice)
+        etag = self.client.get(url)["ETag"]
+        services.revoke_player(self.bob)
+        response = self.client.get(url, HTTP_IF_NONE_MATCH=etag)
+        self.assertEqual(response.status_code, 200)
+        self.assertNotContains(response, 'data-player="bob"')
 
     def test_the_host_sees_the_same_lobby(self):
         self.client.force_login(self.alice)

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Regenerate docs/security.md: run the tests that measure its figures, then write the page from what they saw.
+
+    .venv/bin/python scripts/security_report.py            # needs root, openvpn and sshd for the revocation run
+
+The tests are the ordinary ones (scripts/test.sh, a private Redis); LANHUB_SECURITY_FIGURES tells them where to
+write their figures. A test that fails stops the script: the page never shows figures from a red run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "var" / "security-figures.json"
+TESTS = ["tests/test_url_walk.py", "tests/nodes/test_revocation_without_expiry.py",
+         "tests/e2e/test_revocation_window.py"]
+EXAMPLES = os.environ.get("LANHUB_FUZZ_EXAMPLES", "600")
+
+
+def run_tests() -> dict:
+    FIGURES.parent.mkdir(exist_ok=True)
+    FIGURES.unlink(missing_ok=True)
+    env = {**os.environ, "LANHUB_SECURITY_FIGURES": str(FIGURES), "LANHUB_FUZZ_EXAMPLES": EXAMPLES,
+           "LANHUB_REQUIRE_LAB": "1"}
+    result = subprocess.run(["scripts/test.sh", *TESTS, "-q", "-p", "no:logging"], cwd=ROOT, env=env)
+    if result.returncode != 0:
+        sys.exit(f"the tests failed (exit {result.returncode}); docs/security.md is left as it was")
+    return json.loads(FIGURES.read_text())
+
+
+def page(f: dict) -> str:
+    rev = f["revocation"]
+    refused = ", ".join(f"{name} {count}" for name, count in sorted(rev["refused_by_server"].items()))
+    return f"""# Security
+
+What a public LanHub portal and its nodes defend against, and the figures that show it. This page is written by
+`scripts/security_report.py` from the tests it runs (last run {dt.date.today().isoformat()}); edit the script, not
+the page.
+
+## Figures
+
+| what | figure | test |
+| --- | --- | --- |
+| URLs in the URL configuration that name a host's object, requested by another host | {f["cross_host_urls"]} walked, every one a 404 | `tests/test_url_walk.py` |
+| generated requests (every URL, generated path segments and form fields, GET and POST, anonymous / host / other host) | {f["generated_requests"]} tried, {f["server_errors"]} server errors | `tests/test_url_walk.py` (hypothesis) |
+| revoke request to "every node refuses", {rev["nodes"]} nodes | {rev["revoke_request_s"]} s (the request returns once every node has the revocation file); {rev["attempts_after_revoke"]} reconnect attempts after it, {rev["accepted_after_revoke"]} accepted; refusals logged by the servers: {refused} | `tests/e2e/test_revocation_window.py` |
+| days the LAN kept working with the portal stopped | {f["portal_down_days_tested"]} days tested with real OpenVPN (players and links connect, a revoked player is refused; the old 30-day CRL refuses everyone by then); {f["portal_down_days_guaranteed"]} days guaranteed by the node certificates' renewal margin | `tests/nodes/test_revocation_without_expiry.py` |
+
+## What is defended, and where
+
+- **Development secrets in production.** With `DEBUG=False`, gunicorn (`lanhub/wsgi.py`), the Celery worker and
+  beat (`lanhub/celery.py`) refuse to start while `SECRET_KEY` or `LANHUB_KEY` is missing, a published
+  development or example value, or shorter than 32 characters (`lanhub/checks.py`; `tests/lanhub/test_startup.py`
+  starts each process and watches it exit).
+- **Password guessing.** django-axes locks a user name from one address after 5 wrong passwords for 15 minutes on
+  the host login and the admin login; the join page no longer names the host's user name.
+- **Tokens are credentials.** Player and invite tokens are never shown in the admin (not even to view-only staff),
+  and are masked in gunicorn's access log and Django's 404 warnings (`lanhub/logmask.py`).
+- **Cross-host access.** Every object a URL names is looked up through `lanhub/access.py`, which answers 404 for
+  another host's object; the URL walk above covers new URLs without anyone listing them.
+- **Bad input.** The known 500s (a Unicode digit as a server id, deeply nested JSON, an address that only looks
+  like IPv6) are 400/404/form errors; validators use `\\Z`, so a trailing newline never reaches a config file.
+- **Rate limits.** Joins count successful redemptions per client address; `X-Forwarded-For` is read only from
+  `TRUSTED_PROXIES`. "I lost my device" is limited per player.
+- **The worker as a port scanner.** SSH targets on the portal's own machine (loopback, its own addresses) and
+  link-local addresses are refused unless `LANHUB_SSH_ALLOW_LOCAL_TARGETS` is set; refused, silent and non-SSH
+  ports fail with one message; connection failures are retried twice, not five times.
+- **HTTPS.** `SECURE_HSTS_SECONDS`, `SECURE_HSTS_INCLUDE_SUBDOMAINS`, `SECURE_HSTS_PRELOAD` and
+  `SECURE_SSL_REDIRECT` are variables; with them `check --deploy` is clean (`tests/lanhub/test_deploy.py`).
+- **Nodes.** Revocation is `crl-verify DIR dir` (one empty file per revoked serial): no CRL lapses while the portal
+  is down. The revoke request writes the file on every node over SSH before it returns (`nodes/revocation.py`);
+  a node that cannot be reached is named to the host and gets the file from its queued sync. Node certificates
+  live two years and are renewed with a year left. The management interfaces ask for a per-node password from a
+  root-only file. OpenVPN servers drop to nobody/nogroup after start-up (link clients keep root: they re-add
+  routes on reconnect). The FORWARD chain drops tunnel-to-uplink traffic. Deleting a node stops its instances and
+  removes LanHub's files from it, revokes its certificates and re-plans the LAN without it. Profiles ignore a
+  pushed `redirect-gateway` and `dhcp-option`, so a rogue or stale node cannot take over a player's traffic.
+"""
+
+
+if __name__ == "__main__":
+    figures = run_tests()
+    (ROOT / "docs" / "security.md").write_text(page(figures))
+    print(json.dumps(figures, indent=1))
+    print("wrote docs/security.md")
