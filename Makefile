@@ -1,10 +1,13 @@
-.PHONY: run test lab lab-down bench
+.PHONY: run test test-vm lab lab-down bench
 
 run:  ## set up and run the portal: web, worker, beat (and a private Redis if none answers)
 	scripts/run.sh
 
-test:  ## set up and run the whole test suite
+test:  ## set up and run the whole test suite (without the VM tests: make test-vm)
 	scripts/test.sh
+
+test-vm:  ## only the tests on QEMU Debian VMs (tests/vm; root, qemu-system-x86, debootstrap, apt-cacher-ng)
+	scripts/test.sh tests/vm -m vm  # -m vm replaces pytest.ini's "not vm"
 
 lab:  ## build the Hangzhou + Hong Kong lab in network namespaces and connect two players (needs root)
 	scripts/bootstrap.sh test

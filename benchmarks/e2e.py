@@ -2,6 +2,11 @@
 
     cd /work/main && .venv/bin/python benchmarks/e2e.py              # runs tests/e2e (root, openvpn, sshd)
     cd /work/main && .venv/bin/python benchmarks/e2e.py --from-file  # only prints var/e2e-figures.json
+    cd /work/main && .venv/bin/python benchmarks/e2e.py --vm         # also runs tests/vm (QEMU Debian VMs)
+
+The VM figures (image build cold and cached, boot to SSH, bare VM register -> ready with the apt install, reboot
+-> LAN healed) come from var/vm-figures.json, which tests/vm writes on every run (`make test` included); they are
+printed after the namespace figures, with the time the file was written.
 
 The run is `.venv/bin/python -m pytest tests/e2e -q -s -p no:cacheprovider`; the test builds the Hangzhou + Hong Kong
 lab in network namespaces and writes var/e2e-figures.json when it passes. Target: the two-node scenario (steps 1-4:
@@ -30,6 +35,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "var" / "e2e-figures.json"
+VM_FIGURES = ROOT / "var" / "vm-figures.json"
+VM_ROWS = (  # key, label, unit
+    ("image_build_cold_s", "VM image build, cold (debootstrap)", "s"),
+    ("image_build_cold_recorded_s", "VM image build, cold (as recorded when built)", "s"),
+    ("image_build_cached_s", "VM image build, cached", "s"),
+    ("boot_to_ssh_s", "VM cold boot -> SSH answers", "s"),
+    ("bare_vm_register_to_ready_with_apt_s", "bare VM register -> ready (apt install)", "s"),
+    ("reboot_to_lan_healed_s", "VM reboot -> players across it again", "s"),
+)
 TARGET_KEY, TARGET_S = "two_node_scenario_s", 60.0
 PER_NODE = re.compile(r"^register_to_ready_(?P<node>.+)_s$")
 
@@ -55,14 +69,14 @@ def isolated_redis() -> dict[str, str]:
     return {"CACHE_PREFIX": run, "CELERY_QUEUE": run}
 
 
-def run_e2e(timeout: float) -> int:
-    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "tests/e2e", "-q", "-s",
+def run_e2e(timeout: float, paths: tuple[str, ...] = ("tests/e2e",)) -> int:
+    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", *paths, "-q", "-s",
                "-p", "no:cacheprovider"]
     print("$ " + " ".join(command), flush=True)
     try:
         return subprocess.run(command, cwd=ROOT, env={**os.environ, **isolated_redis()}, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
-        print(f"tests/e2e did not finish within {timeout:.0f} s and was stopped")
+        print(f"{' '.join(paths)} did not finish within {timeout:.0f} s and was stopped")
         return 124
 
 
@@ -87,14 +101,30 @@ def print_figures(figures: dict[str, float], source: str) -> None:
     print(f"\ntwo-node scenario (steps 1-4) {value:.1f} s ({verdict} the under {TARGET_S:.0f} s target)")
 
 
+def print_vm_figures() -> None:
+    if not VM_FIGURES.exists():
+        print(f"\n{VM_FIGURES.relative_to(ROOT)} does not exist yet: run tests/vm (or this script with --vm)")
+        return
+    written = datetime.fromtimestamp(VM_FIGURES.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    figures = json.loads(VM_FIGURES.read_text())
+    print(f"\nLanHub VM figures ({VM_FIGURES.relative_to(ROOT)}, written {written}, QEMU accelerator "
+          f"{figures.get('accelerator', '?')})")
+    width = 48
+    for key, label, unit in VM_ROWS:
+        if key in figures:
+            print(f"{label:<{width}}{f'{figures[key]:.1f} {unit}':>10}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-file", action="store_true", help=f"only print {FIGURES.relative_to(ROOT)}")
     parser.add_argument("--timeout", type=float, default=900, help="stop the e2e run after this many seconds")
+    parser.add_argument("--vm", action="store_true", help="also run tests/vm (QEMU Debian VMs) and print its figures")
     options = parser.parse_args()
     if not options.from_file:
         started = time.time()
-        status = run_e2e(options.timeout)
+        status = run_e2e(options.timeout + (1800 if options.vm else 0),
+                         ("tests/e2e", "tests/vm") if options.vm else ("tests/e2e",))
         fresh = FIGURES.exists() and FIGURES.stat().st_mtime >= started
         if status != 0 or not fresh:
             print(f"\ntests/e2e {'failed' if status else 'passed but wrote no figures'} (exit status {status}); "
@@ -105,6 +135,7 @@ def main() -> None:
     written = datetime.fromtimestamp(FIGURES.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
     figures = json.loads(FIGURES.read_text())
     print_figures(figures, f"{FIGURES.relative_to(ROOT)}, written {written}")
+    print_vm_figures()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything LanHub needs on a Debian/Ubuntu machine: system packages, .venv, Python packages.
-# Usage: scripts/bootstrap.sh run|test   ("test" adds what the test suite needs: sshd, iptables, easy-rsa, chromium)
+# Usage: scripts/bootstrap.sh run|test   ("test" adds what the test suite needs: sshd, iptables, easy-rsa, chromium,
+#        and for the VM hosts QEMU, debootstrap and apt-cacher-ng)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,7 @@ purpose="${1:-run}"
 packages=(redis-server openvpn openssh-client python3-venv iproute2 iputils-ping)
 if [ "$purpose" = test ]; then
   packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium)
+  packages+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs apt-cacher-ng)  # the lab's VM hosts (lab/vm.py)
 fi
 
 missing=()
@@ -19,6 +21,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "==> Installing system packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" apt-cacher-ng "* ]]; then
+      # The package starts a proxy for every address on port 3142; the lab runs its own, bound to the lab side.
+      if [ -d /run/systemd/system ]; then systemctl disable --now apt-cacher-ng >/dev/null 2>&1 || true
+      else service apt-cacher-ng stop >/dev/null 2>&1 || true; fi
+    fi
   else
     echo "LanHub needs these system packages: ${missing[*]}" >&2
     echo "Install them with:  sudo apt-get install -y ${missing[*]}" >&2
