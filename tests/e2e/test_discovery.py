@@ -8,6 +8,7 @@ listener bound to 0.0.0.0:port (optionally joined to a multicast group) that ans
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
 from nodes import games, services, tasks
-from nodes.models import Lan, SyncRun, SyncStatus
+from nodes.models import Lan, Node, SyncRun, SyncStatus
 from nodes.render import STATUS_INTERVAL
 from tests.celery_worker import real_worker
 from tests.e2e.test_lan_end_to_end import connect, download, join, register, server_log, settled, vpn_address, \
@@ -100,7 +101,10 @@ def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab)
         players["dave"] = (dave_host, dave_host.wait_for_tunnel(timeout=40))
         (alice, alice_ip), (bob, bob_ip), (carol, carol_ip), (dave_host, dave_ip) = (
             players["alice"], players["bob"], players["carol"], players["dave"])
-        assert dave_ip.startswith("10.250."), dave_ip
+        hangzhou = Node.objects.get(lan=lan, name="hangzhou")
+        udp_pool, tcp_pool = (ipaddress.ip_network(hangzhou.udp_pool), ipaddress.ip_network(hangzhou.tcp_pool))
+        assert ipaddress.ip_address(dave_ip) in tcp_pool, (dave_ip, tcp_pool)
+        assert ipaddress.ip_address(alice_ip) in udp_pool, (alice_ip, udp_pool)
         for host, _ in players.values():  # the pushed routes put the announcements into the tunnel
             routes = lab.exec(host, ["ip", "route", "show", "table", "main"]).stdout
             assert "255.255.255.255 via" in routes and f"{GROUP} via" in routes, routes
@@ -114,7 +118,7 @@ def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab)
 
         # 1 + 3. alice (Hangzhou, UDP) sends to 255.255.255.255:6112 and to her subnet's broadcast; bob, carol and
         # dave (Hangzhou's TCP instance) each get each packet once, from alice's address, and their replies reach her.
-        subnet_broadcast = "10.251.255.255"
+        subnet_broadcast = str(udp_pool.broadcast_address)
         listeners = {n: Listener(lab, players[n][0], 6112, seconds=6) for n in ("bob", "carol", "dave")}
         replies = send(lab, alice, "255.255.255.255", 6112, "limited", count=3, wait=3, sport=6112)
         replies += send(lab, alice, subnet_broadcast, 6112, "directed", count=3, wait=2, sport=6112)
