@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SERVER_PORTS = {layout.UDP_INSTANCE: layout.UDP_MANAGEMENT, layout.TCP_INSTANCE: layout.TCP_MANAGEMENT}
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 YIELD_QUIET = 1.0  # seconds without a yield request before the watcher takes an interface back
-WAIT = 5.0  # seconds a node's thread sleeps between looks at stops and missing instances, when nothing happens
+WAIT = 30.0  # seconds a node's thread waits for its interfaces when nothing happens (stop() wakes it at once)
 RELIST_AFTER_JOIN = 1.0  # a second look after a join whose client the first look did not list yet
 RELIST_AFTER_LEAVE = 6.0  # OpenVPN keeps a client that said goodbye listed for 5 s ("Delayed exit in 5 seconds")
 REFRESH = 10.0  # seconds between looks at which nodes this shard should hold
@@ -94,6 +94,9 @@ class NodeWatcher(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+        for stream in list(getattr(self, "streams", {}).values()):
+            stream.yielded = True  # not a stopped instance: its sessions stay for the next watcher to re-read
+            stream.close()  # wakes the thread's wait on its channels
 
     def run(self) -> None:
         delay = BACKOFF_FIRST
@@ -122,6 +125,7 @@ class NodeWatcher(threading.Thread):
             c.open()
             quiet_transport(c)
             streams: dict[str, openvpn_mgmt.ClientStream] = {}
+            self.streams = streams
             retry_at: dict[str, float] = {}
             self.relist: dict[str, float] = {}  # instance -> when to read its client list again
             # (instance, common name, real address) -> wall-clock time the client said goodbye
@@ -283,6 +287,7 @@ class Shard:
         self.yields: dict[str, float] = {}
         self.held: dict[str, openvpn_mgmt.ClientStream] = {}
         self.stopping = threading.Event()
+        self.redis: redis.Redis | None = None
 
     def node_ids(self) -> set[int]:
         ids = Node.objects.filter(state=NodeState.READY).values_list("pk", flat=True)
@@ -339,8 +344,9 @@ class Shard:
         held = {pk: now for pk, w in self.watchers.items() if w.complete and w.is_alive() and not clear}
         let_go = [pk for pk in self.watchers if pk not in held]
         try:
-            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-            pipe = client.pipeline(transaction=False)
+            if self.redis is None:  # one client (and connection) for the shard's life, not one per REFRESH
+                self.redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+            pipe = self.redis.pipeline(transaction=False)
             if held:
                 pipe.hset(presence.held_key(), mapping=held)
             if let_go:
@@ -351,6 +357,9 @@ class Shard:
 
     def stop(self) -> None:
         self.stopping.set()
+        for stream in list(getattr(self, "streams", {}).values()):
+            stream.yielded = True  # not a stopped instance: its sessions stay for the next watcher to re-read
+            stream.close()  # wakes the thread's wait on its channels
         for watcher in self.watchers.values():
             watcher.stop()
         for watcher in self.watchers.values():
