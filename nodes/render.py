@@ -6,9 +6,10 @@ restarts only the OpenVPN instances whose files changed (``diff``).
 Choices worth knowing:
 - Server ``route`` lines carry no gateway: on a tun server OpenVPN picks the client by iroute, not by next hop.
 - Routes are aggregated (10.2.0.0/16 + 10.3.0.0/16 render as ``10.2.0.0 255.254.0.0``).
-- A link client uses ``route-nopull``: several upstreams would each push the supernet. Its routes are the
-  prefixes whose next hop is that upstream (possibly the whole supernet as a default); a route equal to the
-  upstream's UDP pool is left out, because that pool is the tunnel's connected subnet.
+- A link client uses ``route-nopull`` (and its ccd file ``push-reset``): several upstreams would each push the
+  supernet. Its routes are the prefixes whose next hop is that upstream (possibly the whole supernet as a
+  default); a route equal to the upstream's UDP pool is left out, because that pool is the tunnel's connected
+  subnet.
 - A ccd file's instance is ``server/lanhub-udp``: OpenVPN reads ccd at connect time, so new iroutes only take
   effect when the link client reconnects.
 """
@@ -122,9 +123,10 @@ def _common_tail(management: int, status: str) -> list[str]:
 
 
 def _unprivileged() -> list[str]:
-    # Servers drop root once their sockets, tun device, routes, keys and status/pool files are open (persist-key
-    # and persist-tun keep them across a soft restart): a bug in the TLS or packet code then runs as nobody.
-    # Link clients keep root: they re-add their routes on every reconnect, which nobody may not do.
+    # Servers and link clients drop root once their sockets, tun device, routes, keys and status/pool files are
+    # open: a bug in the TLS or packet code then runs as nobody. persist-key and persist-tun (_common_tail) keep
+    # keys, device and routes across a reconnect, so nothing needs root again: OpenVPN reopens the device (and
+    # re-adds routes) only when the options pulled from the server change, and a link's never do (render_ccd).
     return ["user nobody", "group nogroup"]
 
 
@@ -204,7 +206,11 @@ def render_ccd(plan: Plan, upstream: str, downstream: str) -> RenderedFile:
     """What the upstream's UDP server tells the downstream's link client, and what it routes to it."""
     link = plan.link(upstream, downstream)
     mask = plan.pools[upstream].udp.netmask
-    lines = [f"ifconfig-push {link.address} {mask}"]
+    # push-reset: the link client pulls only its address, never the players' push list (routes, discovery
+    # groups). That list changes with the LAN's settings, and a client whose pulled options change on reconnect
+    # closes and reopens its tun device, which its unprivileged user (user nobody) cannot. The link client sets
+    # its own topology, keepalive and routes.
+    lines = ["push-reset", f"ifconfig-push {link.address} {mask}"]
     # iroutes are both the routing table inside OpenVPN and its source-address filter for this client.
     lines += [f"iroute {_net(r.prefix)}" for r in plan.routes_via(upstream, downstream)]
     return RenderedFile(layout.ccd_path(downstream), _text(lines), instance=UDP_INSTANCE)
@@ -217,7 +223,7 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     gateway = _gateway(up_pool)
     basename = layout.link_basename(upstream.name)
     lines = [
-        "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
+        "client", f"dev {link_device(upstream.name)}", "dev-type tun", "topology subnet", "proto udp",
         f"remote {upstream.public_address} {upstream.udp_port}",
         "nobind", "resolv-retry infinite", "connect-retry 2 10",
         # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
@@ -230,7 +236,7 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     ]
     lines += [f"route {_net(r.prefix)} {gateway}" for r in plan.routes_via(node.name, upstream.name)
               if r.prefix != up_pool]
-    lines += _common_tail(management, basename)
+    lines += [*_unprivileged(), *_common_tail(management, basename)]
     return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
 
 

@@ -75,7 +75,7 @@ class ReferenceLanTests(SimpleTestCase):
 
     def test_the_ccd_file_for_hongkong_fixes_its_address_and_iroutes_its_pools(self):
         self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1:],
-                         ["ifconfig-push 10.0.0.2 255.255.0.0", "iroute 10.2.0.0 255.254.0.0"])
+                         ["push-reset", "ifconfig-push 10.0.0.2 255.255.0.0", "iroute 10.2.0.0 255.254.0.0"])
 
     def test_hongkongs_link_client_dials_hangzhou_and_routes_the_lan_through_it(self):
         link = lines(reference()["hongkong"][LINK_HZ])
@@ -83,6 +83,15 @@ class ReferenceLanTests(SimpleTestCase):
                          "verify-x509-name node-hangzhou name", "route-nopull", "cert /etc/openvpn/lanhub/pki/link.crt",
                          "route 10.0.0.0 255.0.0.0 10.0.0.1", "keepalive 10 60", "disable-dco"]:
             self.assertIn(expected, link)
+
+    def test_link_clients_run_as_nobody_and_pull_nothing_that_would_make_them_reopen_their_device(self):
+        # Unprivileged like the servers; persist-tun/persist-key keep device, routes and keys across reconnects,
+        # and with push-reset the options a link pulls (its address) do not change when the players' push list
+        # does, which would make OpenVPN reopen the device: impossible as nobody.
+        link = lines(reference()["hongkong"][LINK_HZ])
+        for expected in ["user nobody", "group nogroup", "persist-tun", "persist-key", "topology subnet"]:
+            self.assertIn(expected, link)
+        self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1], "push-reset")
 
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]
