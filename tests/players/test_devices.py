@@ -200,6 +200,13 @@ class DevicesOnlineTests(BaseTestCase):
         self.assertIn('data-copy="10.0.1.5"', html)
         self.assertIn('data-copy="10.0.1.6"', html)
 
+    def test_the_hosts_pages_count_the_player_once(self):
+        self.client.force_login(self.alice)
+        page = self.client.get(reverse("nodes:node_detail", args=[self.hangzhou.pk]))
+        self.assertEqual(page.context["players_online"], 1)
+        dashboard = self.client.get(reverse("nodes:lan_detail", args=[self.lan.slug]))
+        self.assertContains(dashboard, "+1 device")
+
     def test_a_lost_devices_session_no_longer_counts_as_the_player(self):
         services.switch_off_device(self.bob, self.laptop)
         presence.replace_node(self.hangzhou, [row(self.laptop.common_name, "10.0.1.6", "198.51.100.11:40002")])
