@@ -293,11 +293,14 @@ def active_devices(player: Player) -> list[Device]:
     return list(player.devices.filter(revoked_at__isnull=True).defer("cert_pem", "key_sealed"))
 
 
-def build_profile(player: Player, *, device: Device, node: Node, ranked: list[Node]) -> Profile:
-    """The .ovpn of one of the player's devices for `node`, with the other nodes, in ranked order, as fallbacks."""
+def build_profile(player: Player, *, node: Node, ranked: list[Node], device: Device | None = None) -> Profile:
+    """The .ovpn of one of the player's devices (by default the first one in use) for `node`, with the other
+    nodes, in ranked order, as fallbacks."""
     if player.revoked_at:
         raise ValidationError("This player was revoked.")
-    if device.player_id != player.pk or device.revoked_at:
+    if device is None:
+        device = player.devices.filter(revoked_at__isnull=True).order_by("created_at", "pk").first()
+    if device is None or device.player_id != player.pk or device.revoked_at:
         raise ValidationError("This device was switched off.")
     lan = player.lan
     others = [n for n in ranked if n.pk != node.pk]
