@@ -191,6 +191,76 @@ def reaches_the_uplink(lab, player, tunnel_address: str, port: int) -> bool:
 
 def find_link(lab, node_hosts) -> dict:
     """The one link of a two-node LAN: its downstream, upstream, client config, pid and log."""
+    processes = {name: openvpn_processes(lab, node_hosts[name]) for name in REGIONS}
+    links = [(name, config) for name in REGIONS for config in processes[name] if config.startswith(layout.CLIENT_DIR)]
+    assert len(links) == 1, processes  # two nodes: one link, its client on the downstream
+    downstream, config = links[0]
+    upstream = next(name for name in REGIONS if name != downstream)
+    log = node_hosts[downstream].etc_path(f"openvpn/lanhub/run/{layout.link_basename(upstream)}.log")
+    return {"downstream": downstream, "upstream": upstream, "config": config, "pid": processes[downstream][config][0],
+            "log": log}
+
+
+def log_since(log: Path, offset: int) -> str:
+    return log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
+
+
+def reconnected(log: Path, offset: int) -> bool:
+    """Since `offset` the link client restarted and its new connection completed."""
+    text = log_since(log, offset)
+    restart = text.find("process restarting")
+    return restart >= 0 and text.find("Initialization Sequence Completed", restart) > restart
+
+
+@override_settings(LANHUB_JOIN_RATE=10_000)
+def test_the_lan_keeps_working_with_the_portal_stopped_past_every_lifetime(lab):
+    host_user = get_user_model().objects.create_user("host", password="host-password")
+    lan = services.create_lan(owner=host_user, name="Outage", slug="outage", topology_mode="hub")
+    date_the_ca(lan)
+    node_hosts = {}
+    host = Client()
+    host.force_login(host_user)
+    with real_worker(concurrency=2):
+        for name, region in REGIONS.items():
+            node_host = node_hosts[name] = lab.add_node(name)
+            node_host.authorize(lan.ssh_public_key)
+            services.create_node(lan=lan, name=name, region=region, public_address=node_host.address,
+                                 ssh_host=node_host.address)
+        wait_until(lambda: settled(lan), timeout=180, what=lambda: f"two ready nodes:\n{runs_of(lan)}")
+        date_the_node_certificates(lan)
+        wait_until(lambda: settled(lan), timeout=180, what=lambda: f"the renewed certificates:\n{runs_of(lan)}")
+        for name, node_host in node_hosts.items():
+            node = Node.objects.get(lan=lan, name=name)
+            assert node_host.etc_path("openvpn/lanhub/pki/node.crt").read_text() == node.server_cert
+
+        host.post(reverse("players:invite_create", args=[lan.slug]), {"note": "", "hours": 24, "max_uses": 5})
+        token = lan.invites.get().token
+        profiles = {}
+        for nickname, server in PLAYERS.items():
+            assert Client().post(reverse("players:join", args=[token]), {"nickname": nickname}).status_code == 302
+            player = Player.objects.get(lan=lan, nickname=nickname)
+            date_the_player(player, lan)
+            node = Node.objects.get(lan=lan, name=server)
+            response = Client().get(reverse("players:profile_download", args=[player.token, node.name]))
+            assert response.status_code == 200, response.content[:300]
+            profiles[nickname] = only_remote(response.content.decode(), node.public_address, node.udp_port)
+        mallory = Player.objects.get(lan=lan, nickname="mallory")
+        assert host.post(reverse("players:player_revoke", args=[mallory.pk])).status_code == 302
+        wait_until(lambda: settled(lan), timeout=120, what=lambda: f"the revocation's syncs:\n{runs_of(lan)}")
+
+        # The host unticks a game: the players' push list changes and the upstream restarts. The link client
+        # reconnects as nobody with the same pulled options (its ccd file's push-reset), so it never has to
+        # reopen its device, which nobody could not.
+        link = find_link(lab, node_hosts)
+        offset = link["log"].stat().st_size
+        services.update_discovery(lan, discovery_games=[g for g in games.default_games() if g != "minecraft-java"])
+        wait_until(lambda: settled(lan), timeout=120, what=lambda: f"the game list's syncs:\n{runs_of(lan)}")
+        wait_until(lambda: reconnected(link["log"], offset), timeout=60,
+                   what=lambda: f"the link to reconnect:\n{log_since(link['log'], offset)[-3000:]}")
+        assert "Pulled options changed" not in log_since(link["log"], offset)
+        assert find_link(lab, node_hosts)["pid"] == link["pid"], "the link client kept running"
+    # The portal is stopped: from here on only the nodes, the players and this test's own probes run.
+
     # The link reconnects with a fresh handshake (SIGUSR1 is what a ping-restart does), unprivileged, keeping its
     # device and routes.
     link = find_link(lab, node_hosts)
