@@ -20,6 +20,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ RELAY_CONFIG = layout.RELAY_CONFIG
 RELAY_UNIT = layout.RELAY_UNIT
 RELAY_FILES = layout.RELAY_FILES
 _RELAY_SOURCE = Path(__file__).with_name("discovery") / "relay.py"
+# A host name or an IPv4/IPv6 address: one token of these characters is all a `remote` line may carry.
+_HOST_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 # Dual-stack sockets: `proto udp` / `tcp-server` bind IPv4 only, so a node reached by its IPv6 address refused every
 # player and link (OPENVPN-NOTES.md "IPv6 underlay"). udp6 / tcp6-server bind [::] without IPV6_V6ONLY and take
 # IPv4 as well (as v4-mapped addresses). Clients keep plain `udp`, which follows the family of the remote's address.
@@ -159,6 +162,22 @@ def _discovery_pushes(discovery: games.DiscoverySpec) -> list[str]:
     return [f'push "route {host} 255.255.255.255"' for host in hosts]
 
 
+def _port(node: NodeSpec, which: str) -> int:
+    """A port as a config line needs it. The models validate ports too; the renderer refuses on its own, because a
+    value that reached it another way (a migration, a script) must never become a second directive."""
+    value = getattr(node, which)
+    if type(value) is not int or not 1 <= value <= 65535:
+        raise PlanError(f"node {node.name}: {which.replace('_', ' ')} {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _remote_host(node: NodeSpec) -> str:
+    host = node.public_address
+    if not isinstance(host, str) or not _HOST_TOKEN.fullmatch(host):
+        raise PlanError(f"node {node.name}: public address {host!r} is not a host name or an IP address")
+    return host
+
+
 def _text(lines: list[str]) -> str:
     return "\n".join([HEADER, *lines]) + "\n"
 
@@ -169,7 +188,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
     low, high = _dynamic_pool(pool)
     downstreams = set(plan.downstreams(node.name))
     lines = [
-        f"port {node.udp_port}", UDP_PROTO, f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
+        f"port {_port(node, 'udp_port')}", UDP_PROTO, f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
         # nopool + our own ifconfig-pool keeps the first /24 free for the links' fixed addresses.
         f"server {_net(pool)} nopool",
         f"ifconfig-pool {low} {high}",
@@ -197,7 +216,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
                       discovery: games.DiscoverySpec = games.DiscoverySpec()) -> RenderedFile:
     pool = plan.pools[node.name].tcp
     lines = [
-        f"port {node.tcp_port}", TCP_PROTO, f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
+        f"port {_port(node, 'tcp_port')}", TCP_PROTO, f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
         _push_supernet(lan.supernet), *_discovery_pushes(discovery),
         *_server_pki(),
@@ -229,7 +248,7 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     basename = layout.link_basename(upstream.name)
     lines = [
         "client", f"dev {link_device(upstream.name)}", "dev-type tun", "topology subnet", "proto udp",
-        f"remote {upstream.public_address} {upstream.udp_port}",
+        f"remote {_remote_host(upstream)} {_port(upstream, 'udp_port')}",
         "nobind", "resolv-retry infinite", "connect-retry 2 10",
         # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
         # than the default 60 s.

@@ -10,7 +10,7 @@ from nodes.render import (
     RELAY_CONFIG,
     FileDiff, RenderedFile, diff, link_device, link_management_ports, render_lan,
 )
-from nodes.topology import LanSpec, NodeSpec, plan_lan
+from nodes.topology import LanSpec, NodeSpec, PlanError, plan_lan
 
 HANGZHOU = NodeSpec("hangzhou", region="asia/cn/east", order=0, public_address="203.0.113.10")
 HONGKONG = NodeSpec("hongkong", region="asia/hk", order=1, public_address="203.0.113.11")
@@ -108,6 +108,15 @@ class ReferenceLanTests(SimpleTestCase):
         # Plain `udp` on a client follows the address's family: the same line works for IPv4, IPv6 and DNS names.
         self.assertIn("proto udp", link)
         self.assertIn("remote 2001:db8:113::10 1194", link)
+
+    def test_a_value_that_cannot_be_written_safely_is_refused_by_the_renderer(self):
+        # The model validators refuse these too; the renderer must not rely on it (a newline is a new directive).
+        lan = LanSpec()
+        for field, value in [("public_address", "203.0.113.10\nup /bin/sh"), ("public_address", "a b"),
+                             ("udp_port", "1194\nup /bin/sh"), ("tcp_port", 70000), ("udp_port", True)]:
+            hz = dataclasses.replace(HANGZHOU, **{field: value})
+            with self.subTest(field=field, value=value), self.assertRaisesRegex(PlanError, "node hangzhou"):
+                render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
 
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]
