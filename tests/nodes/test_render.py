@@ -93,6 +93,13 @@ class ReferenceLanTests(SimpleTestCase):
             self.assertIn(expected, link)
         self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1], "push-reset")
 
+    def test_every_management_interface_asks_for_the_nodes_password(self):
+        for name, files in reference().items():
+            managed = [line for f in files.values() for line in lines(f) if line.startswith("management ")]
+            self.assertEqual(len(managed), 3 if name == "hongkong" else 2, managed)  # two servers (+ the link)
+            for line in managed:
+                self.assertRegex(line, r"^management 127\.0\.0\.1 \d+ /etc/openvpn/lanhub/pki/management\.pw$")
+
     def test_servers_listen_dual_stack_so_a_node_is_reachable_by_its_ipv6_address(self):
         # `proto udp` / `tcp-server` bind IPv4 only; udp6 / tcp6-server take both families (OPENVPN-NOTES.md).
         for name in ("hangzhou", "hongkong"):
