@@ -223,7 +223,8 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     basename = layout.link_basename(upstream.name)
     lines = [
         "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
-        f"remote {upstream.public_address} {upstream.udp_port}",
+        # Each of the upstream's addresses, IPv4 (or its name) first: a node on one family only still links.
+        *(f"remote {host} {upstream.udp_port}" for host in _addresses(upstream)),
         "nobind", "resolv-retry infinite", "connect-retry 2 10",
         # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
         # than the default 60 s.
@@ -237,6 +238,10 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
               if r.prefix != up_pool]
     lines += _common_tail(management, basename)
     return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
+
+
+def _addresses(node: NodeSpec) -> list[str]:
+    return [node.public_address] + ([node.public_ipv6] if node.public_ipv6 not in ("", node.public_address) else [])
 
 
 def relay_address(plan: Plan, name: str) -> ipaddress.IPv4Address:

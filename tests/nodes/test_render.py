@@ -100,6 +100,14 @@ class ReferenceLanTests(SimpleTestCase):
         self.assertIn("proto udp", link)
         self.assertIn("remote 2001:db8:113::10 1194", link)
 
+    def test_a_link_to_a_dual_stack_node_dials_its_ipv4_then_its_ipv6_address(self):
+        lan = LanSpec()
+        hz = dataclasses.replace(HANGZHOU, public_ipv6="2001:db8:113::10")
+        files = render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
+        link = lines(files["hongkong"][LINK_HZ])
+        remotes = [line for line in link if line.startswith("remote ")]
+        self.assertEqual(remotes, ["remote 203.0.113.10 1194", "remote 2001:db8:113::10 1194"])
+
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]
         self.assertIn("server 10.2.0.0 255.255.0.0 nopool", lines(files[UDP]))
