@@ -171,8 +171,7 @@ def _port(node: NodeSpec, which: str) -> int:
     return value
 
 
-def _remote_host(node: NodeSpec) -> str:
-    host = node.public_address
+def _remote_host(node: NodeSpec, host) -> str:
     if not isinstance(host, str) or not _HOST_TOKEN.fullmatch(host):
         raise PlanError(f"node {node.name}: public address {host!r} is not a host name or an IP address")
     return host
@@ -248,7 +247,8 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     basename = layout.link_basename(upstream.name)
     lines = [
         "client", f"dev {link_device(upstream.name)}", "dev-type tun", "topology subnet", "proto udp",
-        f"remote {_remote_host(upstream)} {_port(upstream, 'udp_port')}",
+        # Each of the upstream's addresses, IPv4 (or its name) first: a node on one family only still links.
+        *(f"remote {_remote_host(upstream, host)} {_port(upstream, 'udp_port')}" for host in _addresses(upstream)),
         "nobind", "resolv-retry infinite", "connect-retry 2 10",
         # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
         # than the default 60 s.
@@ -262,6 +262,10 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
               if r.prefix != up_pool]
     lines += [*_unprivileged(), *_common_tail(management, basename)]
     return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
+
+
+def _addresses(node: NodeSpec) -> list[str]:
+    return [node.public_address] + ([node.public_ipv6] if node.public_ipv6 not in ("", node.public_address) else [])
 
 
 def relay_address(plan: Plan, name: str) -> ipaddress.IPv4Address:

@@ -127,7 +127,7 @@ def renew_crl(lan: Lan, *, min_days_left: float = CRL_DAYS / 2) -> bool:
 
 # --- Nodes ----------------------------------------------------------------------------------------------------
 
-NODE_FIELDS = ("name", "region", "priority", "public_address", "udp_port", "tcp_port", "ssh_host", "ssh_port",
+NODE_FIELDS = ("name", "region", "priority", "public_address", "public_ipv6", "udp_port", "tcp_port", "ssh_host", "ssh_port",
                "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool", "pinned_upstream")
 
 

@@ -120,10 +120,19 @@ class ReferenceLanTests(SimpleTestCase):
         # The model validators refuse these too; the renderer must not rely on it (a newline is a new directive).
         lan = LanSpec()
         for field, value in [("public_address", "203.0.113.10\nup /bin/sh"), ("public_address", "a b"),
-                             ("udp_port", "1194\nup /bin/sh"), ("tcp_port", 70000), ("udp_port", True)]:
+                             ("public_ipv6", "2001:db8::1\nup /bin/sh"), ("udp_port", "1194\nup /bin/sh"),
+                             ("tcp_port", 70000), ("udp_port", True)]:
             hz = dataclasses.replace(HANGZHOU, **{field: value})
             with self.subTest(field=field, value=value), self.assertRaisesRegex(PlanError, "node hangzhou"):
                 render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
+
+    def test_a_link_to_a_dual_stack_node_dials_its_ipv4_then_its_ipv6_address(self):
+        lan = LanSpec()
+        hz = dataclasses.replace(HANGZHOU, public_ipv6="2001:db8:113::10")
+        files = render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
+        link = lines(files["hongkong"][LINK_HZ])
+        remotes = [line for line in link if line.startswith("remote ")]
+        self.assertEqual(remotes, ["remote 203.0.113.10 1194", "remote 2001:db8:113::10 1194"])
 
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]
