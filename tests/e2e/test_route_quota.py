@@ -87,9 +87,11 @@ def test_traffic_to_the_last_of_more_than_256_prefixes_behind_one_link_crosses(l
     # The same server without the raised quota: OpenVPN keeps 256 routes for d and the last prefix is unreachable.
     conf = p_host.etc_path("openvpn/server/lanhub-udp.conf")
     conf.write_text(re.sub(r"^max-routes-per-client \d+\n", "", conf.read_text(), flags=re.M))
-    p_node = Node.objects.get(pk=p.pk)
-    with open_connection(p_node) as c:
+    with open_connection(Node.objects.get(pk=p.pk)) as c:
         ensure_instances(c, wanted=set(layout.SERVER_INSTANCES), restart={layout.UDP_INSTANCE})
+    link = layout.link_instance("p")  # d's link client: reconnect now rather than at its ping-restart
+    with open_connection(Node.objects.get(pk=d.pk)) as c:
+        ensure_instances(c, wanted={*layout.SERVER_INSTANCES, link}, restart={link})
     first = str(ipaddress.IPv4Network("/".join(iroutes[0].split()[1:3])).broadcast_address - 2)
     d_host.exec(["ip", "addr", "add", f"{first}/32", "dev", "lo"])
     wait_for(lambda: lab.ping(p_host, first, timeout=1.0) is not None, "d's link to come back", 60)
