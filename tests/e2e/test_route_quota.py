@@ -94,5 +94,12 @@ def test_traffic_to_the_last_of_more_than_256_prefixes_behind_one_link_crosses(l
         ensure_instances(c, wanted={*layout.SERVER_INSTANCES, link}, restart={link})
     first = str(ipaddress.IPv4Network("/".join(iroutes[0].split()[1:3])).broadcast_address - 2)
     d_host.exec(["ip", "addr", "add", f"{first}/32", "dev", "lo"])
-    wait_for(lambda: lab.ping(p_host, first, timeout=1.0) is not None, "d's link to come back", 60)
-    assert lab.ping(p_host, target, count=3, timeout=1.0) is None
+    try:
+        wait_for(lambda: lab.ping(p_host, first, timeout=1.0) is not None, f"p to reach {first} (the first prefix)", 60)
+        assert lab.ping(p_host, target, count=3, timeout=1.0) is None
+    except BaseException:
+        for host, instance in ((p_host, layout.UDP_INSTANCE), (d_host, link)):
+            log = host.etc_path(layout.instance_paths(instance)["log"].removeprefix("/etc/"))
+            print(f"--- {host.name} {instance}", *(log.read_text().splitlines()[-25:] if log.exists() else ["(none)"]),
+                  sep="\n")
+        raise
