@@ -277,6 +277,8 @@ def render_relay_unit() -> RenderedFile:
         # The relay exits cleanly when its config is removed (the node was deleted): then it must stay stopped.
         f"ConditionPathExists={RELAY_CONFIG}", "",
         "[Service]", f"ExecStart=/usr/bin/python3 {RELAY_PROGRAM} --config {RELAY_CONFIG}",
+        # A changed relay.json (a node added or removed, a new game list) is re-read in place.
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure", "RestartSec=2", "",
         "[Install]", "WantedBy=multi-user.target",
     ]

@@ -30,7 +30,7 @@ import ipaddress
 import json
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -66,6 +66,24 @@ class Instance:
         self.ifindex = 0
         self.status_mtime = -1.0
         self.players: set[int] = set()
+        self.targets: tuple[Target, ...] = ()  # the players, ready to send to (built when the status file changes)
+
+    def set_players(self, players: set[int]) -> None:
+        self.players = players
+        self.targets = tuple(Target(p) for p in sorted(players))
+
+
+class Target:
+    """One local player as the hot path needs it: its address as an int, as the 4 header bytes, as the 16-bit sum
+    the UDP checksum adds for it, and as a socket address. Computed once per status change, not per packet."""
+
+    __slots__ = ("address", "raw", "word_sum", "sockaddr")
+
+    def __init__(self, address: int):
+        self.address = address
+        self.raw = address.to_bytes(4, "big")
+        self.word_sum = (address >> 16) + (address & 0xFFFF)
+        self.sockaddr = (socket.inet_ntoa(self.raw), 0)
 
 
 class Config:
@@ -74,6 +92,9 @@ class Config:
         self.address = data["address"]
         self.port = int(data["port"])
         self.peers = {int(ipaddress.IPv4Address(p)) for p in data["peers"]}
+        # The hot path needs them as socket addresses (sending) and as strings (checking a message's source).
+        self.peer_names = frozenset(str(ipaddress.IPv4Address(p)) for p in self.peers)
+        self.peer_sockaddrs = tuple((str(ipaddress.IPv4Address(p)), self.port) for p in sorted(self.peers))
         self.instances = [Instance(s) for s in data["instances"]]
         self.link_prefix = data.get("link_prefix", "link-")
         ports = set()
@@ -221,40 +242,145 @@ class Bucket:
 
 # --- the relay -----------------------------------------------------------------------------------------------
 
+_IP = struct.Struct("!BxHxxHxBxxII")   # version+ihl, total length, flags+fragment, protocol, source, destination
+_UDP = struct.Struct("!HHH")            # source port, destination port, length
+_PEER = struct.Struct("!4sIIHH")        # MAGIC, source, destination, source port, destination port
+_RAW_IP = struct.Struct("!BBHHHBBH4s")  # an IPv4 header up to its source address (the destination follows)
+
 
 class Relay:
+    """The event loop: one epoll over the tun devices' packet sockets and the peer socket.
+
+    The per-packet path is written for latency and CPU (benchmarks/discovery.py): one parse with precompiled
+    structs, set lookups only, the peers' socket addresses and each player's header bytes and checksum share
+    computed when the config or a status file changes, peer copies sent through the bound UDP socket (the kernel
+    builds the header and checksum), and the UDP checksum of a local copy derived from the payload's sum, taken
+    once per packet, plus that player's share."""
+
     def __init__(self, config: Config, *, config_path: str | None = None):
         self.config, self.config_path = config, config_path
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self.handlers: dict[int, object] = {}
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.listener = self._listen()
-        self.selector.register(self.listener, selectors.EVENT_READ, self._from_peer)
+        self._watch(self.listener, self._from_peer)
         self.buckets: dict[int, Bucket] = {}
         self.own = int(ipaddress.IPv4Address(config.address))
-        self.counters = {"relayed": 0, "delivered": 0, "limited": 0, "ignored": 0, "peer_refused": 0}
+        self.tunnel_indexes: dict[int, bool] = {}  # ifindex -> is a LanHub tunnel (cleared on every rescan)
+        self.counters = {"relayed": 0, "delivered": 0, "limited": 0, "ignored": 0, "peer_refused": 0, "reloaded": 0}
+        self.config_mtime = self._config_mtime()
         self.next_scan = 0.0
         self.running = True
+        # Signals (SIGHUP: reload now; SIGTERM) interrupt the poll through this pair, not after its timeout.
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self._watch(self.wake_r, self._woken)
 
-    def _listen(self) -> socket.socket:
+    def _woken(self) -> None:
+        try:
+            while self.wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def request_reload(self, *_) -> None:
+        """SIGHUP: re-read the config at once (the next loop turn scans, whatever the file's mtime says)."""
+        self.config_mtime = None
+        self.next_scan = 0.0
+
+    def _watch(self, sock: socket.socket, handler) -> None:
+        self.handlers[sock.fileno()] = handler
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        self.handlers.pop(sock.fileno(), None)
+        try:
+            self.epoll.unregister(sock.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def _listen(self, config: Config | None = None) -> socket.socket:
+        config = config or self.config
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         # The address is the UDP server's own tun address: FREEBIND lets the relay bind before (or while) that
         # instance is down; PKTINFO tells which device a message came in on (only LanHub tunnels count).
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.address, self.config.port))
+        try:
+            sock.bind((config.address, config.port))
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
         return sock
 
+    def _config_mtime(self) -> float | None:
+        if not self.config_path:
+            return None
+        try:
+            return os.stat(self.config_path).st_mtime_ns
+        except OSError:
+            return None
+
+    def reload(self) -> bool:
+        """Re-read a changed config in place (peers, ports, groups, rate, instances, even its own address): a node
+        added to or removed from the LAN, or a new game list, changes relay.json on every node, and no relay
+        restarts for it (provisioning sends SIGHUP; a changed mtime is noticed within a second anyway). A config
+        that does not parse is logged and the running one kept."""
+        try:
+            with open(self.config_path, encoding="utf-8") as handle:
+                config = Config(json.load(handle))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("kept the running config: cannot read %s: %s", self.config_path, exc)
+            return False
+        if (config.address, config.port) != (self.config.address, self.config.port):
+            try:
+                listener = self._listen(config)
+            except OSError as exc:
+                log.error("kept the running config: cannot listen on %s:%d: %s", config.address, config.port, exc)
+                return False
+            self._unwatch(self.listener)
+            self.listener.close()
+            self.listener = listener
+            self._watch(listener, self._from_peer)
+            self.own = int(ipaddress.IPv4Address(config.address))
+        old = {inst.device: inst for inst in self.config.instances}
+        for inst in config.instances:
+            before = old.pop(inst.device, None)
+            if before is not None and before.pool == inst.pool and before.status == inst.status:
+                inst.sock, inst.ifindex = before.sock, before.ifindex  # keep the open packet socket and players
+                inst.status_mtime, inst.players, inst.targets = before.status_mtime, before.players, before.targets
+                if inst.sock is not None:
+                    self.handlers[inst.sock.fileno()] = self._device_handler(inst.sock, inst)
+            elif before is not None:
+                self._close(before)
+        for gone in old.values():
+            self._close(gone)
+        self.config = config
+        self.buckets.clear()  # a changed rate applies at once
+        self.counters["reloaded"] += 1
+        log.info("reloaded %s: %d peers, %d ports, %d groups", self.config_path, len(config.peers),
+                 len(config.ports), len(config.groups))
+        return True
+
     def scan(self, now: float) -> None:
-        """Open the packet socket of every device that (re)appeared; re-read status files that changed.
+        """Open the packet socket of every device that (re)appeared; re-read status files that changed; reload a
+        changed config.
 
         A config file that is gone means LanHub was taken off this server (node deleted): the relay stops, and its
         systemd unit's ConditionPathExists keeps it from starting again."""
-        if self.config_path and not os.path.exists(self.config_path):
-            log.info("%s is gone: LanHub was removed from this server, stopping", self.config_path)
-            self.running = False
-            return
+        if self.config_path:
+            mtime = self._config_mtime()
+            if mtime is None:
+                log.info("%s is gone: LanHub was removed from this server, stopping", self.config_path)
+                self.running = False
+                return
+            if mtime != self.config_mtime:
+                self.config_mtime = mtime
+                self.reload()
+        self.tunnel_indexes.clear()
         for inst in self.config.instances:
             try:
                 index = socket.if_nametoindex(inst.device)
@@ -270,7 +396,7 @@ class Relay:
                 mtime = -1.0
             if mtime != inst.status_mtime:
                 inst.status_mtime = mtime
-                inst.players = read_players(inst.status, inst.pool, self.config.link_prefix)
+                inst.set_players(read_players(inst.status, inst.pool, self.config.link_prefix))
         self.next_scan = now + RESCAN_S
 
     def _open(self, inst: Instance, index: int) -> None:
@@ -284,20 +410,24 @@ class Relay:
             return
         sock.setblocking(False)
         inst.sock, inst.ifindex = sock, index
-        self.selector.register(sock, selectors.EVENT_READ, lambda s=sock, i=inst: self._from_device(s, i))
+        self._watch(sock, self._device_handler(sock, inst))
         log.info("listening on %s (%s)", inst.device, inst.pool)
+
+    def _device_handler(self, sock: socket.socket, inst: Instance):
+        return lambda: self._from_device(sock, inst)
 
     def _close(self, inst: Instance) -> None:
         if inst.sock is not None:
-            self.selector.unregister(inst.sock)
+            self._unwatch(inst.sock)
             inst.sock.close()
             log.info("%s went away", inst.device)
         inst.sock, inst.ifindex = None, 0
 
     def _from_device(self, sock: socket.socket, inst: Instance) -> None:
+        recv = sock.recvfrom
         for _ in range(256):  # bounded per wake-up so the peer socket and the rescan get their turn
             try:
-                packet, address = sock.recvfrom(65535)
+                packet, address = recv(2048)  # the tun MTU is 1500; a longer (truncated) packet fails the parse
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -305,18 +435,24 @@ class Relay:
                     self._close(inst)
                     return
                 raise
-            if address[2] == PACKET_OUTGOING:
-                continue  # our own deliveries leaving through this device
-            self.originate(inst, packet, time.monotonic())
+            if address[2] != PACKET_OUTGOING:  # outgoing: our own deliveries leaving through this device
+                self.originate(inst, packet, time.monotonic())
 
     def originate(self, inst: Instance, packet: bytes, now: float) -> None:
+        """A player's announcement read from an instance's tun device: check, limit, send to the peers first (they
+        are further away), then deliver to this node's other players."""
         cfg = self.config
-        parsed = parse_udp(packet)
-        if parsed is None:
+        if len(packet) < 28:
             return
-        src, dst, sport, dport, payload = parsed
+        version_ihl, total, fragment, protocol, src, dst = _IP.unpack_from(packet)
+        ihl = (version_ihl & 0x0F) * 4
+        if version_ihl >> 4 != 4 or protocol != 17 or fragment & 0x3FFF or total > len(packet) \
+                or len(packet) < ihl + 8:
+            return
+        sport, dport, length = _UDP.unpack_from(packet, ihl)
+        size = length - 8
         if not (dst == 0xFFFFFFFF or dst == inst.broadcast or dst in cfg.groups) or dport not in cfg.ports \
-                or not inst.low < src < inst.high or len(payload) > MAX_PAYLOAD:
+                or not inst.low < src < inst.high or not 0 <= size <= MAX_PAYLOAD or ihl + length > total:
             self.counters["ignored"] += 1
             return
         bucket = self.buckets.get(src)
@@ -324,65 +460,91 @@ class Relay:
             if len(self.buckets) > 65536:
                 self.buckets.clear()  # bounded memory; a flood of fresh sources cannot pass the pool check anyway
             bucket = self.buckets[src] = Bucket(cfg, now)
-        if not bucket.take(cfg, len(payload), now):
+        if not bucket.take(cfg, size, now):
             self.counters["limited"] += 1
             return
         self.counters["relayed"] += 1
-        message = MAGIC + src.to_bytes(4, "big") + dst.to_bytes(4, "big") + struct.pack("!HH", sport, dport) + payload
-        message_sum = _checksum(message)
-        for peer in cfg.peers:
-            self._send(build_udp(self.own, peer, cfg.port, cfg.port, message, message_sum), peer)
+        payload = packet[ihl + 8: ihl + length]
+        if cfg.peer_sockaddrs:
+            message = _PEER.pack(MAGIC, src, dst, sport, dport) + payload
+            send = self.listener.sendto
+            for peer in cfg.peer_sockaddrs:
+                try:
+                    send(message, peer)
+                except OSError as exc:  # no route yet (a link reconnecting): discovery is best effort, like a LAN
+                    log.debug("send to %s failed: %s", peer[0], exc)
         self.deliver(src, sport, dport, payload)
 
     def _from_peer(self) -> None:
+        recv = self.listener.recvmsg
+        cmsg_space = socket.CMSG_SPACE(12)
         for _ in range(256):
             try:
-                data, ancillary, _, address = self.listener.recvmsg(2048, socket.CMSG_SPACE(12))
+                data, ancillary, _, address = recv(2048, cmsg_space)
             except BlockingIOError:
                 return
-            if not self._trusted(address[0], ancillary) or len(data) < 16 or data[:4] != MAGIC:
+            if len(data) < 16 or not self._trusted(address[0], ancillary):
                 self.counters["peer_refused"] += 1
                 continue
-            src, dst = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
-            sport, dport = struct.unpack_from("!HH", data, 12)
-            if dport in self.config.ports:  # a peer rendered from an older game list must not widen ours
+            magic, src, _dst, sport, dport = _PEER.unpack_from(data)
+            if magic != MAGIC:
+                self.counters["peer_refused"] += 1
+            elif dport in self.config.ports:  # a peer rendered from an older game list must not widen ours
                 self.deliver(src, sport, dport, data[16:])
 
     def _trusted(self, source: str, ancillary) -> bool:
         """A peer node's relay address, arriving on a LanHub tunnel (OpenVPN's iroute check stops players from
         forging it inside the LAN; the device check stops it arriving from outside)."""
-        if int.from_bytes(socket.inet_aton(source), "big") not in self.config.peers:
+        if source not in self.config.peer_names:
             return False
         for level, kind, data in ancillary:
             if level == socket.SOL_IP and kind == IP_PKTINFO and len(data) >= 4:
                 index = struct.unpack_from("i", data)[0]
-                try:
-                    return socket.if_indextoname(index).startswith("lh")
-                except OSError:
-                    return False
+                known = self.tunnel_indexes.get(index)
+                if known is None:
+                    try:
+                        known = socket.if_indextoname(index).startswith("lh")
+                    except OSError:
+                        known = False
+                    self.tunnel_indexes[index] = known
+                return known
         return False
 
     def deliver(self, src: int, sport: int, dport: int, payload: bytes) -> None:
         """One unicast copy to every local player but the sender, with the sender's address as source."""
-        payload_sum = _checksum(payload)
+        length = 8 + len(payload)
+        # The UDP checksum: pseudo-header (source, destination, protocol, length) + header + payload, one's
+        # complement. Everything but the destination is the same for every player: sum it once.
+        common = _checksum(payload) + (src >> 16) + (src & 0xFFFF) + 17 + length + sport + dport + length
+        head = _RAW_IP.pack(0x45, 0, 20 + length, 0, 0x4000, 64, 17, 0, src.to_bytes(4, "big"))
+        ports = _UDP.pack(sport, dport, length)
+        send = self.raw.sendto
+        delivered = 0
         for inst in self.config.instances:
-            for player in inst.players:
-                if player != src:
-                    self._send(build_udp(src, player, sport, dport, payload, payload_sum), player)
-                    self.counters["delivered"] += 1
-
-    def _send(self, packet: bytes, dst: int) -> None:
-        try:
-            self.raw.sendto(packet, (socket.inet_ntoa(dst.to_bytes(4, "big")), 0))
-        except OSError as exc:  # no route yet (an instance restarting): discovery is best effort, like a LAN
-            log.debug("send to %s failed: %s", socket.inet_ntoa(dst.to_bytes(4, "big")), exc)
+            for target in inst.targets:
+                if target.address == src:
+                    continue
+                total = common + target.word_sum
+                while total >> 16:
+                    total = (total & 0xFFFF) + (total >> 16)
+                check = 0xFFFF - total or 0xFFFF
+                try:
+                    send(head + target.raw + ports + check.to_bytes(2, "big") + payload, target.sockaddr)
+                except OSError as exc:  # no route yet (an instance restarting): best effort, like a LAN
+                    log.debug("send to %s failed: %s", target.sockaddr[0], exc)
+                delivered += 1
+        self.counters["delivered"] += delivered
 
     def run(self, *, until: float | None = None) -> None:
         self.scan(time.monotonic())
+        poll, handlers = self.epoll.poll, self.handlers
         while self.running and (until is None or time.monotonic() < until):
-            now = time.monotonic()
-            for key, _ in self.selector.select(max(0.0, min(self.next_scan - now, 1.0))):
-                key.data()
+            timeout = self.next_scan - time.monotonic()
+            if timeout > 0:
+                for fd, _ in poll(min(timeout, 1.0)):
+                    handler = handlers.get(fd)
+                    if handler is not None:
+                        handler()
             if time.monotonic() >= self.next_scan:
                 self.scan(time.monotonic())
 
@@ -422,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, relay.stop)
     signal.signal(signal.SIGINT, relay.stop)
+    signal.signal(signal.SIGHUP, relay.request_reload)
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s", json.dumps(relay.counters)))
+    signal.set_wakeup_fd(relay.wake_w.fileno(), warn_on_full_buffer=False)
     log.info("relay of %s on %s:%d, %d peers", config.node, config.address, config.port, len(config.peers))
     relay.run()
     log.info("stopped; counters %s", json.dumps(relay.counters))
