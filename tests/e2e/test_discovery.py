@@ -113,6 +113,11 @@ def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab)
         for host, _ in players.values():  # the pushed routes put the announcements into the tunnel
             routes = lab.exec(host, ["ip", "route", "show", "table", "main"]).stdout
             assert "255.255.255.255 via" in routes and f"{GROUP} via" in routes, routes
+            # The real client accepted the pushed "vpn_gateway 1" (the metric that makes Windows pick the tunnel)
+            broadcast_route = next(line for line in routes.splitlines() if line.startswith("255.255.255.255"))
+            assert "dev tun" in broadcast_route and "metric 1" in broadcast_route.split(), broadcast_route
+            assert "Options error" not in host.log() and "route add command failed" not in host.log(), (
+                host.log()[-2000:])
         # The relays learn their players from the status files (rewritten every 2 s).
         wait_until(lambda: lab.ping(alice, carol_ip, timeout=1) and lab.ping(dave_host, bob_ip, timeout=1),
                    timeout=20, what="pings across the servers")

@@ -260,3 +260,33 @@ class HotPathTests(SimpleTestCase):
         running.scan(time.monotonic())
         self.assertEqual(running.counters["reloaded"], 1)
         self.assertEqual(running.config.peer_sockaddrs, (("127.0.0.7", self.port),))
+
+
+class SystemdUnitTests(SimpleTestCase):
+    def test_systemd_accepts_the_relay_unit_without_a_warning(self):
+        import os
+        import shutil
+        import subprocess
+
+        from nodes import render
+
+        if not shutil.which("systemd-analyze"):
+            self.skipTest("systemd-analyze is not installed")
+        unit = render.render_relay_unit()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, os.path.basename(unit.path))
+            with open(path, "w") as handle:
+                handle.write(unit.content)
+            out = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)
+        # verify exits 0 even for an unknown key or a bad value; it says so on stderr, which must stay empty.
+        self.assertEqual((out.returncode, out.stdout.strip(), out.stderr.strip()), (0, "", ""))
+        self.assertIn("ExecReload=/bin/kill -HUP $MAINPID", unit.content.splitlines())  # relay.json re-read
+
+
+class PushedRouteTests(SimpleTestCase):
+    def test_the_limited_broadcast_route_names_vpn_gateway_and_metric_1_and_groups_are_plain_host_routes(self):
+        from nodes import render
+
+        pushes = render._discovery_pushes(games.discovery_spec(["minecraft-java"], ""))
+        self.assertEqual(pushes, ['push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"',
+                                  'push "route 224.0.2.60 255.255.255.255"'])
