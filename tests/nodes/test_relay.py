@@ -290,3 +290,19 @@ class PushedRouteTests(SimpleTestCase):
         pushes = render._discovery_pushes(games.discovery_spec(["minecraft-java"], ""))
         self.assertEqual(pushes, ['push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"',
                                   'push "route 224.0.2.60 255.255.255.255"'])
+
+
+class SchedulerTests(SimpleTestCase):
+    def test_the_relay_asks_the_scheduler_for_a_short_time_slice(self):
+        import subprocess
+        import sys
+
+        script = ("import sys; sys.path.insert(0, '.'); from nodes.discovery import relay; "
+                  "ok = relay.request_short_slice(); "
+                  "print(ok, [l.split(':')[1].strip() for l in open('/proc/self/sched') if l.startswith('se.slice')])")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        ok, slices = out.stdout.split(" ", 1)
+        if ok != "True":
+            self.skipTest(f"this kernel refuses a custom slice: {out.stdout} {out.stderr}")
+        if slices.strip() != "[]":  # /proc/<pid>/sched shows se.slice on kernels with EEVDF custom slices
+            self.assertEqual(slices.strip(), f"['{relay.SLICE_NS}']")
