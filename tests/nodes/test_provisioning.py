@@ -334,6 +334,8 @@ def test_ensure_relay_starts_it_reloads_a_changed_config_restarts_a_new_program_
     pid = relay_pid(host)
     assert pid and p.relay_state(c) == (False, True)
     assert "7400" in host.exec(["ss", "-Hlnu"]).stdout  # bound to the UDP server's address even before it exists
+    sched = open(f"/proc/{pid}/sched").read()  # asked for a short scheduler slice (kernels that show se.slice)
+    assert "se.slice" not in sched or re.search(r"se\.slice\s+:\s+100000\b", sched), sched
     assert not p.ensure_relay(c, wanted=True).changed  # nothing changed: left alone
     # A node joins elsewhere in the LAN (one more peer) and a port is ticked: only relay.json changes, and the
     # same process re-reads it (SIGHUP) instead of restarting.
