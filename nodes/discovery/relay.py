@@ -38,6 +38,9 @@ import sys
 import time
 
 MAGIC = b"LHR1"  # relay-to-relay message: MAGIC + src(4) + dst(4) + sport(2) + dport(2) + payload
+PLAYERS = b"LHP1"  # a relay's local players, to every peer: PLAYERS + one address (4 bytes) per player
+PLAYERS_EVERY_S = 5.0  # a relay re-sends its list this often (and at once when it changes)
+PLAYERS_VALID_S = 3 * PLAYERS_EVERY_S  # a peer's list not refreshed for this long is forgotten
 ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
@@ -248,6 +251,39 @@ _PEER = struct.Struct("!4sIIHH")        # MAGIC, source, destination, source por
 _RAW_IP = struct.Struct("!BBHHHBBH4s")  # an IPv4 header up to its source address (the destination follows)
 
 
+class _Copies:
+    """One announcement, ready to be written to many players: the UDP checksum is the one's complement of the
+    pseudo-header (source, destination, protocol, length), the header and the payload, and everything but the
+    destination is the same for every player, so it is summed once and each player adds its own share."""
+
+    __slots__ = ("send_raw", "src", "common", "head", "ports", "payload")
+
+    def __init__(self, raw: socket.socket, src: int, sport: int, dport: int, payload: bytes):
+        length = 8 + len(payload)
+        self.send_raw, self.src, self.payload = raw.sendto, src, payload
+        self.common = _checksum(payload) + (src >> 16) + (src & 0xFFFF) + 17 + length + sport + dport + length
+        self.head = _RAW_IP.pack(0x45, 0, 20 + length, 0, 0x4000, 64, 17, 0, src.to_bytes(4, "big"))
+        self.ports = _UDP.pack(sport, dport, length)
+
+    def send(self, targets) -> int:
+        """Write a copy to each target but the sender; returns how many were written."""
+        sent, src, common, head, ports, payload, send = 0, self.src, self.common, self.head, self.ports, \
+            self.payload, self.send_raw
+        for target in targets:
+            if target.address == src:
+                continue
+            total = common + target.word_sum
+            while total >> 16:
+                total = (total & 0xFFFF) + (total >> 16)
+            try:
+                send(head + target.raw + ports + (0xFFFF - total or 0xFFFF).to_bytes(2, "big") + payload,
+                     target.sockaddr)
+            except OSError as exc:  # no route yet (an instance or a link restarting): best effort, like a LAN
+                log.debug("send to %s failed: %s", target.sockaddr[0], exc)
+            sent += 1
+        return sent
+
+
 class Relay:
     """The event loop: one epoll over the tun devices' packet sockets and the peer socket.
 
@@ -267,7 +303,12 @@ class Relay:
         self.buckets: dict[int, Bucket] = {}
         self.own = int(ipaddress.IPv4Address(config.address))
         self.tunnel_indexes: dict[int, bool] = {}  # ifindex -> is a LanHub tunnel (cleared on every rescan)
-        self.counters = {"relayed": 0, "delivered": 0, "limited": 0, "ignored": 0, "peer_refused": 0, "reloaded": 0}
+        # Each peer's players, from its PLAYERS messages: peer address -> (valid until, players ready to send to).
+        self.remote: dict[str, tuple[float, tuple[Target, ...]]] = {}
+        self.local_list = b""  # the PLAYERS message last sent
+        self.next_players = 0.0
+        self.counters = {"relayed": 0, "delivered": 0, "direct": 0, "via_peer": 0, "limited": 0, "ignored": 0,
+                         "peer_refused": 0, "reloaded": 0}
         self.config_mtime = self._config_mtime()
         self.next_scan = 0.0
         self.running = True
@@ -397,7 +438,35 @@ class Relay:
             if mtime != inst.status_mtime:
                 inst.status_mtime = mtime
                 inst.set_players(read_players(inst.status, inst.pool, self.config.link_prefix))
+        self.share_players(now)
+        for peer, (valid_until, _) in list(self.remote.items()):
+            if valid_until < now or peer not in self.config.peer_names:
+                del self.remote[peer]  # that node is gone or its relay stopped: back to copies through its relay
         self.next_scan = now + RESCAN_S
+
+    def share_players(self, now: float, *, to: tuple | None = None) -> None:
+        """Tell the peers which players are local here (at once when that changed, else every few seconds), so
+        that their relays can send announcements straight to them."""
+        message = PLAYERS + b"".join(t.raw for inst in self.config.instances for t in inst.targets)
+        if to is None and message == self.local_list and now < self.next_players:
+            return
+        self.local_list, self.next_players = message, now + PLAYERS_EVERY_S
+        for peer in (to,) if to else self.config.peer_sockaddrs:
+            try:
+                self.listener.sendto(message, peer)
+            except OSError as exc:
+                log.debug("players to %s failed: %s", peer[0], exc)
+
+    def learn_players(self, peer: str, data: bytes, now: float) -> None:
+        """A peer's list of its players. Addresses inside this node's own pools are not taken from anyone."""
+        addresses = [int.from_bytes(data[i:i + 4], "big") for i in range(4, len(data) - 3, 4)]
+        own = [(inst.low, inst.high) for inst in self.config.instances]
+        targets = tuple(Target(a) for a in sorted(set(addresses))
+                        if not any(low <= a <= high for low, high in own))
+        first = peer not in self.remote
+        self.remote[peer] = (now + PLAYERS_VALID_S, targets)
+        if first:  # a relay that (re)started learns this node's players at once, not a few seconds later
+            self.share_players(now, to=(peer, self.config.port))
 
     def _open(self, inst: Instance, index: int) -> None:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
@@ -465,31 +534,44 @@ class Relay:
             return
         self.counters["relayed"] += 1
         payload = packet[ihl + 8: ihl + length]
-        if cfg.peer_sockaddrs:
-            message = _PEER.pack(MAGIC, src, dst, sport, dport) + payload
-            send = self.listener.sendto
-            for peer in cfg.peer_sockaddrs:
-                try:
-                    send(message, peer)
-                except OSError as exc:  # no route yet (a link reconnecting): discovery is best effort, like a LAN
-                    log.debug("send to %s failed: %s", peer[0], exc)
-        self.deliver(src, sport, dport, payload)
+        copies = _Copies(self.raw, src, sport, dport, payload)
+        message = None
+        remote = self.remote
+        for peer in cfg.peer_sockaddrs:
+            known = remote.get(peer[0])
+            if known is not None and known[0] >= now:
+                # Straight to each of that node's players, as if the sender were there: the LAN routes it like
+                # any unicast, and no relay on the far side has to wake up for it.
+                self.counters["direct"] += copies.send(known[1])
+                continue
+            if message is None:
+                message = _PEER.pack(MAGIC, src, dst, sport, dport) + payload
+            try:  # that node's players are not known (yet): its relay delivers them
+                self.listener.sendto(message, peer)
+                self.counters["via_peer"] += 1
+            except OSError as exc:  # no route yet (a link reconnecting): discovery is best effort, like a LAN
+                log.debug("send to %s failed: %s", peer[0], exc)
+        self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
 
     def _from_peer(self) -> None:
         recv = self.listener.recvmsg
         cmsg_space = socket.CMSG_SPACE(12)
         for _ in range(256):
             try:
-                data, ancillary, _, address = recv(2048, cmsg_space)
+                data, ancillary, _, address = recv(65535, cmsg_space)
             except BlockingIOError:
                 return
-            if len(data) < 16 or not self._trusted(address[0], ancillary):
+            if len(data) < 4 or not self._trusted(address[0], ancillary):
                 self.counters["peer_refused"] += 1
                 continue
-            magic, src, _dst, sport, dport = _PEER.unpack_from(data)
-            if magic != MAGIC:
+            if data[:4] == PLAYERS:
+                self.learn_players(address[0], data, time.monotonic())
+                continue
+            if len(data) < 16 or data[:4] != MAGIC:
                 self.counters["peer_refused"] += 1
-            elif dport in self.config.ports:  # a peer rendered from an older game list must not widen ours
+                continue
+            _, src, _dst, sport, dport = _PEER.unpack_from(data)
+            if dport in self.config.ports:  # a peer rendered from an older game list must not widen ours
                 self.deliver(src, sport, dport, data[16:])
 
     def _trusted(self, source: str, ancillary) -> bool:
@@ -512,28 +594,8 @@ class Relay:
 
     def deliver(self, src: int, sport: int, dport: int, payload: bytes) -> None:
         """One unicast copy to every local player but the sender, with the sender's address as source."""
-        length = 8 + len(payload)
-        # The UDP checksum: pseudo-header (source, destination, protocol, length) + header + payload, one's
-        # complement. Everything but the destination is the same for every player: sum it once.
-        common = _checksum(payload) + (src >> 16) + (src & 0xFFFF) + 17 + length + sport + dport + length
-        head = _RAW_IP.pack(0x45, 0, 20 + length, 0, 0x4000, 64, 17, 0, src.to_bytes(4, "big"))
-        ports = _UDP.pack(sport, dport, length)
-        send = self.raw.sendto
-        delivered = 0
-        for inst in self.config.instances:
-            for target in inst.targets:
-                if target.address == src:
-                    continue
-                total = common + target.word_sum
-                while total >> 16:
-                    total = (total & 0xFFFF) + (total >> 16)
-                check = 0xFFFF - total or 0xFFFF
-                try:
-                    send(head + target.raw + ports + check.to_bytes(2, "big") + payload, target.sockaddr)
-                except OSError as exc:  # no route yet (an instance restarting): best effort, like a LAN
-                    log.debug("send to %s failed: %s", target.sockaddr[0], exc)
-                delivered += 1
-        self.counters["delivered"] += delivered
+        copies = _Copies(self.raw, src, sport, dport, payload)
+        self.counters["delivered"] += copies.send(t for inst in self.config.instances for t in inst.targets)
 
     def run(self, *, until: float | None = None) -> None:
         self.scan(time.monotonic())

@@ -118,10 +118,11 @@ def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab)
             assert "dev tun" in broadcast_route and " metric 1 " in f" {broadcast_route} ", broadcast_route
             assert "Options error" not in host.log() and "route add command failed" not in host.log(), (
                 host.log()[-2000:])
-        # The relays learn their players from the status files (rewritten every 2 s).
+        # The relays learn their players from the status files (rewritten every 2 s) and tell each other within a
+        # second of a change.
         wait_until(lambda: lab.ping(alice, carol_ip, timeout=1) and lab.ping(dave_host, bob_ip, timeout=1),
                    timeout=20, what="pings across the servers")
-        time.sleep(STATUS_INTERVAL + 1)
+        time.sleep(STATUS_INTERVAL + 2)
 
         def why():
             return "\n".join(f"--- {n} relay:\n{relay_log(h)}" for n, h in hosts.items())
