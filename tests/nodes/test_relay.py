@@ -233,6 +233,44 @@ class HotPathTests(SimpleTestCase):
             players["127.0.0.5"].recvfrom(2048)  # never back to the sender
         self.assertEqual(running.counters["delivered"], 10)
 
+    def test_once_a_peer_lists_its_players_announcements_go_straight_to_them_and_not_through_its_relay(self):
+        import socket
+        import time
+
+        path, data = self.write_config(instances=[{"device": "lh-absent0", "pool": "127.0.0.0/28",
+                                                   "status": f"{self.tmp}/s"}])
+        running = relay.Relay(relay.Config(data), config_path=path)
+        self.addCleanup(running.listener.close)
+        inst = running.config.instances[0]
+        inst.set_players({ip("127.0.0.5"), ip("127.0.0.6")})
+        peer = self.listen("127.0.0.7", self.port)
+        players = {a: self.listen(a, 6112) for a in ("127.0.0.6", "127.0.1.20", "127.0.1.21")}
+        # The peer's list: two players of its own, and one address of this node's pool, which is not taken from it.
+        listed = b"".join(socket.inet_aton(a) for a in ("127.0.1.20", "127.0.1.21", "127.0.0.6"))
+        now = time.monotonic()
+        running.learn_players("127.0.0.7", relay.PLAYERS + listed, now)
+        reply, _ = peer.recvfrom(2048)  # first contact: this node's list goes back at once
+        self.assertEqual(reply, relay.PLAYERS + socket.inet_aton("127.0.0.5") + socket.inet_aton("127.0.0.6"))
+        running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"direct"), now)
+        for address, sock in players.items():  # each exactly once, with the sender's address and port
+            self.assertEqual(sock.recvfrom(2048), (b"direct", ("127.0.0.5", 50000)), address)
+            with self.assertRaises(socket.timeout):
+                sock.recvfrom(2048)
+        with self.assertRaises(socket.timeout):
+            peer.recvfrom(2048)  # nothing for the peer's relay to wake up for
+        self.assertEqual((running.counters["direct"], running.counters["via_peer"]), (2, 0))
+        # A list not refreshed in time is forgotten: the copy goes through the peer's relay again.
+        later = now + relay.PLAYERS_VALID_S + 1
+        running.scan(later)
+        self.assertEqual(running.remote, {})
+        running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"via relay"), later)
+        peer.settimeout(0.5)
+        while True:  # skip this node's own periodic list
+            message, _ = peer.recvfrom(2048)
+            if message[:4] == relay.MAGIC:
+                break
+        self.assertEqual(message[16:], b"via relay")
+
     def test_a_changed_config_is_reloaded_in_place_without_a_restart(self):
         import os
         import time
