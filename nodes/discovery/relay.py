@@ -11,12 +11,14 @@ How a packet travels:
    broadcast or multicast addresses reach Python). It keeps the packet only if it arrived from the instance's
    players (incoming, source in the instance's own pool) and goes to a listed port.
 2. A per-player token bucket (packets and bytes per second) drops floods.
-3. The origin relay delivers it to each local player except the sender and sends one copy, by unicast over the
-   LAN, to every other node's relay. A relay that receives a copy delivers it locally and never forwards it: with
-   exactly one origin per packet, every player gets each packet once whatever the shape of the links.
-4. Local delivery is a UDP packet with the ORIGINAL source address and ports, addressed to the player's VPN
-   address, written through a raw socket into the node's routing: OpenVPN routes it to the player by destination.
-   Games listen on 0.0.0.0:port, so they accept it, and their unicast reply goes straight to the sender.
+3. The relays tell each other which players are local to them (PLAYERS messages, on change and every few
+   seconds). The origin relay writes one copy straight to each player of every other node whose list it holds (the
+   LAN routes it like unicast from the sender: no relay on the far side wakes up), one copy to the relay of a node
+   whose list it does not hold (that relay delivers it and never forwards it), and one to each local player except
+   the sender. With exactly one origin per packet, every player gets each packet once whatever the links' shape.
+4. Each copy is a UDP packet with the ORIGINAL source address and ports, addressed to the player's VPN address,
+   written through a raw socket into the node's routing: OpenVPN routes it to the player by destination. Games
+   listen on 0.0.0.0:port, so they accept it, and their unicast reply goes straight to the sender.
 
 Which players are local is read from the instances' status files (rewritten every few seconds).
 """
