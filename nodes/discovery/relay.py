@@ -450,9 +450,10 @@ class Relay:
         """Tell the peers which players are local here (at once when that changed, else every few seconds), so
         that their relays can send announcements straight to them."""
         message = PLAYERS + b"".join(t.raw for inst in self.config.instances for t in inst.targets)
-        if to is None and message == self.local_list and now < self.next_players:
-            return
-        self.local_list, self.next_players = message, now + PLAYERS_EVERY_S
+        if to is None:
+            if message == self.local_list and now < self.next_players:
+                return
+            self.local_list, self.next_players = message, now + PLAYERS_EVERY_S
         for peer in (to,) if to else self.config.peer_sockaddrs:
             try:
                 self.listener.sendto(message, peer)

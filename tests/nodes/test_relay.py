@@ -251,6 +251,9 @@ class HotPathTests(SimpleTestCase):
         running.learn_players("127.0.0.7", relay.PLAYERS + listed, now)
         reply, _ = peer.recvfrom(2048)  # first contact: this node's list goes back at once
         self.assertEqual(reply, relay.PLAYERS + socket.inet_aton("127.0.0.5") + socket.inet_aton("127.0.0.6"))
+        # ... and the reply to one peer does not count as telling every peer: the next scan still sends the list.
+        running.scan(now)
+        self.assertEqual(peer.recvfrom(2048)[0], reply)
         running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"direct"), now)
         for address, sock in players.items():  # each exactly once, with the sender's address and port
             self.assertEqual(sock.recvfrom(2048), (b"direct", ("127.0.0.5", 50000)), address)
