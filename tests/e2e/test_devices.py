@@ -121,8 +121,11 @@ def test_two_devices_of_one_player_are_online_at_once_and_both_reachable(lab):
             assert lab.ping(bob_host, ip, timeout=2) is not None, f"bob cannot reach {host.name}"
         assert lab.ping(pc_host, laptop_ip, timeout=2) is not None, "alice's PC cannot reach her laptop"
         assert tunnel_address(pc_host) == pc_ip and pc_host.openvpn_pid() is not None
-        # What a shared certificate caused: the server dropping the first session for the second.
-        assert "previous active sessions by this client to be dropped" not in server_log(hz_host)
+        # What a shared certificate caused: the server dropping the first session for the second. (Hong Kong's link
+        # client may log it for itself when it reconnects after a sync: only alice's names count here.)
+        dropped = re.findall(r"new connection by client '([^']+)' will cause previous active sessions",
+                             server_log(hz_host))
+        assert not {first.common_name, laptop.common_name} & set(dropped), dropped
 
         # The lobby: alice once, with both devices and their addresses.
         def lobby_rows():
