@@ -157,9 +157,18 @@ def _server_pki() -> list[str]:
 def _discovery_pushes(discovery: games.DiscoverySpec) -> list[str]:
     """Routes that bring a player's game announcements into the tunnel: the limited broadcast and the LAN's
     multicast groups, each as a /32 (never all of 224/4: the player's home mDNS and SSDP stay home). A player's
-    subnet broadcast is on-link on the tunnel already."""
-    hosts = ["255.255.255.255", *discovery.groups]
-    return [f'push "route {host} 255.255.255.255"' for host in hosts]
+    subnet broadcast is on-link on the tunnel already.
+
+    The limited broadcast's route carries gateway ``vpn_gateway`` and metric 1. Windows sends 255.255.255.255 out of
+    one interface, the one whose route for it has the lowest metric (route metric + interface metric; every adapter
+    has an on-link 255.255.255.255/32 route with route metric 256), so metric 1 makes the tunnel win over the home
+    network. OpenVPN 2.6 passes the metric to Windows (route.c: the interactive service's CreateIpForwardEntry2,
+    route.exe METRIC, ipapi dwForwardMetric1), Linux (``metric 1``) and macOS (``-rtt 1``); openvpn3 (OpenVPN
+    Connect) reads the metric from the route's fifth field and accepts only ``vpn_gateway`` or ``net_gateway`` as its
+    fourth (tun/client/tunprop.hpp: route_target), so the keyword, not an address, is pushed. Multicast groups need no
+    metric: a /32 beats the on-link 224.0.0.0/4 by prefix length (docs/discovery.md)."""
+    lines = ['push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"']
+    return lines + [f'push "route {group} 255.255.255.255"' for group in discovery.groups]
 
 
 def _port(node: NodeSpec, which: str) -> int:
@@ -345,6 +354,8 @@ def render_relay_unit() -> RenderedFile:
         # The relay exits cleanly when its config is removed (the node was deleted): then it must stay stopped.
         f"ConditionPathExists={RELAY_CONFIG}", "",
         "[Service]", f"ExecStart=/usr/bin/python3 {RELAY_PROGRAM} --config {RELAY_CONFIG}",
+        # A changed relay.json (a node added or removed, a new game list) is re-read in place.
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure", "RestartSec=2", "",
         "[Install]", "WantedBy=multi-user.target",
     ]

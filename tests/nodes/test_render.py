@@ -31,7 +31,7 @@ ifconfig-pool 10.0.1.1 10.0.255.253
 client-config-dir /etc/openvpn/server/ccd
 route 10.2.0.0 255.254.0.0
 push "route 10.0.0.0 255.0.0.0"
-push "route 255.255.255.255 255.255.255.255"
+push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"
 ca /etc/openvpn/lanhub/pki/ca.crt
 cert /etc/openvpn/lanhub/pki/node.crt
 key /etc/openvpn/lanhub/pki/node.key
