@@ -9,12 +9,24 @@ lab's wan namespace, and QEMU runs there, so ``Lab.down()`` kills it with everyt
          |  veth
     wan ns -- br-nodes 203.0.113.1/24 -- tap v-<name> -- QEMU (TCG) -- Debian 12: eth0 203.0.113.4x/24
 
-Images (``ensure_image``) are built by debootstrap from the Debian registry and cached under ``var/vm/<layer>-<hash
-of the recipe>/``: ``base`` has openssh-server, systemd, sudo and iptables but no openvpn. The debootstrapped tree
-is kept beside it (``tree-<hash>``), so a layer with packages preloaded (for tests that do not exercise apt) can be
-added on top without a second debootstrap; there is none yet. A change to the recipe (packages, files, this
-module's ``IMAGE_VERSION``) gives a new hash and a new build; old builds stay until var/vm is removed.
-Each VM boots a throw-away qcow2 overlay of the image, in the lab's state directory (removed by ``down()``).
+Images (``ensure_image``) are built from a Debian tree that debootstrap makes from the Debian registry once
+(``tree-<hash>``, kept), and cached as ``<layer>-<hash of the recipe>/`` in ``cache_dir()``: /var/cache/lanhub/vm
+when run as root (outside any checkout, so a fresh clone, as CI makes, reuses it), else var/vm
+(``LANHUB_VM_CACHE`` overrides). ``base`` has openssh-server, systemd, sudo and iptables but no openvpn;
+``preloaded`` adds openvpn and python3 (what LanHub's ensure_openvpn step installs), for tests that do not exercise
+apt. A change to the recipe (packages, files, units, this module's ``IMAGE_VERSION``) gives a new hash and a new
+build; old builds stay until the cache directory is removed.
+
+Saved states (``ensure_saved_state``): each image booted once, in a network namespace of its own with nothing on
+its link, and saved with QEMU's ``migrate`` to a file once systemd says the system is up; its overlay disk is kept
+frozen beside it. A VM made with ``saved=`` boots a fresh overlay of that disk, restores the state (seconds, where
+a cold boot under TCG takes 15-60) and is then told over its second serial port to take its own identity:
+lanhub-lab-clone in the image sets the clock, reseeds the random pool (so does vmgenid), re-reads fw_cfg
+(address, MAC, host key, users, root's keys, apt proxy), gives itself a new machine-id and restarts sshd. Clones
+then differ in everything a test can see, and share one bridge. A reboot of a clone is a cold boot of its own
+disk. A saved state is keyed by the image, QEMU's version, the accelerator, memory and CPUs.
+
+Each VM boots a throw-away qcow2 overlay in the lab's state directory (removed by ``down()``).
 
 Everything a VM must have of its own arrives through QEMU's fw_cfg at every boot and is applied by the image's
 ``lanhub-lab-init`` unit before sshd starts: hostname, address, gateway, apt proxy, its SSH host key (made here,
@@ -346,10 +358,19 @@ def ensure_tree(root: Path, log) -> Path:
     if not (tree / ".complete").exists():
         _run(["rm", "-rf", "--one-file-system", tree], timeout=300, check=False)
         log(f"debootstrap {SUITE} from {MIRROR} ...")
+        began = time.monotonic()
         _run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, tree, MIRROR],
              timeout=BUILD_TIMEOUT)
-        (tree / ".complete").touch()
+        (tree / ".complete").write_text(f"{time.monotonic() - began:.1f}\n")  # seconds debootstrap took
     return tree
+
+
+def debootstrap_seconds(var_dir: str | Path | None = None) -> float | None:
+    """How long the cached debootstrap tree took to make (recorded when it was made)."""
+    try:
+        return float((cache_dir(var_dir) / f"tree-{_hash(tree_recipe())}" / ".complete").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _build(work: Path, layer: str, root: Path, log) -> None:
@@ -437,7 +458,7 @@ def _umount_chroot(tree: Path) -> None:
 class AptProxy:
     """apt-cacher-ng of the lab's own: bound to the host's lab address only, serving only Debian's archive.
 
-    The cache lives under ``var/vm/apt-cache`` (kept between runs); configuration, logs and pid in ``run_dir``.
+    The cache lives in ``cache_dir()/apt-cache`` (kept between runs); configuration, logs and pid in ``run_dir``.
     """
 
     # apt-cacher-ng's own port: here it could not bind any other (it resolves the port as a service name), and the

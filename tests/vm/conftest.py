@@ -45,6 +45,7 @@ def vm_images():
     and saved, so a test restores a clone in seconds instead of a cold boot."""
     require_vm()
     images = {}
+    debootstrapped = labvm.debootstrap_seconds(settings.VAR_DIR)
     for layer in LAYERS:
         began = time.monotonic()
         image, built = labvm.ensure_image(settings.VAR_DIR, layer, log=_log)
@@ -63,6 +64,9 @@ def vm_images():
             FIGURES[f"saved_state_made_{layer}_s"] = time.monotonic() - began
         FIGURES.setdefault("cold_boot_to_booted_s", saved.info["boot_seconds"])  # as recorded when it was saved
         images[layer] = (image, saved)
+    seconds = labvm.debootstrap_seconds(settings.VAR_DIR)
+    if seconds is not None:
+        FIGURES["debootstrap_now_s" if debootstrapped is None else "debootstrap_recorded_s"] = seconds
     return images
 
 
