@@ -404,7 +404,8 @@ def _install(tree: Path, packages: tuple[str, ...]) -> None:
     resolv = tree / "etc/resolv.conf"
     resolv.unlink(missing_ok=True)
     shutil.copy2("/etc/resolv.conf", resolv)
-    apt = ["chroot", tree, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-o", "APT::Install-Recommends=false"]
+    apt = ["chroot", tree, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q",
+           "-o", "APT::Install-Recommends=false"]
     try:
         _run(["mount", "-t", "proc", "proc", tree / "proc"])
         _run([*apt, "update"], timeout=BUILD_TIMEOUT)

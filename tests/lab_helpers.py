@@ -3,9 +3,10 @@
 The fixtures themselves (``lab``, ``ssh_key``) live in tests/conftest.py and are found by name; this module holds
 the plain functions tests call: ``require_lab`` (skip, or fail under CI / LANHUB_REQUIRE_LAB=1, with the reason a
 lab can't be built), ``generate_ssh_key``, ``connect_node`` and ``ssh_run``, and what the end-to-end and VM tests
-share while LanHub syncs their servers: ``wait_until``, ``settled``, ``describe_runs`` and ``vpn_address``. A test module that needs a lab with
-another scope or options makes its own fixture with ``make_lab_fixture``. Labs with host routes are serialised
-machine-wide (see lab/netns.py), so two suites running at once wait for each other rather than collide.
+share while LanHub syncs their servers: ``wait_until``, ``settled``, ``describe_runs`` and ``vpn_address``. A test
+module that needs a lab with another scope or options makes its own fixture with ``make_lab_fixture``. Labs with
+host routes are serialised machine-wide (see lab/netns.py), so two suites running at once wait for each other
+rather than collide.
 """
 
 from __future__ import annotations

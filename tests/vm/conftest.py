@@ -94,9 +94,9 @@ def make_vm(vm_lab, vm_images, apt_proxy, ssh_key):
     def make(name: str, layer: str = "preloaded", **options) -> labvm.VmHost:
         image, saved = vm_images[layer]
         began = time.monotonic()
+        made.append(name)
         vm = labvm.add_vm(vm_lab, name, image, saved=saved, authorized_keys=ssh_key.public_line,
                           apt_proxy=apt_proxy.url, **options)
-        made.append(name)
         vm.wait_for_ssh(60)
         FIGURES.setdefault("clone_restore_to_ssh_s", time.monotonic() - began)
         return vm

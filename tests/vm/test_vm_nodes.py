@@ -242,7 +242,8 @@ def test_deleting_the_node_stops_and_disables_its_units_removes_lanhubs_files_an
     leftovers = root_out(vm, ssh_key, "ls -d /etc/openvpn/lanhub /etc/openvpn/server/lanhub-* "
                                       "/etc/openvpn/client/lanhub-* /etc/sysctl.d/90-lanhub.conf "
                                       "/etc/systemd/system/lanhub-relay.service 2>/dev/null; "
-                                      "iptables -S | grep -i lanhub; pgrep -ax openvpn; pgrep -af 'lanhub-relay[.]py'; true")
+                                      "iptables -S | grep -i lanhub; pgrep -ax openvpn; "
+                                      "pgrep -af 'lanhub-relay[.]py'; true")
     assert leftovers.strip() == "", leftovers
     assert "install ok installed" in root_out(vm, ssh_key, "dpkg-query -W -f='${Status}' openvpn")  # the host's
     assert node_files(vm, ssh_key) == before, "LanHub's files are not all gone"
