@@ -87,17 +87,25 @@ def _write_crl(lan: Lan, *, now) -> None:
     lan.crl_next_update = pki.crl_next_update(lan.crl_pem)
 
 
-@transaction.atomic
 def revoke_certificate(*, lan: Lan, serial: str, common_name: str, reason: str) -> list[str]:
-    """Revoke a certificate on every node before returning (nodes/revocation.py), record it, and sync the nodes
-    (which also kills its live sessions). Returns the names of nodes that could not be reached in time."""
-    RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
-                                             defaults={"common_name": common_name, "reason": reason})
+    return revoke_certificates(lan=lan, certificates=[(serial, common_name)], reason=reason)
+
+
+@transaction.atomic
+def revoke_certificates(*, lan: Lan, certificates: list[tuple[str, str]], reason: str) -> list[str]:
+    """Revoke certificates, given as (serial in hex, common name), on every node before returning
+    (nodes/revocation.py), record them, and sync the nodes once (which also kills their live sessions). Returns
+    the names of nodes that could not be reached in time."""
+    if not certificates:
+        return []
+    for serial, common_name in certificates:
+        RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
+                                                 defaults={"common_name": common_name, "reason": reason[:100]})
     lan = Lan.objects.select_for_update().get(pk=lan.pk)
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
-    unreached = revocation.push_revoked(lan, [serial])
-    sync_changed_nodes(lan, reason=f"certificate revoked: {common_name}")
+    unreached = revocation.push_revoked(lan, [serial for serial, _ in certificates])
+    sync_changed_nodes(lan, reason=f"certificate revoked: {', '.join(cn for _, cn in certificates)}"[:200])
     return unreached
 
 
@@ -119,7 +127,7 @@ def renew_crl(lan: Lan, *, min_days_left: float = CRL_DAYS / 2) -> bool:
 
 # --- Nodes ----------------------------------------------------------------------------------------------------
 
-NODE_FIELDS = ("name", "region", "priority", "public_address", "udp_port", "tcp_port", "ssh_host", "ssh_port",
+NODE_FIELDS = ("name", "region", "priority", "public_address", "public_ipv6", "udp_port", "tcp_port", "ssh_host", "ssh_port",
                "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool", "pinned_upstream")
 
 
@@ -205,9 +213,15 @@ def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -
     revocation.push_revoked(lan, [serial for serial, _ in certificates])
 
 
-# Node certificates live two years and are re-issued once less than one is left, so a node the portal cannot
-# reach (or a portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. Nothing else on a
-# node expires: revocation is a directory (nodes/layout.py: PKI_CRL_DIR), not a CRL with a nextUpdate.
+# What has a lifetime, and why (docs/security.md, "Lifetimes"):
+# - the LAN's CA and players' certificates: none (lanhub/pki.py). Nothing could renew a CA without every player
+#   downloading a new profile, and a player ends by revocation;
+# - revocation: a directory of serials on each node (nodes/layout.py: PKI_CRL_DIR), no nextUpdate;
+# - node certificates: two years, re-issued once less than one is left, so a node the portal cannot reach (or a
+#   portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. They are the one thing with
+#   a date: a player's client cannot consult the LAN's revocations, so only a date bounds how long a node key
+#   taken from a retired or broken-into server can pose as a LanHub server to players.
+# Nothing else on a node expires (tests/e2e/test_portal_down.py).
 NODE_CERT_DAYS = 730
 NODE_CERT_RENEW_DAYS = 365
 
