@@ -227,6 +227,8 @@ LANHUB_DRIFT_INTERVAL = _typed("LANHUB_DRIFT_INTERVAL", env.int, 300)
 # The session watcher (manage.py watch_sessions) pushes who is online; the poll is the slow safety net and reads
 # link RTTs.
 LANHUB_STATUS_INTERVAL = _typed("LANHUB_STATUS_INTERVAL", env.int, 60)
+# A node the watcher holds (its connection shows it alive, its players are pushed) is polled only this often.
+LANHUB_HELD_POLL_INTERVAL = _typed("LANHUB_HELD_POLL_INTERVAL", env.int, 1800)
 LANHUB_WATCHER_PROCESSES = _typed("LANHUB_WATCHER_PROCESSES", env.int, 2)
 LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 3600)
 # A node that misses this many status polls in a row is marked down and the LAN is re-planned.
