@@ -222,3 +222,35 @@ def _dijkstra(adj: Mapping[str, Mapping[str, int]], source: str) -> tuple[dict[s
                 dist[nbr] = nd
                 heapq.heappush(heap, (nd, nbr, nbr if node == source else hop))
     return dist, first
+
+
+# --- what players are routed into the tunnel ------------------------------------------------------------------
+
+MAX_PLAYER_ROUTES = 8  # pushed prefixes at most; past that, the closest neighbours merge into a common prefix
+
+
+def player_routes(blocks: Mapping[str, Sequence[ipaddress.IPv4Network]],
+                  pools: Sequence[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, ...]:
+    """The prefixes a player is pushed: only what the LAN has allocated, never the whole supernet.
+
+    A player's other 10.x networks (a second home subnet, a company VPN, a DNS server) must stay outside the
+    tunnel, where the LAN would drop them. The allocation is the top-level regions' blocks (addresses.py; they
+    hold every pool of their nodes and room to grow, so a node joining a region with room changes no player's
+    routes, and no server restarts for it: StabilityTests in tests/nodes/test_render.py) plus
+    the pools of nodes outside every region block, aggregated. Past MAX_PLAYER_ROUTES prefixes the two closest
+    neighbours merge into their common prefix, repeatedly: a bounded route count on every client, at the price of
+    a little unallocated space, always inside the LAN's supernet (both parts are)."""
+    top = [net for region, nets in blocks.items() if region and "/" not in region for net in nets]
+    outside = [pool for pool in pools if not any(pool.subnet_of(net) for net in top)]
+    prefixes = list(ipaddress.collapse_addresses([*top, *outside]))
+    while len(prefixes) > MAX_PLAYER_ROUTES:
+        merged = [_common(a, b) for a, b in zip(prefixes, prefixes[1:])]
+        best = max(range(len(merged)), key=lambda i: (merged[i].prefixlen, -i))
+        prefixes = list(ipaddress.collapse_addresses([*prefixes[:best], merged[best], *prefixes[best + 2:]]))
+    return tuple(prefixes)
+
+
+def _common(a: ipaddress.IPv4Network, b: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The smallest prefix holding both."""
+    length = min(a.prefixlen, b.prefixlen, 32 - (int(a.network_address) ^ int(b.network_address)).bit_length())
+    return a.supernet(new_prefix=length)

@@ -7,6 +7,7 @@ writes more than one row is atomic, and Celery tasks are enqueued only after the
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 
 from cryptography import x509
@@ -17,8 +18,8 @@ from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import games, layout, provisioning, revocation
-from nodes.models import Lan, Node, RevokedCertificate
+from nodes import games, layout, provisioning, revocation, routing
+from nodes.models import Lan, Node, RevokedCertificate, StoredPlan
 from nodes import topology
 from nodes.ssh import ProvisioningError, open_connection
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
@@ -243,6 +244,16 @@ def renew_node_certificates(lan: Lan, *, now=None) -> list[Node]:
         request_sync(node, reason="node certificates renewed before they expire")
         renewed.append(node)
     return renewed
+
+
+def player_routes(lan: Lan) -> list[str]:
+    """What every server pushes to the LAN's players (routing.player_routes), read from the stored plan: one
+    query, no planning. Empty before the LAN's first plan."""
+    data = StoredPlan.objects.filter(lan=lan).values_list("data", flat=True).first() or {}
+    net = ipaddress.IPv4Network
+    blocks = {region: [net(b) for b in nets] for region, nets in data.get("blocks", {}).items()}
+    pools = [net(pool) for pair in data.get("pools", {}).values() for pool in pair]
+    return [str(prefix) for prefix in routing.player_routes(blocks, pools)] if pools else []
 
 
 def lan_capacity(lan: Lan) -> int:

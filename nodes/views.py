@@ -151,6 +151,7 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
         "online_total": sum(node.online for node in nodes),
         # How many servers the address plan holds (docs/addressing.md): computed from the settings, no query.
         "capacity": services.lan_capacity(lan),
+        "player_routes": services.player_routes(lan),  # the stored plan's blocks and pools: one query
         "node_form": node_form or NodeForm(lan=lan),
         "invite_form": invite_form or InviteForm(),
         "games_form": games_form or GameListForm(instance=lan),

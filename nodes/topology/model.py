@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from nodes.routing import RoutePlan
+from nodes.routing import RoutePlan, player_routes
 
 # The first 256 addresses of a UDP pool hold .0 (network), .1 (the server) and .2-.255 for link clients.
 LINK_SLOTS = 256
@@ -79,6 +79,11 @@ class Plan:
             for route in routes:
                 by_via.setdefault(route.via, []).append(route)
         return index
+
+    @cached_property
+    def player_routes(self) -> tuple[ipaddress.IPv4Network, ...]:
+        """The prefixes every server pushes to its players (routing.player_routes), computed once per plan."""
+        return player_routes(self.blocks, [pool for pools in self.pools.values() for pool in (pools.udp, pools.tcp)])
 
     def routes_via(self, name: str, via: str) -> list[RoutePlan]:
         """The node's routes whose next hop is ``via``, in route order."""

@@ -109,8 +109,9 @@ class DashboardTests(HostTestCase):
     def test_it_loads_in_a_fixed_number_of_queries_whatever_the_history_and_the_number_of_players(self):
         # 1 session, 2 user, 3 the LAN, 4 its nodes with their online counts and latest run ids (correlated
         # subqueries), 5 those runs, 6 the number of players, 7 one page of players, 8 their sessions with nodes,
-        # 9 the newest invites, 10 links with both ends, 11 the upstream choices of the add-server form.
-        with self.assertNumQueries(11):
+        # 9 the newest invites, 10 links with both ends, 11 the stored plan (what players are routed), 12 the
+        # upstream choices of the add-server form.
+        with self.assertNumQueries(12):
             self.client.get(self.url())
         self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
         nodes = list(Node.objects.filter(lan=self.lan))
@@ -122,10 +123,15 @@ class DashboardTests(HostTestCase):
             player_services.redeem_invite(token=invite.token, nickname=f"friend{i:02}")
         for i in range(INVITES_SHOWN):
             player_services.create_invite(lan=self.lan, note=f"invite {i}")
-        with self.assertNumQueries(11):  # the same with another node, history, two pages of players, more invites
+        with self.assertNumQueries(12):  # the same with another node, history, two pages of players, more invites
             response = self.client.get(self.url())
         self.assertContains(response, "Players 1–50 of %d" % (PLAYERS_PER_PAGE + 6))
         self.assertContains(response, "Only the %d newest invites are shown." % INVITES_SHOWN)
+
+    def test_it_shows_what_players_are_routed_and_not_the_whole_supernet(self):
+        response = self.client.get(self.url())
+        self.assertEqual(response.context["player_routes"], ["10.0.0.0/14"])
+        self.assertContains(response, "Players are routed 10.0.0.0/14 through the tunnel")
 
     def test_each_node_card_shows_its_latest_run(self):
         older = SyncRun.objects.create(node=self.hangzhou, status=SyncStatus.FAILED, current_step="connect",
