@@ -135,7 +135,7 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
         node.run = runs.get(node.latest_run_id)
     players = Paginator(lan.players.prefetch_related(
         Prefetch("sessions", queryset=VpnSession.objects.select_related("node").only("player_id", "vpn_address",
-                                                                                      "node__name"),
+                                                                                      "node__display_name"),
                  to_attr="session_list")),
         PLAYERS_PER_PAGE).get_page(request.GET.get("players"))
     for player in players:
@@ -147,7 +147,8 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
         "lan": lan, "nodes": nodes, "players": players, "invites": invites[:INVITES_SHOWN],
         "more_invites": len(invites) > INVITES_SHOWN,
         "links": list(Link.objects.filter(lan=lan).select_related("upstream", "downstream")
-                      .only("address", "state", "rtt_ms", "upstream__name", "downstream__name")),
+                      .only("address", "state", "rtt_ms", "upstream__display_name",
+                            "downstream__display_name")),
         "online_total": sum(node.online for node in nodes),
         # How many servers the address plan holds (docs/addressing.md): computed from the settings, no query.
         "capacity": services.lan_capacity(lan),

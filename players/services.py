@@ -233,8 +233,12 @@ def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
     others = [n for n in ranked if n.pk != node.pk]
     content = _render_profile(lan.name, player.nickname, tuple(profiles.profile_remotes(chosen=node, others=others)),
                               lan.ca_cert, player.cert_pem, player.key_sealed, lan.tls_crypt_sealed)
-    return Profile(filename=profiles.profile_filename(lan=lan.slug, nickname=player.nickname, node=node.name),
-                   content=content)
+    return Profile(filename=profile_filename(player, node=node), content=content)
+
+
+def profile_filename(player: Player, *, node: Node) -> str:
+    """The name the player's .ovpn for ``node`` downloads as (the page quotes it in its instructions)."""
+    return profiles.profile_filename(lan=player.lan.slug, nickname=player.nickname, node=node.name)
 
 
 @functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)

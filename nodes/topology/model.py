@@ -80,10 +80,14 @@ class Plan:
                 by_via.setdefault(route.via, []).append(route)
         return index
 
-    @cached_property
-    def player_routes(self) -> tuple[ipaddress.IPv4Network, ...]:
-        """The prefixes every server pushes to its players (routing.player_routes), computed once per plan."""
-        return player_routes(self.blocks, [pool for pools in self.pools.values() for pool in (pools.udp, pools.tcp)])
+    def player_routes(self, supernet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ...]:
+        """The prefixes every server pushes to its players (routing.player_routes): computed once per plan, not
+        once per node rendered."""
+        cache = self.__dict__.setdefault("_player_routes", {})  # as cached_property does (a frozen dataclass)
+        if supernet not in cache:
+            pools = [pool for pair in self.pools.values() for pool in (pair.udp, pair.tcp)]
+            cache[supernet] = player_routes(self.blocks, pools, supernet)
+        return cache[supernet]
 
     def routes_via(self, name: str, via: str) -> list[RoutePlan]:
         """The node's routes whose next hop is ``via``, in route order."""

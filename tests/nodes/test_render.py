@@ -30,7 +30,7 @@ server 10.0.0.0 255.255.0.0 nopool
 ifconfig-pool 10.0.1.1 10.0.255.253
 client-config-dir /etc/openvpn/server/ccd
 route 10.2.0.0 255.254.0.0
-push "route 10.0.0.0 255.252.0.0"
+push "route 10.0.0.0 255.240.0.0"
 push "route 255.255.255.255 255.255.255.255"
 push "explicit-exit-notify 1"
 ca /etc/openvpn/lanhub/pki/ca.crt
@@ -70,7 +70,7 @@ class ReferenceLanTests(SimpleTestCase):
         tcp = lines(reference()["hangzhou"][TCP])
         self.assertIn("proto tcp-server", tcp)
         self.assertIn("server 10.1.0.0 255.255.0.0", tcp)
-        self.assertIn('push "route 10.0.0.0 255.252.0.0"', tcp)
+        self.assertIn('push "route 10.0.0.0 255.240.0.0"', tcp)
         self.assertIn("management 127.0.0.1 7506 /etc/openvpn/lanhub/pki/management.pw", tcp)
         self.assertFalse([line for line in tcp if line.startswith(("route ", "client-config-dir"))])
 
@@ -223,28 +223,36 @@ def pushed_routes(file):
 class PlayerRouteTests(SimpleTestCase):
     """Players get the LAN's allocated blocks, never all of 10.0.0.0/8 (their own 10.x networks stay home)."""
 
-    def test_players_are_pushed_the_reference_lans_asia_block_not_the_supernet(self):
-        files = reference()
+    def test_players_are_pushed_the_reference_lans_asia_block_with_headroom_not_the_supernet(self):
+        files = reference()  # Asia's block is 10.0.0.0/14; pushed as at least 1/16 of the supernet
         for node in ("hangzhou", "hongkong"):
             for path in (UDP, TCP):
-                self.assertEqual(pushed_routes(files[node][path]), ["10.0.0.0 255.252.0.0"], (node, path))
+                self.assertEqual(pushed_routes(files[node][path]), ["10.0.0.0 255.240.0.0"], (node, path))
+
+    def test_a_new_region_inside_the_headroom_changes_no_servers_push(self):
+        lan = LanSpec()
+        singapore = NodeSpec("singapore", region="asia/sg", order=2, public_address="203.0.113.12")
+        grown = render_lan(plan_lan(lan, [HANGZHOU, HONGKONG, singapore]), lan, [HANGZHOU, HONGKONG, singapore])
+        self.assertEqual(pushed_routes(grown["hongkong"][UDP]), pushed_routes(reference()["hongkong"][UDP]))
 
     def test_a_node_outside_every_region_adds_its_own_pools(self):
         singapore = NodeSpec("singapore", order=2, public_address="203.0.113.12")
         lan = LanSpec()
         files = render_lan(plan_lan(lan, [HANGZHOU, HONGKONG, singapore]), lan, [HANGZHOU, HONGKONG, singapore])
-        self.assertEqual(pushed_routes(files["singapore"][UDP]), ["10.0.0.0 255.252.0.0", "10.250.0.0 255.254.0.0"])
+        self.assertEqual(pushed_routes(files["singapore"][UDP]), ["10.0.0.0 255.240.0.0", "10.240.0.0 255.240.0.0"])
 
     def test_many_scattered_pools_are_merged_to_at_most_eight_prefixes_inside_the_supernet(self):
         import ipaddress
 
         from nodes.routing import MAX_PLAYER_ROUTES, player_routes
+        supernet = ipaddress.IPv4Network("10.0.0.0/8")
         pools = [ipaddress.IPv4Network(f"10.{i * 17}.0.0/16") for i in range(14)]
-        routes = player_routes({}, pools)
+        routes = player_routes({}, pools, supernet)
         self.assertLessEqual(len(routes), MAX_PLAYER_ROUTES)
         for pool in pools:
             self.assertTrue(any(pool.subnet_of(r) for r in routes), pool)
-        self.assertTrue(all(r.subnet_of(ipaddress.IPv4Network("10.0.0.0/8")) for r in routes))
+        self.assertTrue(all(r.subnet_of(supernet) for r in routes))
+        self.assertNotIn(supernet, routes)
 
     def test_udp_servers_push_explicit_exit_notify_and_tcp_servers_do_not(self):
         files = reference()["hangzhou"]

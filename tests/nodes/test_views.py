@@ -71,7 +71,7 @@ class LanCreateTests(HostTestCase):
             "name": "Again", "slug": "gamenight", "supernet": "10.0.0.0/8", "pool_prefix": 16,
             "topology_mode": "auto"})
         self.assertEqual(response.status_code, 200)
-        self.assertContains(response, "already exists")
+        self.assertContains(response, "You already have a LAN with the short name")
         self.assertEqual(Lan.objects.count(), before)
 
     def test_it_rejects_a_public_supernet(self):
@@ -130,8 +130,8 @@ class DashboardTests(HostTestCase):
 
     def test_it_shows_what_players_are_routed_and_not_the_whole_supernet(self):
         response = self.client.get(self.url())
-        self.assertEqual(response.context["player_routes"], ["10.0.0.0/14"])
-        self.assertContains(response, "Players are routed 10.0.0.0/14 through the tunnel")
+        self.assertEqual(response.context["player_routes"], ["10.0.0.0/12"])
+        self.assertContains(response, "Players are routed 10.0.0.0/12 through the tunnel")
 
     def test_each_node_card_shows_its_latest_run(self):
         older = SyncRun.objects.create(node=self.hangzhou, status=SyncStatus.FAILED, current_step="connect",
@@ -194,7 +194,8 @@ class NodeAddTests(HostTestCase):
         return reverse("nodes:node_add", args=[(lan or self.lan).slug])
 
     def data(self, **overrides):
-        data = {"name": "hongkong", "region": "asia/hk", "priority": 0, "public_address": "203.0.113.20",
+        data = {"display_name": "Hong Kong", "name": "", "region": "asia/hk", "priority": 0,
+                "public_address": "203.0.113.20",
                 "udp_port": 1194, "tcp_port": 443, "ssh_host": "", "ssh_port": 22, "ssh_user": "root",
                 "country": "hk", "latitude": "", "longitude": "", "udp_pool": "", "tcp_pool": "",
                 "pinned_upstream": ""}
@@ -203,7 +204,8 @@ class NodeAddTests(HostTestCase):
 
     def test_it_adds_a_node_queues_its_sync_and_opens_its_page(self):
         response = self.client.post(self.url(), self.data())
-        node = Node.objects.get(lan=self.lan, name="hongkong")
+        node = Node.objects.get(lan=self.lan, name="hong-kong")  # the slug, derived from the name typed
+        self.assertEqual(node.display_name, "Hong Kong")
         self.assertRedirects(response, reverse("nodes:node_detail", args=[node.pk]))
         self.assertEqual(node.ssh_host, "203.0.113.20")  # defaults to the public address
         self.assertEqual(node.country, "HK")
@@ -218,7 +220,7 @@ class NodeAddTests(HostTestCase):
         response = self.client.post(self.url(small), self.data())
         self.assertEqual(response.status_code, 200)
         self.assertContains(response, "this LAN is full: supernet 10.0.0.0/14 holds 1 nodes with /16 pools")
-        self.assertFalse(Node.objects.filter(lan=small, name="hongkong").exists())
+        self.assertFalse(Node.objects.filter(lan=small, display_name="Hong Kong").exists())
 
     def test_it_shows_field_errors_and_adds_nothing(self):
         response = self.client.post(self.url(), self.data(name="Hong Kong!", udp_port=70000))
@@ -228,11 +230,27 @@ class NodeAddTests(HostTestCase):
         self.assertFalse(Node.objects.filter(lan=self.lan).exists())
 
     def test_it_shows_a_duplicate_name_as_a_form_error(self):
-        self.add_node("hongkong")
-        response = self.client.post(self.url(), self.data())
+        self.add_node("hong-kong", display_name="Hong Kong")
+        response = self.client.post(self.url(), self.data(display_name="hong kong"))
         self.assertEqual(response.status_code, 200)
-        self.assertContains(response, "already exists")
+        self.assertContains(response, "This LAN already has a server named “hong kong”.")
         self.assertEqual(Node.objects.filter(lan=self.lan).count(), 1)
+
+    def test_a_short_name_typed_twice_is_a_form_error(self):
+        self.add_node("hongkong")
+        response = self.client.post(self.url(), self.data(name="hongkong"))
+        self.assertContains(response, "Another server of this LAN already has the short name “hongkong”")
+        self.assertEqual(Node.objects.filter(lan=self.lan).count(), 1)
+
+    def test_a_derived_short_name_that_is_taken_gets_a_suffix(self):
+        self.add_node("hong-kong", display_name="HK")
+        self.client.post(self.url(), self.data())
+        self.assertEqual(Node.objects.get(lan=self.lan, display_name="Hong Kong").name, "hong-kong-2")
+
+    def test_a_name_in_chinese_gets_a_transliterated_short_name(self):
+        self.client.post(self.url(), self.data(display_name="杭州", region="asia/cn/east"))
+        self.assertEqual(Node.objects.get(lan=self.lan, display_name="杭州").name, "hangzhou")
+        self.assertContains(self.client.get(reverse("nodes:lan_detail", args=[self.lan.slug])), "杭州")
 
     def test_it_refuses_an_upstream_from_another_lan(self):
         office = self.add_node("office", lan=self.charlies_lan)
