@@ -43,6 +43,9 @@ from pathlib import Path
 BASE_DIR = Path("/tmp/lanhub-lab")
 NETNS_ETC = Path("/etc/netns")
 NODES_NET, PLAYERS_NET = "203.0.113", "198.51.100"
+# IPv6 underlay (Lab.enable_ipv6): /64s of the documentation prefix 2001:db8::/32, only ever inside the lab's own
+# namespaces (the host gets no route to them). A host's v6 address ends in the last byte of its IPv4 address.
+NODES_NET6, PLAYERS_NET6 = "2001:db8:0:113", "2001:db8:0:100"
 HOST_ADDR, WAN_HOST_ADDR = "198.18.0.1", "198.18.0.2"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")  # "n-" + name must fit a 15-char interface name
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -111,6 +114,7 @@ class _Host:
 
     def __init__(self, lab: Lab, name: str, ns: str, address: str):
         self.lab, self.name, self.ns, self.address = lab, name, ns, address
+        self.address6: str | None = None  # set by Lab.enable_ipv6
 
     def exec(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return self.lab.exec(self.ns, argv, **kwargs)
@@ -351,6 +355,28 @@ class Lab:
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         _run(["ip", "-n", ns, "route", "add", "default", "via", f"{net}.1"])
         return ns, address
+
+    def enable_ipv6(self, host: _Host) -> str:
+        """Give ``host`` an IPv6 address on its bridge (and wan its router addresses, once); returns the address.
+
+        ``nodad``: duplicate address detection would keep a new address unusable for a second or two, and nothing
+        else on these bridges can hold it."""
+        if host.address6:
+            return host.address6
+        wan = self.wan
+        if not self.state.get("ipv6"):
+            for bridge, net6 in (("br-nodes", NODES_NET6), ("br-players", PLAYERS_NET6)):
+                _run(["ip", "-n", wan, "-6", "addr", "add", f"{net6}::1/64", "dev", bridge, "nodad"])
+            self.exec(wan, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+            self.state["ipv6"] = True
+            self._save()
+        net6 = NODES_NET6 if isinstance(host, NodeHost) else PLAYERS_NET6
+        address6 = f"{net6}::{host.address.rsplit('.', 1)[1]}"
+        self.exec(host.ns, ["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"])
+        _run(["ip", "-n", host.ns, "-6", "addr", "add", f"{address6}/64", "dev", "eth0", "nodad"])
+        _run(["ip", "-n", host.ns, "-6", "route", "add", "default", "via", f"{net6}::1"])
+        host.address6 = address6
+        return address6
 
     def add_player(self, name: str, address: str | None = None) -> PlayerHost:
         ns, address = self._add_host("p", name, address)

@@ -14,7 +14,7 @@ import re
 from django.http import Http404
 
 from nodes.models import Lan, Node
-from players.models import TOKEN_BYTES, Invite, Player
+from players.models import TOKEN_BYTES, Device, Invite, Player
 
 # secrets.token_urlsafe(n) gives ceil(4n/3) characters of the URL-safe base64 alphabet, no padding.
 TOKEN_LENGTH = math.ceil(TOKEN_BYTES * 4 / 3)
@@ -94,6 +94,18 @@ def get_player_by_token(token: str) -> Player:
     if player is None:
         raise LinkNotFound("unknown")
     return player
+
+
+def get_player_device(player: Player, ref: str | None, *, active: bool = True) -> Device:
+    """One of `player`'s devices by its ref, or, with no ref, the first one still in use (what the links made
+    before devices existed download). Another player's device, and a switched-off one (`active`), are a 404."""
+    devices = Device.objects.filter(player=player)
+    if active:
+        devices = devices.filter(revoked_at__isnull=True)
+    device = devices.filter(ref=ref).first() if ref is not None else devices.order_by("created_at", "pk").first()
+    if device is None:
+        raise Http404("No such device, or it was switched off.")
+    return device
 
 
 def get_lan_node(lan: Lan, ref: str, *, among: list[Node] | None = None) -> Node:

@@ -288,13 +288,19 @@ def kill_clients(c: Connection, status: NodeStatus, common_names: Iterable[str],
 
 
 # --- real-time client notifications ----------------------------------------------------------------------------
-# OpenVPN sends >CLIENT:ESTABLISHED / >CLIENT:DISCONNECT only with --management-client-auth, which would make every
-# connection wait for the portal's approval (no portal, no players): checked with 2.6.14, a server without it sends
-# neither. Its real-time log (the ``log on`` command: >LOG lines) says the same things as they happen, per client
-# ("<common name>/<address>:<port> <message>"), so the watcher reads that: a PUSH_REPLY sent means a client just
-# connected (the instance's client list is read again), and an exit notice or an ended client instance means it
-# left. A client that says goodbye (explicit-exit-notify) stays in the client list for five more seconds ("Delayed
-# exit in 5 seconds"); the log line comes at once.
+# Two sources, both on the held interface (checked with 2.6.14):
+# - ``>CLIENT:ESTABLISHED,<cid>`` followed by ``>CLIENT:ENV,<name>=<value>`` lines up to ``>CLIENT:ENV,END``, sent
+#   for every client that completed its connection, without --management-client-auth. The ENV block names the client
+#   (common_name) and its address (trusted_ip / trusted_ip6, trusted_port). OpenVPN sends >CLIENT:DISCONNECT only
+#   for clients it announced with >CLIENT:CONNECT, i.e. only with --management-client-auth (which would make every
+#   connection wait for the portal's approval), so leaving is read from the log.
+# - The real-time log (the ``log on`` command: >LOG lines), per client ("<common name>/<address>:<port> <message>"):
+#   an exit notice or an ended client instance means a client left. A client that says goodbye (explicit-exit-notify)
+#   stays in the client list for five more seconds ("Delayed exit in 5 seconds"); the log line comes at once.
+#   The per-client prefix is not always there: once OpenVPN has closed an earlier session of the same common name
+#   ("new connection by client ... previous active sessions ... dropped", which happens when a player reconnects
+#   within those five seconds), the new connection's lines, its PUSH_REPLY included, come without it. So a join is
+#   taken from >CLIENT:ESTABLISHED, which always names the client; a prefixed PUSH_REPLY line counts as one too.
 
 _GOODBYE = "exit message received"  # the client said it is leaving (explicit-exit-notify)
 _ENDED = ("client-instance exiting", "client-instance restarting", "Connection reset", "Inactivity timeout")
@@ -331,6 +337,44 @@ def parse_log_line(line: str) -> ClientEvent | None:
     return None
 
 
+class NotificationReader:
+    """ClientEvents from a stream of notification lines: >LOG lines one by one (parse_log_line) and >CLIENT blocks,
+    whose header and ENV lines arrive as separate lines and make one event at their ``>CLIENT:ENV,END``."""
+
+    def __init__(self):
+        self.block: str | None = None  # the >CLIENT kind being read ("ESTABLISHED", ...), None outside a block
+        self.env: dict[str, str] = {}
+
+    def feed(self, line: str) -> ClientEvent | None:
+        if line.startswith(">CLIENT:ENV,"):
+            if self.block is None:
+                return None
+            item = line[len(">CLIENT:ENV,"):]
+            if item != "END":
+                name, _, value = item.partition("=")
+                self.env[name] = value
+                return None
+            kind, env, self.block, self.env = self.block, self.env, None, {}
+            return self._client_event(kind, env)
+        if line.startswith(">CLIENT:"):
+            self.block, self.env = line[len(">CLIENT:"):].split(",", 1)[0], {}
+            return None
+        return parse_log_line(line)
+
+    @staticmethod
+    def _client_event(kind: str, env: dict[str, str]) -> ClientEvent | None:
+        common_name = env.get("common_name", "")
+        address = env.get("trusted_ip") or env.get("trusted_ip6")
+        if not _COMMON_NAME.match(common_name) or not address:
+            return None
+        real = f"{address}:{env['trusted_port']}" if env.get("trusted_port", "").isdigit() else address
+        if kind == "ESTABLISHED":
+            return ClientEvent("joined", common_name, real)
+        if kind == "DISCONNECT":
+            return ClientEvent("ended", common_name, real)
+        return None
+
+
 class ClientStream:
     """One server instance's management interface, held open: its client list, then its clients' events.
 
@@ -345,6 +389,7 @@ class ClientStream:
         self.buffer = b""
         self.notifications: list[str] = []  # > lines that arrived while a command's answer was read
         self.yielded = False  # closed because someone else asked for the interface (the instance still runs)
+        self.reader = NotificationReader()
 
     @property
     def key(self) -> str:
@@ -377,7 +422,7 @@ class ClientStream:
     def events(self, *, idle: float = 1.0):
         """ClientEvents as they come; returns after ``idle`` quiet seconds or when the interface closes."""
         while self.notifications:
-            if (event := parse_log_line(self.notifications.pop(0))) is not None:
+            if (event := self.reader.feed(self.notifications.pop(0))) is not None:
                 yield event
         channel = self.channel
         if channel is None:
@@ -386,7 +431,7 @@ class ClientStream:
         while True:
             while b"\n" in self.buffer:
                 raw, self.buffer = self.buffer.split(b"\n", 1)
-                if (event := parse_log_line(raw.decode(errors="replace").rstrip("\r"))) is not None:
+                if (event := self.reader.feed(raw.decode(errors="replace").rstrip("\r"))) is not None:
                     yield event
             try:
                 chunk = channel.recv(65536)

@@ -12,12 +12,14 @@ from django.utils import timezone
 
 from nodes.models import Node, VpnSession
 from nodes.openvpn_mgmt import ClientRow
-from players.models import Player
+from players.models import Device, Player
 
 
 def _players(node: Node, names) -> dict[str, Player]:
-    return {p.common_name: p for p in Player.objects.filter(lan_id=node.lan_id, revoked_at__isnull=True,
-                                                              common_name__in=set(names))}
+    """Common name -> player, through the player's devices in use (each device has its own certificate)."""
+    devices = Device.objects.filter(player__lan_id=node.lan_id, player__revoked_at__isnull=True,
+                                    revoked_at__isnull=True, common_name__in=set(names)).select_related("player")
+    return {d.common_name: d.player for d in devices}
 
 
 def _session(node: Node, row: ClientRow, player: Player | None, now) -> VpnSession:

@@ -55,6 +55,11 @@ RELAY_CONFIG = layout.RELAY_CONFIG
 RELAY_UNIT = layout.RELAY_UNIT
 RELAY_FILES = layout.RELAY_FILES
 _RELAY_SOURCE = Path(__file__).with_name("discovery") / "relay.py"
+# Dual-stack sockets: `proto udp` / `tcp-server` bind IPv4 only, so a node reached by its IPv6 address refused every
+# player and link (OPENVPN-NOTES.md "IPv6 underlay"). udp6 / tcp6-server bind [::] without IPV6_V6ONLY and take
+# IPv4 as well (as v4-mapped addresses). Clients keep plain `udp`, which follows the family of the remote's address.
+UDP_PROTO = "proto udp6"
+TCP_PROTO = "proto tcp6-server"
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
     low, high = _dynamic_pool(pool)
     downstreams = set(plan.downstreams(node.name))
     lines = [
-        f"port {node.udp_port}", "proto udp", f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
+        f"port {node.udp_port}", UDP_PROTO, f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
         # nopool + our own ifconfig-pool keeps the first /24 free for the links' fixed addresses.
         f"server {_net(pool)} nopool",
         f"ifconfig-pool {low} {high}",
@@ -201,7 +206,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
                       discovery: games.DiscoverySpec = games.DiscoverySpec()) -> RenderedFile:
     pool = plan.pools[node.name].tcp
     lines = [
-        f"port {node.tcp_port}", "proto tcp-server", f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
+        f"port {node.tcp_port}", TCP_PROTO, f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
         *_push_player_routes(plan.player_routes(_supernet(lan.supernet))), *_discovery_pushes(discovery),
         *_server_pki(),

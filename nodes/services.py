@@ -94,17 +94,25 @@ def _write_crl(lan: Lan, *, now) -> None:
     lan.crl_next_update = pki.crl_next_update(lan.crl_pem)
 
 
-@transaction.atomic
 def revoke_certificate(*, lan: Lan, serial: str, common_name: str, reason: str) -> list[str]:
-    """Revoke a certificate on every node before returning (nodes/revocation.py), record it, and sync the nodes
-    (which also kills its live sessions). Returns the names of nodes that could not be reached in time."""
-    RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
-                                             defaults={"common_name": common_name, "reason": reason})
+    return revoke_certificates(lan=lan, certificates=[(serial, common_name)], reason=reason)
+
+
+@transaction.atomic
+def revoke_certificates(*, lan: Lan, certificates: list[tuple[str, str]], reason: str) -> list[str]:
+    """Revoke certificates, given as (serial in hex, common name), on every node before returning
+    (nodes/revocation.py), record them, and sync the nodes once (which also kills their live sessions). Returns
+    the names of nodes that could not be reached in time."""
+    if not certificates:
+        return []
+    for serial, common_name in certificates:
+        RevokedCertificate.objects.get_or_create(lan=lan, serial=serial,
+                                                 defaults={"common_name": common_name, "reason": reason[:100]})
     lan = Lan.objects.select_for_update().get(pk=lan.pk)
     _write_crl(lan, now=timezone.now())
     lan.save(update_fields=["crl_pem", "crl_number", "crl_next_update"])
-    unreached = revocation.push_revoked(lan, [serial])
-    sync_changed_nodes(lan, reason=f"certificate revoked: {common_name}")
+    unreached = revocation.push_revoked(lan, [serial for serial, _ in certificates])
+    sync_changed_nodes(lan, reason=f"certificate revoked: {', '.join(cn for _, cn in certificates)}"[:200])
     return unreached
 
 

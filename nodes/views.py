@@ -170,7 +170,9 @@ def node_detail(request, pk):
     sessions = list(node.sessions.select_related("player"))
     return render(request, "nodes/node_detail.html",
                   {"node": node, "lan": node.lan, "runs": runs, "run": runs[0] if runs else None,
-                   "sessions": sessions, "players_online": sum(1 for s in sessions if s.player_id)})
+                   "sessions": sessions,
+                   # Players, not sessions: one player's PC and laptop are two sessions.
+                   "players_online": len({s.player_id for s in sessions if s.player_id})})
 
 
 @require_POST

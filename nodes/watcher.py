@@ -2,10 +2,11 @@
 
 A long-running process (``manage.py watch_sessions``, in the Procfile) holds, for every ready node of its shard,
 one SSH connection and on it each server instance's management interface with the real-time log on
-(nodes/openvpn_mgmt.ClientStream; why the log and not >CLIENT notifications is explained there). When it
-(re)connects to an instance it reads the client list and replaces that instance's sessions; a client joining
-makes it read the list again at once (and once more a second later), a client leaving deletes its session at once
-(nodes/presence.py), and the list is read again after OpenVPN's 5-second delayed exit.
+(nodes/openvpn_mgmt.ClientStream: joins come as >CLIENT:ESTABLISHED, leaves as >LOG lines; why is explained there).
+When it (re)connects to an instance it reads the client list and replaces that instance's sessions; a client
+joining makes it read the list again at once (and once more a second later), a client leaving deletes its session
+at once (nodes/presence.py), and the list is read again after OpenVPN's 5-second delayed exit: whenever a read
+list still shows a client that said goodbye, another read is due when its delayed exit is over.
 
 - Sharding: ``--processes N`` starts N worker processes; a node belongs to the one where ``pk % N`` equals its
   index, so every node is held exactly once and a process holds about 1/N of them (one thread per node).
@@ -197,8 +198,15 @@ class NodeWatcher(threading.Thread):
             return
         # A client that said goodbye is still listed until OpenVPN's delayed exit: it is gone already. A connection
         # from the same address that began after the goodbye is a new one and stays.
-        rows = [r for r in rows if not self._gone(instance, r)]
-        presence.replace_instance(node, instance, rows)
+        kept = [r for r in rows if not self._gone(instance, r)]
+        presence.replace_instance(node, instance, kept)
+        if len(kept) < len(rows):
+            # Someone who said goodbye is still listed: look again once OpenVPN's delayed exit is over, whatever
+            # else is due (a join's second look must not stand in for it).
+            goodbye = max(self.leaving.get((instance, r.common_name, r.real_address), 0.0) for r in rows
+                          if r not in kept)
+            due = time.monotonic() + max(0.5, goodbye + RELIST_AFTER_LEAVE - time.time())
+            self.relist[instance] = min(self.relist.get(instance, due), due)
 
 
 class Shard:

@@ -9,23 +9,36 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
 from players import services
-from players.models import Invite, Player
+from players.models import Device, Invite, Player
 
 TOKEN_FIELDS = ("token",)
 
 
+class DeviceInline(admin.TabularInline):
+    """A player's devices, read-only: certificates are issued and revoked by the services, never typed in."""
+
+    model = Device
+    extra = 0
+    can_delete = False
+    fields = ("name", "common_name", "serial", "issued_at", "revoked_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False  # the player adds devices on their page, which issues the certificate
+
+
 @admin.register(Player)
 class PlayerAdmin(admin.ModelAdmin):
-    list_display = ("nickname", "lan", "common_name", "preferred_node", "created_at", "last_seen_at", "revoked_at")
+    list_display = ("nickname", "lan", "preferred_node", "created_at", "last_seen_at", "revoked_at")
     list_filter = ("lan", ("revoked_at", admin.EmptyFieldListFilter))
-    search_fields = ("nickname", "common_name", "lan__name")
+    search_fields = ("nickname", "devices__common_name", "lan__name")
     list_select_related = ("lan", "preferred_node__lan")  # a node prints as "name (LAN)"
     raw_id_fields = ("lan", "invite", "preferred_node")
-    exclude = ("key_sealed", "cert_pem", *TOKEN_FIELDS)
-    # A player belongs to one LAN for life: its certificate comes from that LAN's CA and its revocation goes to that
-    # LAN's CRL.
-    readonly_fields = ("lan", "invite", "common_name", "serial", "issued_at", "joined_from", "created_at",
-                       "revoked_at")
+    exclude = TOKEN_FIELDS
+    inlines = (DeviceInline,)
+    # A player belongs to one LAN for life: its certificates come from that LAN's CA and their revocation goes to
+    # that LAN's CRL.
+    readonly_fields = ("lan", "invite", "joined_from", "created_at", "revoked_at")
     actions = ("revoke_players", "reissue_players")
 
     def has_add_permission(self, request):

@@ -73,3 +73,11 @@ class RttForm(forms.Form):
             else:
                 raise forms.ValidationError(f"Bad time for server {key}.")
         return rtts
+
+
+class DeviceForm(forms.Form):
+    name = forms.CharField(
+        label="Device name", max_length=32,
+        help_text="So you can tell its profile from the others: “laptop”, “phone”, “living-room PC”.",
+        widget=forms.TextInput(attrs={"placeholder": "laptop", "autocomplete": "off"}),
+    )

@@ -1,8 +1,10 @@
-"""Players of a LAN and the invite links that let friends become players.
+"""Players of a LAN, their devices, and the invite links that let friends become players.
 
 Public links carry random tokens (never primary keys): `/join/<invite token>` and `/me/<player token>/`. The
 player's token is their only credential, so it is as long as a session key.
 """
+
+from __future__ import annotations
 
 import secrets
 
@@ -18,10 +20,21 @@ TOKEN_BYTES = 24  # 192 random bits, 32 URL-safe characters
 # \Z, not $: "$" also matches before a trailing newline, and a name with a newline must never pass.
 NICKNAME_RE = r"\A[A-Za-z0-9_-]{2,32}\Z"
 nickname_validator = RegexValidator(NICKNAME_RE, "Use 2–32 letters, digits, '-' or '_'.")
+# A device name is typed freely ("Anna's phone", "客厅电脑") and only ever shown or folded into a file name, so any
+# printable text will do; \Z again, and no control characters (they would garble the profile's header comment).
+DEVICE_NAME_RE = r"\A[^\x00-\x1f\x7f]{1,32}\Z"
+DEVICE_NAME_MESSAGE = "Name the device in 1–32 characters, e.g. “laptop” or “phone”."
+device_name_validator = RegexValidator(DEVICE_NAME_RE, DEVICE_NAME_MESSAGE)
+FIRST_DEVICE_NAME = "first device"
+DEVICE_REF_BYTES = 6  # 48 bits: picks one of a player's devices inside a URL the player's token already guards
 
 
 def new_token() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def new_device_ref() -> str:
+    return secrets.token_urlsafe(DEVICE_REF_BYTES)
 
 
 class Invite(models.Model):
@@ -60,18 +73,13 @@ class Invite(models.Model):
 
 
 class Player(models.Model):
-    """A member of a LAN with a personal certificate. Revoked players stay as rows, for the CRL and history."""
+    """A member of a LAN, with one certificate per device (Device). Revoked players stay as rows, for history."""
 
     lan = models.ForeignKey(Lan, on_delete=models.CASCADE, related_name="players")
     nickname = models.CharField(max_length=32, validators=[nickname_validator])
     token = models.CharField(max_length=64, unique=True, default=new_token, editable=False)
     invite = models.ForeignKey(Invite, null=True, blank=True, on_delete=models.SET_NULL, related_name="players")
     preferred_node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    common_name = models.CharField(max_length=64, editable=False)
-    cert_pem = models.TextField(blank=True, editable=False)
-    key_sealed = models.TextField(blank=True, editable=False)
-    serial = models.CharField(max_length=64, blank=True, editable=False)
-    issued_at = models.DateTimeField(null=True, blank=True, editable=False)
     joined_from = models.GenericIPAddressField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_seen_at = models.DateTimeField(null=True, blank=True)
@@ -86,6 +94,60 @@ class Player(models.Model):
 
     def __str__(self):
         return f"{self.nickname} ({self.lan})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    @property
+    def first_device(self) -> Device | None:
+        """The device the player joined with (revoked or not): one query, for reports and tests that follow one
+        device. Pages list `devices` instead."""
+        return self.devices.order_by("created_at", "pk").first()
+
+    @property
+    def common_name(self) -> str:
+        """The first device's certificate name."""
+        device = self.first_device
+        return device.common_name if device else ""
+
+    @property
+    def serial(self) -> str:
+        """The first device's certificate serial (hex)."""
+        device = self.first_device
+        return device.serial if device else ""
+
+
+class Device(models.Model):
+    """One of a player's devices, with its own certificate.
+
+    OpenVPN drops the first connection when a second one presents the same certificate, and gives out persistent
+    addresses per common name (ifconfig-pool-persist): so each device has its own certificate, its own session and
+    its own address. A lost device is revoked alone; revoking the player revokes every device. Revoked devices stay
+    as rows, for history; their serials are in nodes.RevokedCertificate."""
+
+    player = models.ForeignKey(Player, on_delete=models.CASCADE, related_name="devices")
+    name = models.CharField(max_length=32, validators=[device_name_validator])
+    # Picks the device in the player's own URLs (/me/<token>/devices/<ref>/...): random, never the pk.
+    ref = models.CharField(max_length=16, unique=True, default=new_device_ref, editable=False)
+    common_name = models.CharField(max_length=64, db_index=True, editable=False)
+    cert_pem = models.TextField(editable=False)
+    key_sealed = models.TextField(editable=False)
+    serial = models.CharField(max_length=64, editable=False)
+    issued_at = models.DateTimeField(default=timezone.now, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ("created_at", "pk")
+        constraints = [
+            # Among the devices in use: a lost "phone" can be followed by a new "phone".
+            models.UniqueConstraint(models.functions.Lower("name"), "player", condition=Q(revoked_at__isnull=True),
+                                    name="device_unique_active_name_per_player"),
+        ]
+
+    def __str__(self):
+        return f"{self.name} of {self.player.nickname}"
 
     @property
     def is_active(self) -> bool:

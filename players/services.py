@@ -19,11 +19,13 @@ from nodes import layout
 from nodes import services as node_services
 from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
 from players import profiles
-from players.models import Invite, Player, new_token, nickname_validator
+from players.models import (FIRST_DEVICE_NAME, Device, Invite, Player, device_name_validator, new_token,
+                            nickname_validator)
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
 PROFILE_CACHE_SIZE = 512  # rendered profiles kept per process (about 5-15 KB each)
 INVITE_MAX_TTL = dt.timedelta(days=30)
+MAX_DEVICES = 10  # devices in use per player: a household's worth, and a bound on what one page link can issue
 
 
 class InviteUnusable(Exception):
@@ -136,7 +138,6 @@ def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
     if Player.objects.filter(lan_id=invite.lan_id, nickname__iexact=nickname).exists():
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."})
     player = Player(lan=invite.lan, nickname=nickname, invite=invite, joined_from=client_address)
-    _issue_certificate(player, lan=invite.lan)
     # The LAN and the invite are the rows just read under the lock, so their foreign keys need no lookup; the
     # nickname's uniqueness was checked above and is enforced by its constraint (the IntegrityError below), and
     # the token is 192 random bits under a unique index: no query of its own for either.
@@ -146,60 +147,123 @@ def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
             player.save()
     except IntegrityError:
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."}) from None
+    # The device they join on; the player page adds the others, each with its own certificate.
+    device = Device(player=player, name=FIRST_DEVICE_NAME)
+    _issue_certificate(device, player=player, lan=invite.lan)
+    device.save()
     Invite.objects.filter(pk=invite.pk).update(uses=invite.uses + 1)
     return player
 
 
-def _issue_certificate(player: Player, *, lan: Lan) -> None:
+def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> None:
     now = timezone.now()
     # Every issuance gets its own common name, so the sessions of a revoked certificate can be killed by name
-    # through the management interface without touching its replacement.
+    # through the management interface without touching its replacement or the player's other devices.
     suffix = secrets.token_hex(3)
     issued = pki.issue_client(ca=node_services.lan_ca(lan), common_name=layout.player_cn(player.nickname, suffix),
                               now=now)
-    player.common_name = issued.common_name
-    player.cert_pem, player.key_sealed = issued.cert_pem, seal(issued.key_pem)
-    player.serial = format(issued.serial, "x")
-    player.issued_at = now
+    device.common_name = issued.common_name
+    device.cert_pem, device.key_sealed = issued.cert_pem, seal(issued.key_pem)
+    device.serial = format(issued.serial, "x")
+    device.issued_at = now
+
+
+def validate_device_name(name: str) -> str:
+    name = " ".join((name or "").split())  # no stray or doubled spaces: "phone " and "phone" are one name
+    try:
+        device_name_validator(name)
+    except ValidationError:
+        raise ValidationError({"name": device_name_validator.message}) from None
+    return name
+
+
+@transaction.atomic
+def add_device(player: Player, *, name: str) -> Device:
+    """Give the player another device: its own certificate, so it connects alongside the others (a shared
+    certificate would drop the other device's session) and keeps its own address."""
+    name = validate_device_name(name)
+    player = Player.objects.select_for_update().select_related("lan").get(pk=player.pk)  # one add at a time
+    if player.revoked_at:
+        raise ValidationError("This player was removed by the host.")
+    active = player.devices.filter(revoked_at__isnull=True)
+    if active.count() >= MAX_DEVICES:
+        raise ValidationError(f"You have {MAX_DEVICES} devices already. Switch one off (I lost it) to add another.")
+    if active.filter(name__iexact=name).exists():
+        raise ValidationError({"name": f"You have a device called “{name}” already; pick another name."})
+    device = Device(player=player, name=name)
+    _issue_certificate(device, player=player, lan=player.lan)
+    device.full_clean(exclude=["player"], validate_constraints=False)  # the name's uniqueness: checked above
+    device.save()
+    return device
 
 
 @transaction.atomic
 def revoke_player(player: Player, *, reason: str = "revoked by the host") -> Player:
-    """Revoke the player's certificate everywhere: new CRL, nodes synced, live sessions killed by the sync."""
-    player = Player.objects.select_for_update().get(pk=player.pk)
+    """Revoke every device of the player on every node before returning (nodes/revocation.py); the sync that
+    follows kills their live sessions. `unreached_nodes` names the nodes that get it only once they answer."""
+    player = Player.objects.select_for_update().select_related("lan").get(pk=player.pk)
     if player.revoked_at:
         return player
     player.revoked_at = timezone.now()
     player.save(update_fields=["revoked_at"])
-    # Every reachable node refuses the certificate once this returns; the others are named to the host.
-    player.unreached_nodes = node_services.revoke_certificate(
-        lan=player.lan, serial=player.serial, common_name=player.common_name, reason=reason)
+    devices = list(player.devices.filter(revoked_at__isnull=True))
+    Device.objects.filter(pk__in=[d.pk for d in devices]).update(revoked_at=player.revoked_at)
+    player.unreached_nodes = node_services.revoke_certificates(
+        lan=player.lan, certificates=[(d.serial, d.common_name) for d in devices], reason=reason)
     return player
 
 
 @transaction.atomic
 def reissue_player(player: Player) -> Player:
-    """'I lost my device': revoke the current certificate and issue a new one under the same player."""
+    """The host's "reissue": every device in use gets a new certificate and the player page a new link; every
+    profile downloaded so far stops working."""
     player = Player.objects.select_for_update().select_related("lan").get(pk=player.pk)
     if player.revoked_at:
         raise ValidationError("This player was revoked by the host.")
-    old_serial, old_name = player.serial, player.common_name
-    _issue_certificate(player, lan=player.lan)
-    # The lost device may have the personal page bookmarked: a new link, or it could fetch the new profile.
+    old = []
+    for device in player.devices.filter(revoked_at__isnull=True):
+        old.append((device.serial, device.common_name))
+        _issue_certificate(device, player=player, lan=player.lan)
+        device.save(update_fields=["common_name", "cert_pem", "key_sealed", "serial", "issued_at"])
+    # The player page may be bookmarked on a lost device: a new link, or it could fetch the new profiles.
     player.token = new_token()
-    player.save(update_fields=["common_name", "cert_pem", "key_sealed", "serial", "issued_at", "token"])
-    node_services.revoke_certificate(lan=player.lan, serial=old_serial, common_name=old_name,
-                                     reason=f"device lost; replaced for {player.nickname}")
+    player.save(update_fields=["token"])
+    player.unreached_nodes = node_services.revoke_certificates(
+        lan=player.lan, certificates=old, reason=f"reissued for {player.nickname}")
     return player
 
 
-def replace_lost_device(player: Player, *, limit: int) -> Player:
-    """The player's own "I lost my device" button: a reissue, at most `limit` times per player per hour, because
-    each one re-signs the CRL and syncs every node of the LAN."""
+@transaction.atomic
+def switch_off_device(player: Player, device: Device) -> Device:
+    """'I lost my device': that device's certificate is refused by every node from now on; the player's other
+    devices stay connected. The page gets a new link, because the lost device may have it bookmarked (and could
+    add itself a new device with it)."""
+    player = Player.objects.select_for_update().select_related("lan").get(pk=player.pk)
+    device = Device.objects.select_for_update().get(pk=device.pk)
+    if device.player_id != player.pk:
+        raise ValidationError("That device belongs to someone else.")
+    if player.revoked_at:
+        raise ValidationError("This player was revoked by the host.")
+    if device.revoked_at:
+        return device
+    device.revoked_at = timezone.now()
+    device.save(update_fields=["revoked_at"])
+    player.token = new_token()
+    player.save(update_fields=["token"])
+    device.player = player
+    device.unreached_nodes = node_services.revoke_certificates(
+        lan=player.lan, certificates=[(device.serial, device.common_name)],
+        reason=f"device “{device.name}” lost; switched off for {player.nickname}")
+    return device
+
+
+def lose_device(player: Player, device: Device, *, limit: int) -> Device:
+    """The player's own "I lost this device" button, at most `limit` times per player per hour: each one re-signs
+    the CRL and syncs every node of the LAN."""
     with rate_slot(lost_device_rate_key(player), limit=limit, window=3600,
-                   message="This page was switched to a new profile several times in the last hour. "
+                   message="Devices were switched off several times from this page in the last hour. "
                            "Wait a while, or ask the host."):
-        return reissue_player(player)
+        return switch_off_device(player, device)
 
 
 @transaction.atomic
@@ -225,20 +289,31 @@ def ready_nodes(lan: Lan) -> list[Node]:
                 .defer(*NODE_BULK_FIELDS))
 
 
-def build_profile(player: Player, *, node: Node, ranked: list[Node]) -> Profile:
-    """The player's .ovpn for `node`, with the other nodes, in ranked order, as fallbacks."""
+def active_devices(player: Player) -> list[Device]:
+    return list(player.devices.filter(revoked_at__isnull=True).defer("cert_pem", "key_sealed"))
+
+
+def build_profile(player: Player, *, node: Node, ranked: list[Node], device: Device | None = None) -> Profile:
+    """The .ovpn of one of the player's devices (by default the first one in use) for `node`, with the other
+    nodes, in ranked order, as fallbacks."""
     if player.revoked_at:
         raise ValidationError("This player was revoked.")
+    if device is None:
+        device = player.devices.filter(revoked_at__isnull=True).order_by("created_at", "pk").first()
+    if device is None or device.player_id != player.pk or device.revoked_at:
+        raise ValidationError("This device was switched off.")
     lan = player.lan
     others = [n for n in ranked if n.pk != node.pk]
     content = _render_profile(lan.name, player.nickname, tuple(profiles.profile_remotes(chosen=node, others=others)),
-                              lan.ca_cert, player.cert_pem, player.key_sealed, lan.tls_crypt_sealed)
-    return Profile(filename=profile_filename(player, node=node), content=content)
+                              lan.ca_cert, device.cert_pem, device.key_sealed, lan.tls_crypt_sealed)
+    return Profile(filename=profile_filename(player, node=node, device=device), content=content)
 
 
-def profile_filename(player: Player, *, node: Node) -> str:
-    """The name the player's .ovpn for ``node`` downloads as (the page quotes it in its instructions)."""
-    return profiles.profile_filename(lan=player.lan.slug, nickname=player.nickname, node=node.name)
+def profile_filename(player: Player, *, node: Node, device: Device) -> str:
+    """The name a device's .ovpn for ``node`` downloads as (the player page quotes it in its instructions). The
+    device's name is in it: two devices' files must not overwrite each other in one Downloads folder."""
+    owner = player.nickname if device.name == FIRST_DEVICE_NAME else f"{player.nickname}-{device.name}"
+    return profiles.profile_filename(lan=player.lan.slug, nickname=owner, node=node.name)
 
 
 @functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)

@@ -7,12 +7,15 @@ says which. Every page here is a thin view: authorize, validate, call one servic
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.db.models import OuterRef, Subquery
 from django.http import HttpResponse, HttpResponseNotModified
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -20,7 +23,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from lanhub.access import (LinkNotFound, get_invite_by_token, get_invite_for_host, get_lan_for_host, get_lan_node,
-                           get_player_by_token, get_player_for_host)
+                           get_player_by_token, get_player_device, get_player_for_host)
 from lanhub.clientip import client_address
 from lanhub.middleware import CSP
 from nodes.forms import add_service_error
@@ -29,8 +32,8 @@ from nodes.svg import qr_svg, qr_svg_document
 from nodes.views import _dashboard
 from players import lobby as live
 from players import ranking, services
-from players.forms import ChooseNodeForm, InviteForm, JoinForm, RttForm
-from players.models import Player
+from players.forms import ChooseNodeForm, DeviceForm, InviteForm, JoinForm, RttForm
+from players.models import Device, Player
 
 RTT_SESSION_KEY = "lanhub.rtt.{}"  # per player: {node pk: ms or None}, as the player's browser measured
 
@@ -145,7 +148,8 @@ def player_revoke(request, pk):
         messages.warning(request, f"{player.nickname} is revoked. {', '.join(unreached)} could not be reached: "
                                   "it refuses them as soon as it answers again.")
     else:
-        messages.success(request, f"{player.nickname} is revoked: every server refuses them from now on.")
+        messages.success(request, f"{player.nickname} is revoked: every server refuses all their devices from now "
+                                  "on.")
     return redirect(reverse("nodes:lan_detail", args=[player.lan.slug]) + "#players")
 
 
@@ -158,7 +162,8 @@ def player_reissue(request, pk):
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
-        messages.success(request, f"{player.nickname} has a new certificate; their old profile stops working.")
+        messages.success(request, f"{player.nickname} has new certificates; the profiles they downloaded before stop "
+                                  "working.")
     return redirect(reverse("nodes:lan_detail", args=[player.lan.slug]) + "#players")
 
 
@@ -250,30 +255,51 @@ def player_choose(request, player):
 
 @require_POST
 @active_player
-def player_lost_device(request, player):
+def player_add_device(request, player):
+    form = DeviceForm(request.POST)
+    if form.is_valid():
+        try:
+            device = services.add_device(player, name=form.cleaned_data["name"])
+        except ValidationError as exc:
+            add_service_error(form, exc)
+        else:
+            messages.success(request, f"“{device.name}” is added: download its profile on that device.")
+            return redirect(reverse("players:player_home", args=[player.token]) + f"#device-{device.ref}")
+    context = _player_context(request, player, device_form=form)
+    response = render(request, "players/player.html", context, status=400)
+    response["Content-Security-Policy"] = _probe_csp(context["ranked"])
+    return response
+
+
+@require_POST
+@active_player
+def player_lost_device(request, player, ref):
+    device = get_player_device(player, ref)
     try:
-        player = services.replace_lost_device(player, limit=settings.LANHUB_LOST_DEVICE_RATE)
+        device = services.lose_device(player, device, limit=settings.LANHUB_LOST_DEVICE_RATE)
     except services.RateLimited as exc:
         return _rate_limited(request, exc, lan=player.lan)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
-    else:
-        messages.success(request, "Done: the old profile is switched off at the next server sync, and this page "
-                                  "has a new address — bookmark it. Download a new profile on each device you "
-                                  "still use.")
-    return redirect("players:player_home", token=player.token)
+        return redirect("players:player_home", token=player.token)
+    messages.success(request, f"Done: “{device.name}” is switched off on every server; your other devices stay "
+                              "connected. This page has a new address: bookmark it.")
+    return redirect("players:player_home", token=device.player.token)
 
 
 @require_GET
 @active_player
-def profile_download(request, player, node_ref):
+def profile_download(request, player, node_ref, ref=None):
+    """A device's profile for one server; without a device ref (links from before devices), the first device
+    still in use."""
+    device = get_player_device(player, ref)
     ranked = _ranking(request, player)
     nodes = [node for node, _ in ranked]
     node = get_lan_node(player.lan, node_ref, among=nodes)  # only a ready node of the player's LAN
-    profile = services.build_profile(player, node=node, ranked=nodes)
+    profile = services.build_profile(player, device=device, node=node, ranked=nodes)
     response = HttpResponse(profile.content, content_type="application/x-openvpn-profile")
     response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'
-    response["Cache-Control"] = "no-store"  # it holds the player's private key
+    response["Cache-Control"] = "no-store"  # it holds the device's private key
     return response
 
 
@@ -304,19 +330,30 @@ def _ranking(request, player: Player, nodes=None) -> list[ranking.Ranked]:
     )
 
 
-def _player_context(request, player: Player, nodes=None) -> dict:
+def _player_context(request, player: Player, nodes=None, device_form=None) -> dict:
     ranked = _ranking(request, player, nodes)
     ready = [node for node, _ in ranked]
     chosen = next((n for n in ready if n.pk == player.preferred_node_id), ready[0] if ready else None)
-    download_url = (reverse("players:profile_download", args=[player.token, chosen.name]) if chosen else None)
+    devices = services.active_devices(player)
+    for device in devices:
+        device.download_url = _device_download_url(player, device, chosen)
+    download_url = devices[0].download_url if devices else None
     measured = RTT_SESSION_KEY.format(player.pk) in request.session
     return {
         "player": player, "lan": player.lan, "ranked": ranked, "chosen": chosen, "download_url": download_url,
-        "profile_filename": services.profile_filename(player, node=chosen) if chosen else "",
+        "profile_filename": (services.profile_filename(player, node=chosen, device=devices[0])
+                             if chosen and devices else ""),
         "download_qr": qr_svg(request.build_absolute_uri(download_url)) if download_url else "",
-        "measured": measured,
+        "measured": measured, "devices": devices, "device_form": device_form or DeviceForm(),
+        "max_devices": services.MAX_DEVICES,
         "choose_form": ChooseNodeForm(nodes=ready, initial={"node": chosen.pk} if chosen else None),
     }
+
+
+def _device_download_url(player: Player, device: Device, chosen) -> str | None:
+    if chosen is None:
+        return None
+    return reverse("players:device_profile_download", args=[player.token, device.ref, chosen.name])
 
 
 def _probe_csp(ranked) -> str:
@@ -335,15 +372,34 @@ def _lobby(lan: Lan, *, fragment_url: str, back: str | None, me: Player | None) 
             **_lobby_rows(lan)}
 
 
+@dataclass
+class LobbyEntry:
+    """One player on one node, with their devices' sessions there. `named`: the player has more than one device
+    online, so each session shows its device's name."""
+
+    player: Player
+    sessions: list
+    named: bool
+
+
 def _lobby_rows(lan: Lan) -> dict:
-    """Who is online now, per node. Queries: the LAN's nodes, and the player sessions with their players."""
+    """Who is online now, per node: each player once per node, with their devices there. Queries: the LAN's nodes,
+    and the player sessions with their players and (a subquery) their devices' names."""
     nodes = list(lan.nodes.all())
+    device_name = Device.objects.filter(player=OuterRef("player"), common_name=OuterRef("common_name")).values("name")
     sessions = list(VpnSession.objects.filter(node__lan=lan, player__isnull=False, player__revoked_at__isnull=True)
-                    .select_related("player").order_by("player__nickname"))
+                    .select_related("player").annotate(device_name=Subquery(device_name[:1]))
+                    .order_by("player__nickname", "connected_since", "pk"))
+    per_player = Counter(s.player_id for s in sessions)
     for node in nodes:
-        node.players_online = [s for s in sessions if s.node_id == node.pk]
+        groups: dict[int, list] = {}
+        for s in sessions:
+            if s.node_id == node.pk:
+                groups.setdefault(s.player_id, []).append(s)
+        node.players_online = [LobbyEntry(player=group[0].player, sessions=group, named=per_player[pk] > 1)
+                               for pk, group in groups.items()]
     return {"lobby_nodes": [n for n in nodes if n.players_online or n.state == "ready"],
-            "online_total": len(sessions)}
+            "online_total": len(per_player)}
 
 
 def _lobby_fragment(request, lan: Lan, *, me: Player | None) -> HttpResponse:

@@ -238,3 +238,42 @@ def test_the_host_ticks_a_game_and_a_custom_port_and_the_player_page_names_them(
     text = page.locator("#lan-play").inner_text()
     assert "Age of Empires II and other DirectPlay games" in text and "other games on UDP 7777-7780" in text
     assert "join by IP" in text
+
+
+def test_a_player_adds_a_device_downloads_its_own_profile_and_switches_it_off_alone(page, live_server, cast):
+    bob = cast["bob"]
+    first = bob.first_device
+    page.goto(f"{live_server.url}/me/{bob.token}/")
+    page.fill("#devices #id_name", "laptop")
+    page.click("#devices button:has-text('Add a device')")
+    page.wait_for_selector(".messages .success")
+    laptop = bob.devices.get(name="laptop")
+    row = page.locator(f"#device-{laptop.ref}")
+    assert "laptop" in row.inner_text()
+    with page.expect_download() as info:
+        row.get_by_role("link", name="Download profile").click()
+    download = info.value
+    assert re.fullmatch(r"gamenight-bob-laptop-(hangzhou|hongkong)\.ovpn", download.suggested_filename)
+    profile = open(download.path()).read()
+    assert laptop.cert_pem.strip() in profile and first.cert_pem.strip() not in profile
+
+    # Both devices online: the lobby shows bob once, with both addresses.
+    VpnSession.objects.create(node=cast["hangzhou"], instance="server-udp", common_name=first.common_name,
+                              player=bob, vpn_address="10.0.1.5", connected_since=timezone.now())
+    VpnSession.objects.create(node=cast["hangzhou"], instance="server-udp", common_name=laptop.common_name,
+                              player=bob, vpn_address="10.0.1.6", connected_since=timezone.now())
+    page.goto(f"{live_server.url}/me/{bob.token}/lobby/")
+    assert page.locator(".lobby-player[data-player='bob']").count() == 1
+    assert page.locator(".lobby-player[data-player='bob'] .lobby-device").count() == 2
+    assert "1 player online" in page.inner_text("#lobby")
+    VpnSession.objects.filter(player=bob).delete()
+
+    # "I lost this device" on the laptop: it goes, the first device stays, and the page moves to a new address.
+    page.goto(f"{live_server.url}/me/{bob.token}/")
+    page.locator(f"#device-{laptop.ref}").get_by_role("button", name="I lost this device").click()
+    page.wait_for_selector(".messages .success")
+    assert "switched off" in page.inner_text(".messages")
+    assert page.locator(f"#device-{laptop.ref}").count() == 0
+    assert page.locator(f"#device-{first.ref}").count() == 1
+    bob.refresh_from_db()
+    assert page.url.endswith(f"/me/{bob.token}/")

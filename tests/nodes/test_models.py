@@ -43,7 +43,7 @@ class ConstraintTests(BaseTestCase):
         from players.models import Player
 
         with self.assertRaises(IntegrityError), transaction.atomic():
-            Player.objects.create(lan=self.lan, nickname="BOB", common_name="player-BOB-x")
+            Player.objects.create(lan=self.lan, nickname="BOB")
 
     def test_clean_names_the_field_of_a_bad_pool(self):
         node = Node(lan=self.lan, name="x", public_address="203.0.113.5", ssh_host="203.0.113.5",

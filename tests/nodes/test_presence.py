@@ -6,7 +6,7 @@ from django.test import SimpleTestCase
 
 from nodes import presence
 from nodes.models import VpnSession
-from nodes.openvpn_mgmt import ClientEvent, ClientRow, parse_log_line
+from nodes.openvpn_mgmt import ClientEvent, ClientRow, NotificationReader, parse_log_line
 from tests.base import BaseTestCase
 
 CN = "player-bob-a1b2c3"
@@ -31,6 +31,44 @@ class LogLineTests(SimpleTestCase):
                      ">INFO:OpenVPN Management Interface Version 5", "SUCCESS: real-time log notification set to ON",
                      ">LOG:garbage"):
             self.assertIsNone(parse_log_line(line), line)
+
+
+# What OpenVPN 2.6.14 sent on a held interface when a player reconnected within the 5-second delayed exit of their
+# previous session (abridged: CLIENT:ENV lines that name nothing we read are left out).
+RECONNECT = f""">LOG:1796192514,I,198.51.100.10:44989 [{CN}] Peer Connection Initiated with [AF_INET]198.51.100.10:44989
+>LOG:1796192514,,MULTI: new connection by client '{CN}' will cause previous active sessions by this client to be dropped.
+>LOG:1796192514,I,MULTI_sva: pool returned IPv4=10.0.1.1, IPv6=(Not enabled)
+>LOG:1796192514,,MULTI: Learn: 10.0.1.1 -> {CN}/198.51.100.10:44989
+>LOG:1796192514,,SENT CONTROL [{CN}]: 'PUSH_REPLY,route 10.0.0.0 255.0.0.0,route-gateway 10.0.0.1,topology subnet'
+>CLIENT:ESTABLISHED,1
+>CLIENT:ENV,n_clients=1
+>CLIENT:ENV,ifconfig_pool_remote_ip=10.0.1.1
+>CLIENT:ENV,trusted_port=44989
+>CLIENT:ENV,trusted_ip=198.51.100.10
+>CLIENT:ENV,common_name={CN}
+>CLIENT:ENV,IV_VER=2.6.14
+>CLIENT:ENV,END
+>LOG:1796192515,,{CN}/198.51.100.10:44989 Data Channel: cipher 'AES-256-GCM', peer-id: 0""".splitlines()
+
+
+class NotificationReaderTests(SimpleTestCase):
+    def test_a_reconnect_whose_log_lines_lost_their_client_prefix_is_still_a_join(self):
+        # The PUSH_REPLY line has no "<cn>/<address>" prefix here: the log alone misses this player.
+        self.assertEqual([e for e in map(parse_log_line, RECONNECT) if e], [])
+        reader = NotificationReader()
+        self.assertEqual([e for e in map(reader.feed, RECONNECT) if e],
+                         [ClientEvent("joined", CN, "198.51.100.10:44989")])
+
+    def test_client_blocks_are_read_whole_and_log_lines_between_them_still_count(self):
+        reader = NotificationReader()
+        lines = [">CLIENT:ESTABLISHED,7", ">CLIENT:ENV,common_name=bad name", ">CLIENT:ENV,trusted_ip=203.0.113.5",
+                 ">CLIENT:ENV,END",  # not a common name LanHub issues: ignored
+                 ">CLIENT:ENV,common_name=stray", ">CLIENT:ENV,END",  # ENV outside a block: ignored
+                 ">CLIENT:ESTABLISHED,8", ">CLIENT:ENV,common_name=dev-1", ">CLIENT:ENV,trusted_ip6=2001:db8::5",
+                 ">CLIENT:ENV,END",
+                 f">LOG:1764640000,,{CN}/203.0.113.20:40001 CC-EEN exit message received by peer"]
+        self.assertEqual([e for e in map(reader.feed, lines) if e],
+                         [ClientEvent("joined", "dev-1", "2001:db8::5"), ClientEvent("bye", CN, "203.0.113.20:40001")])
 
 
 def row(cn, real, instance="server/lanhub-udp", vpn="10.0.1.2"):

@@ -22,7 +22,7 @@ LINK_HZ = "/etc/openvpn/client/lanhub-link-hangzhou.conf"
 HANGZHOU_UDP = """\
 # Managed by LanHub; local edits are overwritten at the next sync.
 port 1194
-proto udp
+proto udp6
 dev lh-udp
 dev-type tun
 topology subnet
@@ -68,7 +68,7 @@ class ReferenceLanTests(SimpleTestCase):
 
     def test_hangzhou_tcp_server_has_its_pool_and_the_push_but_no_routes_or_ccd(self):
         tcp = lines(reference()["hangzhou"][TCP])
-        self.assertIn("proto tcp-server", tcp)
+        self.assertIn("proto tcp6-server", tcp)
         self.assertIn("server 10.1.0.0 255.255.0.0", tcp)
         self.assertIn('push "route 10.0.0.0 255.240.0.0"', tcp)
         self.assertIn("management 127.0.0.1 7506 /etc/openvpn/lanhub/pki/management.pw", tcp)
@@ -84,6 +84,22 @@ class ReferenceLanTests(SimpleTestCase):
                          "verify-x509-name node-hangzhou name", "route-nopull", "cert /etc/openvpn/lanhub/pki/link.crt",
                          "route 10.0.0.0 255.0.0.0 10.0.0.1", "keepalive 10 60", "disable-dco"]:
             self.assertIn(expected, link)
+
+    def test_servers_listen_dual_stack_so_a_node_is_reachable_by_its_ipv6_address(self):
+        # `proto udp` / `tcp-server` bind IPv4 only; udp6 / tcp6-server take both families (OPENVPN-NOTES.md).
+        for name in ("hangzhou", "hongkong"):
+            files = reference()[name]
+            self.assertIn("proto udp6", lines(files[UDP]))
+            self.assertIn("proto tcp6-server", lines(files[TCP]))
+
+    def test_a_link_to_a_node_with_an_ipv6_address_dials_that_address(self):
+        lan = LanSpec()
+        hz = dataclasses.replace(HANGZHOU, public_address="2001:db8:113::10")
+        files = render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
+        link = lines(files["hongkong"][LINK_HZ])
+        # Plain `udp` on a client follows the address's family: the same line works for IPv4, IPv6 and DNS names.
+        self.assertIn("proto udp", link)
+        self.assertIn("remote 2001:db8:113::10 1194", link)
 
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]

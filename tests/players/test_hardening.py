@@ -161,12 +161,13 @@ class LostDeviceRateTests(BaseTestCase):
 
     @override_settings(LANHUB_LOST_DEVICE_RATE=2)
     def test_the_lost_device_button_is_throttled_per_player(self):
-        for _ in range(2):
+        devices = [services.add_device(self.bob, name=name) for name in ("laptop", "phone", "tablet")]
+        for device in devices[:2]:
             player = Player.objects.get(pk=self.bob.pk)
-            self.assertEqual(self.client.post(me_url(player, "player_lost_device")).status_code, 302)
+            self.assertEqual(self.client.post(me_url(player, "player_lost_device", device.ref)).status_code, 302)
         player = Player.objects.get(pk=self.bob.pk)
         revoked = RevokedCertificate.objects.count()
-        response = self.client.post(me_url(player, "player_lost_device"))
+        response = self.client.post(me_url(player, "player_lost_device", devices[2].ref))
         self.assertEqual(response.status_code, 429)
         self.assertEqual(RevokedCertificate.objects.count(), revoked)  # no CRL re-signed, no sync
         self.assertEqual(Player.objects.get(pk=self.bob.pk).token, player.token)

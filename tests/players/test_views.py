@@ -317,8 +317,9 @@ class PlayerHomeTests(PlayerPageTestCase):
         self.assertEqual(response.context["ranked"][0], (self.hongkong, "the host's default server"))
 
     def test_it_loads_in_a_fixed_number_of_queries(self):
-        # 1 the player with LAN and host, 2 the ready nodes (the session is not touched: no cookie yet).
-        with self.assertNumQueries(2):
+        # 1 the player with LAN and host, 2 the ready nodes, 3 the player's devices in use (the session is not
+        # touched: no cookie yet).
+        with self.assertNumQueries(3):
             self.client.get(me_url(self.bob))
 
     def test_a_revoked_player_gets_410_and_no_download(self):
@@ -386,19 +387,43 @@ class ChooseNodeTests(PlayerPageTestCase):
 
 
 class LostDeviceTests(PlayerPageTestCase):
-    def test_it_reissues_the_certificate_and_revokes_the_old_one(self):
-        old, old_page = self.bob.serial, me_url(self.bob, "player_home")
-        response = self.client.post(me_url(self.bob, "player_lost_device"), follow=True)
-        self.assertContains(response, "the old profile is switched off")
-        self.bob.refresh_from_db()
-        self.assertNotEqual(self.bob.serial, old)
-        self.assertTrue(RevokedCertificate.objects.filter(serial=old).exists())
+    def setUp(self):
+        super().setUp()
+        services.clear_rate(services.lost_device_rate_key(self.bob))
+        self.first = self.bob.first_device
+        self.laptop = services.add_device(self.bob, name="laptop")
+
+    def test_it_switches_off_that_device_only(self):
+        old_page = me_url(self.bob, "player_home")
+        response = self.client.post(me_url(self.bob, "player_lost_device", self.laptop.ref), follow=True)
+        self.assertContains(response, "“laptop” is switched off on every server")
+        self.laptop.refresh_from_db()
+        self.first.refresh_from_db()
+        self.assertIsNotNone(self.laptop.revoked_at)
+        self.assertIsNone(self.first.revoked_at)
+        self.assertEqual(set(RevokedCertificate.objects.values_list("serial", flat=True)), {self.laptop.serial})
         # The lost device's bookmark no longer opens the page (nor its downloads); the new address does.
+        self.bob.refresh_from_db()
         self.assertEqual(self.client.get(old_page).status_code, 404)
         self.assertEqual(response.redirect_chain[-1][0], me_url(self.bob, "player_home"))
+        self.assertNotContains(response, f'id="device-{self.laptop.ref}"')
+        self.assertContains(response, f'id="device-{self.first.ref}"')
+
+    def test_a_switched_off_or_unknown_device_is_not_found(self):
+        services.switch_off_device(self.bob, self.laptop)
+        self.bob.refresh_from_db()
+        for ref in (self.laptop.ref, "nonsense"):
+            with self.subTest(ref=ref):
+                self.assertEqual(self.client.post(me_url(self.bob, "player_lost_device", ref)).status_code, 404)
+
+    def test_another_players_device_is_not_found(self):
+        dave = services.redeem_invite(token=self.invite.token, nickname="dave")
+        response = self.client.post(me_url(self.bob, "player_lost_device", dave.first_device.ref))
+        self.assertEqual(response.status_code, 404)
+        self.assertIsNone(dave.first_device.revoked_at)
 
     def test_it_rejects_a_get(self):
-        self.assertEqual(self.client.get(me_url(self.bob, "player_lost_device")).status_code, 405)
+        self.assertEqual(self.client.get(me_url(self.bob, "player_lost_device", self.laptop.ref)).status_code, 405)
 
 
 class ProfileDownloadTests(PlayerPageTestCase):
@@ -439,8 +464,8 @@ class ProfileDownloadTests(PlayerPageTestCase):
         self.assertNotIn("203.0.113.99", first)
         bob = services.reissue_player(self.bob)
         renewed = self.client.get(me_url(bob, "profile_download", "hongkong")).content.decode()
-        self.assertIn(bob.cert_pem.strip(), renewed)
-        self.assertNotIn(bob.cert_pem.strip(), first)
+        self.assertIn(bob.first_device.cert_pem.strip(), renewed)
+        self.assertNotIn(bob.first_device.cert_pem.strip(), first)
 
     def test_a_revoked_player_gets_410_and_no_profile(self):
         services.revoke_player(self.bob)

@@ -1,0 +1,115 @@
+"""Nodes reached over IPv6 (issue 12, item 5): two servers whose public addresses are IPv6, a link between them
+over IPv6, and players who can reach the servers over IPv6 only.
+
+The lab's bridges get addresses from 2001:db8::/32 (documentation prefix) inside the lab's own namespaces. LanHub
+still manages the servers over SSH on their IPv4 addresses (ssh_host): only what players and links use is IPv6.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client, override_settings
+
+from nodes import services
+from nodes.models import Node, NodeState, SyncRun, SyncStatus
+from players import services as player_services
+from players.models import Player
+from tests.celery_worker import real_worker
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+REGIONS = {"hangzhou": "asia/cn/east", "hongkong": "asia/hk"}
+
+
+def wait_until(predicate, *, timeout: float, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+
+
+def runs_of(lan) -> str:
+    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.error}" for r in
+                     SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at"))
+
+
+def register_v6(lab, lan, name):
+    """A server whose public address (what profiles and links dial) is its IPv6 address."""
+    host = lab.add_node(name)
+    lab.enable_ipv6(host)
+    host.authorize(lan.ssh_public_key)
+    services.create_node(lan=lan, name=name, region=REGIONS[name], public_address=host.address6,
+                         ssh_host=host.address)
+    return host
+
+
+def ipv6_only_player(lab, name):
+    """A player machine that reaches the servers over IPv6 only: IPv4 to the servers' network is dropped."""
+    host = lab.add_player(name)
+    lab.enable_ipv6(host)
+    lab.exec(host, ["iptables", "-A", "OUTPUT", "-d", "203.0.113.0/24", "-j", "DROP"])
+    return host
+
+
+def join_and_download(invite, nickname: str, node: str) -> str:
+    client = Client()
+    response = client.post(f"/join/{invite.token}/", {"nickname": nickname})
+    assert response.status_code == 302, response.content[:500]
+    player = Player.objects.get(lan=invite.lan, nickname=nickname)
+    profile = client.get(f"/me/{player.token}/profile/{node}.ovpn")
+    assert profile.status_code == 200, profile.content[:500]
+    return profile.content.decode()
+
+
+@override_settings(LANHUB_JOIN_RATE=10_000)
+def test_players_and_links_reach_nodes_over_an_ipv6_underlay(lab):
+    owner = get_user_model().objects.create_user("host6", password="host-password")
+    lan = services.create_lan(owner=owner, name="IPv6 night", slug="ipv6night", topology_mode="hub")
+    with real_worker(concurrency=2):
+        hz_host = register_v6(lab, lan, "hangzhou")
+        hk_host = register_v6(lab, lan, "hongkong")
+
+        def ready():
+            nodes = list(Node.objects.filter(lan=lan))
+            failed = [n for n in nodes if n.state == NodeState.FAILED]
+            assert not failed, f"{failed[0].name} failed: {failed[0].last_error}\n{runs_of(lan)}"
+            busy = SyncRun.objects.filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING])
+            return len(nodes) == 2 and all(n.state == NodeState.READY for n in nodes) and not busy.exists()
+
+        wait_until(ready, timeout=90, what=lambda: f"both nodes ready\n{runs_of(lan)}")
+
+        # The link: Hong Kong's client dials Hangzhou's IPv6 address and gets its fixed tunnel address.
+        link_conf = hk_host.etc_path("openvpn/client/lanhub-link-hangzhou.conf").read_text()
+        assert f"remote {hz_host.address6} 1194" in link_conf
+        wait_until(lambda: lab.ping(hk_host, "10.0.0.1", timeout=1), timeout=30,
+                   what="Hong Kong's link to Hangzhou over IPv6")
+
+        invite = player_services.create_invite(lan=lan, created_by=owner, note="v6", max_uses=10)
+        alice_profile = join_and_download(invite, "alice", "hangzhou")
+        bob_profile = join_and_download(invite, "bob", "hongkong")
+        assert re.search(rf"^remote {re.escape(hz_host.address6)} 1194 udp$", alice_profile, re.M), alice_profile
+        assert not re.search(r"^remote 203\.0\.113\.", alice_profile, re.M)
+
+        alice, bob = ipv6_only_player(lab, "alice"), ipv6_only_player(lab, "bob")
+        alice.start_openvpn(alice_profile)
+        bob.start_openvpn(bob_profile)
+        alice_ip, bob_ip = alice.wait_for_tunnel(timeout=30), bob.wait_for_tunnel(timeout=30)
+        assert alice_ip.startswith("10.0.") and bob_ip.startswith("10.2."), (alice_ip, bob_ip)
+        # The servers saw the players' IPv6 addresses: the tunnels really run over IPv6.
+        assert alice.address6 in server_log(hz_host), server_log(hz_host)[-2000:]
+        assert bob.address6 in server_log(hk_host), server_log(hk_host)[-2000:]
+        # Across both servers and the IPv6 link.
+        assert wait_until(lambda: lab.ping(alice, bob_ip, timeout=2), timeout=20, what="alice -> bob over IPv6")
+        assert lab.ping(bob, alice_ip, timeout=2) is not None, "bob cannot reach alice"
+
+
+def server_log(node_host, instance="lanhub-udp") -> str:
+    path = node_host.etc_path(f"openvpn/lanhub/run/{instance}.log")
+    return path.read_text(errors="replace") if path.exists() else ""
