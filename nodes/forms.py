@@ -38,7 +38,8 @@ class LanForm(forms.ModelForm):
     class Meta:
         model = Lan
         fields = ("name", "slug", "supernet", "pool_prefix", "topology_mode")
-        help_texts = {"slug": "Short name used in links; leave blank to derive it from the name."}
+        labels = {"slug": "Short name"}
+        help_texts = {"slug": "Used in links; leave blank to derive it from the name. It never changes."}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
