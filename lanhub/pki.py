@@ -11,6 +11,10 @@ Choices worth knowing:
 - ``notBefore`` and a CRL's ``thisUpdate`` are backdated by ``CLOCK_SKEW``: a node or laptop whose clock runs a
   little behind would otherwise reject a brand-new certificate, or reject *every* client because the CRL is
   "not yet valid".
+- A LAN's CA and its players' certificates have no expiry date (``notAfter`` 99991231235959Z, RFC 5280
+  4.1.2.5): nothing renews a CA, and every profile embeds it, so a ten-year CA would stop the whole LAN on one day
+  with nobody warned; a player ends by revocation (the nodes' revocation directory, which has no expiry either).
+  Only node certificates get a lifetime (``days``): the portal renews them (nodes/services.py).
 - A leaf never outlives its CA: past the CA's ``notAfter`` it cannot verify anyway, and the stored ``not_after``
   should tell the truth.
 """
@@ -25,7 +29,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +38,8 @@ from cryptography.hazmat.primitives.serialization.ssh import SSHPublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CLOCK_SKEW = timedelta(hours=1)
+# "No well-defined expiration date" (RFC 5280 4.1.2.5), encoded as GeneralizedTime: what ``days=None`` issues.
+NO_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
 TLS_CRYPT_BEGIN = "-----BEGIN OpenVPN Static key V1-----"
 TLS_CRYPT_END = "-----END OpenVPN Static key V1-----"
 _COMMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # first character alphanumeric: no "-opt", ".", ".."
@@ -54,8 +60,9 @@ class Issued:
 CaLike = Issued | tuple[str, str]
 
 
-def create_ca(*, name: str, now: datetime, days: int = 3650) -> Issued:
-    """Create a LAN's self-signed CA. ``pathlen:0`` because a LAN CA signs only nodes and players, never sub-CAs."""
+def create_ca(*, name: str, now: datetime, days: int | None = None) -> Issued:
+    """Create a LAN's self-signed CA. ``pathlen:0`` because a LAN CA signs only nodes and players, never sub-CAs.
+    ``days=None``: no expiry date (see the module docstring)."""
     subject = _name(name)
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
@@ -66,12 +73,12 @@ def create_ca(*, name: str, now: datetime, days: int = 3650) -> Issued:
     return _issued(builder.sign(key, hashes.SHA256()), key, name)
 
 
-def issue_server(*, ca: CaLike, common_name: str, now: datetime, days: int = 3650) -> Issued:
+def issue_server(*, ca: CaLike, common_name: str, now: datetime, days: int | None = None) -> Issued:
     """Issue a node's server certificate: serverAuth is what the clients' ``remote-cert-tls server`` demands."""
     return _issue_leaf(ca=ca, common_name=common_name, now=now, days=days, server=True)
 
 
-def issue_client(*, ca: CaLike, common_name: str, now: datetime, days: int = 3650) -> Issued:
+def issue_client(*, ca: CaLike, common_name: str, now: datetime, days: int | None = None) -> Issued:
     """Issue a player's (or a link client's) certificate; clientAuth keeps it from posing as a node's server."""
     return _issue_leaf(ca=ca, common_name=common_name, now=now, days=days, server=False)
 
@@ -145,7 +152,7 @@ def fingerprint_sha256(public_key_blob_or_line: bytes | str) -> str:
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _issue_leaf(*, ca: CaLike, common_name: str, now: datetime, days: int, server: bool) -> Issued:
+def _issue_leaf(*, ca: CaLike, common_name: str, now: datetime, days: int | None, server: bool) -> Issued:
     subject = _name(common_name)
     ca_cert, ca_key = _load_ca(ca)
     not_after = min(_end(now, days), ca_cert.not_valid_after_utc)
@@ -203,8 +210,10 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _end(now: datetime, days: int) -> datetime:
+def _end(now: datetime, days: int | None) -> datetime:
     _require_aware(now)
+    if days is None:
+        return NO_EXPIRY
     if days < 1:
         raise ValueError("days must be at least 1")
     return now + timedelta(days=days)

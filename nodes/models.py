@@ -54,6 +54,17 @@ def host_validator(value: str) -> None:
             raise ValidationError("Enter a host name or an IP address.") from None
 
 
+def ipv6_validator(value: str) -> None:
+    """A global IPv6 address, as a literal: what a dual-stack node's players and links may dial besides
+    public_address."""
+    try:
+        address = ipaddress.IPv6Address(value)
+    except ValueError:
+        raise ValidationError("Enter an IPv6 address, such as 2001:db8::10.") from None
+    if address.ipv4_mapped:
+        raise ValidationError("Enter a real IPv6 address; an IPv4 address goes in the public address.")
+
+
 port_validators = [MinValueValidator(1), MaxValueValidator(65535)]
 
 
@@ -182,6 +193,10 @@ class Node(models.Model):
     priority = models.IntegerField(default=0, help_text="The highest-priority healthy node leads its region.")
     public_address = models.CharField(max_length=253, validators=[host_validator],
                                       help_text="Host name or IP address that players and other nodes connect to.")
+    # A dual-stack node: profiles and links list this address after public_address, so a player (or node) whose
+    # network has only one of the two families still connects. The servers listen on both (udp6, tcp6-server).
+    public_ipv6 = models.CharField("Public IPv6 address", max_length=45, blank=True, validators=[ipv6_validator],
+                                   help_text="Optional: also reachable over IPv6 at this address.")
     udp_port = models.PositiveIntegerField(default=1194, validators=port_validators)
     tcp_port = models.PositiveIntegerField(default=443, validators=port_validators)
     ssh_host = models.CharField("SSH host", max_length=253, validators=[host_validator],

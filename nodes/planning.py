@@ -53,7 +53,7 @@ def node_specs(lan: Lan, nodes: list[Node]) -> list[topology.NodeSpec]:
     return [
         topology.NodeSpec(
             name=n.name, region=n.region, priority=n.priority, order=index, healthy=n.healthy,
-            public_address=n.public_address, udp_port=n.udp_port, tcp_port=n.tcp_port,
+            public_address=n.public_address, public_ipv6=n.public_ipv6, udp_port=n.udp_port, tcp_port=n.tcp_port,
             udp_pool=n.udp_pool or None, tcp_pool=n.tcp_pool or None,
             pinned_upstream=by_pk[n.pinned_upstream_id].name if n.pinned_upstream_id in by_pk else None,
         )

@@ -6,9 +6,10 @@ restarts only the OpenVPN instances whose files changed (``diff``).
 Choices worth knowing:
 - Server ``route`` lines carry no gateway: on a tun server OpenVPN picks the client by iroute, not by next hop.
 - Routes are aggregated (10.2.0.0/16 + 10.3.0.0/16 render as ``10.2.0.0 255.254.0.0``).
-- A link client uses ``route-nopull``: several upstreams would each push the supernet. Its routes are the
-  prefixes whose next hop is that upstream (possibly the whole supernet as a default); a route equal to the
-  upstream's UDP pool is left out, because that pool is the tunnel's connected subnet.
+- A link client uses ``route-nopull`` (and its ccd file ``push-reset``): several upstreams would each push the
+  supernet. Its routes are the prefixes whose next hop is that upstream (possibly the whole supernet as a
+  default); a route equal to the upstream's UDP pool is left out, because that pool is the tunnel's connected
+  subnet.
 - A ccd file's instance is ``server/lanhub-udp``: OpenVPN reads ccd at connect time, so new iroutes only take
   effect when the link client reconnects.
 """
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,8 @@ RELAY_CONFIG = layout.RELAY_CONFIG
 RELAY_UNIT = layout.RELAY_UNIT
 RELAY_FILES = layout.RELAY_FILES
 _RELAY_SOURCE = Path(__file__).with_name("discovery") / "relay.py"
+# A host name or an IPv4/IPv6 address: one token of these characters is all a `remote` line may carry.
+_HOST_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 # Dual-stack sockets: `proto udp` / `tcp-server` bind IPv4 only, so a node reached by its IPv6 address refused every
 # player and link (OPENVPN-NOTES.md "IPv6 underlay"). udp6 / tcp6-server bind [::] without IPV6_V6ONLY and take
 # IPv4 as well (as v4-mapped addresses). Clients keep plain `udp`, which follows the family of the remote's address.
@@ -134,9 +138,10 @@ def _common_tail(management: int, status: str) -> list[str]:
 
 
 def _unprivileged() -> list[str]:
-    # Servers drop root once their sockets, tun device, routes, keys and status/pool files are open (persist-key
-    # and persist-tun keep them across a soft restart): a bug in the TLS or packet code then runs as nobody.
-    # Link clients keep root: they re-add their routes on every reconnect, which nobody may not do.
+    # Servers and link clients drop root once their sockets, tun device, routes, keys and status/pool files are
+    # open: a bug in the TLS or packet code then runs as nobody. persist-key and persist-tun (_common_tail) keep
+    # keys, device and routes across a reconnect, so nothing needs root again: OpenVPN reopens the device (and
+    # re-adds routes) only when the options pulled from the server change, and a link's never do (render_ccd).
     return ["user nobody", "group nogroup"]
 
 
@@ -159,9 +164,33 @@ def _server_pki() -> list[str]:
 def _discovery_pushes(discovery: games.DiscoverySpec) -> list[str]:
     """Routes that bring a player's game announcements into the tunnel: the limited broadcast and the LAN's
     multicast groups, each as a /32 (never all of 224/4: the player's home mDNS and SSDP stay home). A player's
-    subnet broadcast is on-link on the tunnel already."""
-    hosts = ["255.255.255.255", *discovery.groups]
-    return [f'push "route {host} 255.255.255.255"' for host in hosts]
+    subnet broadcast is on-link on the tunnel already.
+
+    The limited broadcast's route carries gateway ``vpn_gateway`` and metric 1. Windows sends 255.255.255.255 out of
+    one interface, the one whose route for it has the lowest metric (route metric + interface metric; every adapter
+    has an on-link 255.255.255.255/32 route with route metric 256), so metric 1 makes the tunnel win over the home
+    network. OpenVPN 2.6 passes the metric to Windows (route.c: the interactive service's CreateIpForwardEntry2,
+    route.exe METRIC, ipapi dwForwardMetric1), Linux (``metric 1``) and macOS (``-rtt 1``); openvpn3 (OpenVPN
+    Connect) reads the metric from the route's fifth field and accepts only ``vpn_gateway`` or ``net_gateway`` as its
+    fourth (tun/client/tunprop.hpp: route_target), so the keyword, not an address, is pushed. Multicast groups need no
+    metric: a /32 beats the on-link 224.0.0.0/4 by prefix length (docs/discovery.md)."""
+    lines = ['push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"']
+    return lines + [f'push "route {group} 255.255.255.255"' for group in discovery.groups]
+
+
+def _port(node: NodeSpec, which: str) -> int:
+    """A port as a config line needs it. The models validate ports too; the renderer refuses on its own, because a
+    value that reached it another way (a migration, a script) must never become a second directive."""
+    value = getattr(node, which)
+    if type(value) is not int or not 1 <= value <= 65535:
+        raise PlanError(f"node {node.name}: {which.replace('_', ' ')} {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _remote_host(node: NodeSpec, host) -> str:
+    if not isinstance(host, str) or not _HOST_TOKEN.fullmatch(host):
+        raise PlanError(f"node {node.name}: public address {host!r} is not a host name or an IP address")
+    return host
 
 
 def _text(lines: list[str]) -> str:
@@ -174,7 +203,7 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
     low, high = _dynamic_pool(pool)
     downstreams = set(plan.downstreams(node.name))
     lines = [
-        f"port {node.udp_port}", UDP_PROTO, f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
+        f"port {_port(node, 'udp_port')}", UDP_PROTO, f"dev {layout.UDP_DEVICE}", "dev-type tun", "topology subnet",
         # nopool + our own ifconfig-pool keeps the first /24 free for the links' fixed addresses.
         f"server {_net(pool)} nopool",
         f"ifconfig-pool {low} {high}",
@@ -206,7 +235,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
                       discovery: games.DiscoverySpec = games.DiscoverySpec()) -> RenderedFile:
     pool = plan.pools[node.name].tcp
     lines = [
-        f"port {node.tcp_port}", TCP_PROTO, f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
+        f"port {_port(node, 'tcp_port')}", TCP_PROTO, f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
         *_push_player_routes(plan.player_routes(_supernet(lan.supernet))), *_discovery_pushes(discovery),
         *_server_pki(),
@@ -220,10 +249,11 @@ def render_ccd(plan: Plan, upstream: str, downstream: str) -> RenderedFile:
     """What the upstream's UDP server tells the downstream's link client, and what it routes to it."""
     link = plan.link(upstream, downstream)
     mask = plan.pools[upstream].udp.netmask
-    lines = [f"ifconfig-push {link.address} {mask}"]
-    # The players' routes are not for a link client: it runs route-nopull and would log "option 'route' cannot be
-    # used in this context" for each of them on every connect (OPENVPN-NOTES.md).
-    lines.append("push-remove route")
+    # push-reset: the link client pulls only its address, never the players' push list (routes, discovery
+    # groups). That list changes with the LAN's settings, and a client whose pulled options change on reconnect
+    # closes and reopens its tun device, which its unprivileged user (user nobody) cannot. The link client sets
+    # its own topology, keepalive and routes.
+    lines = ["push-reset", f"ifconfig-push {link.address} {mask}"]
     # iroutes are both the routing table inside OpenVPN and its source-address filter for this client.
     lines += [f"iroute {_net(r.prefix)}" for r in plan.routes_via(upstream, downstream)]
     return RenderedFile(layout.ccd_path(downstream), _text(lines), instance=UDP_INSTANCE)
@@ -236,8 +266,9 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     gateway = _gateway(up_pool)
     basename = layout.link_basename(upstream.name)
     lines = [
-        "client", f"dev {link_device(upstream.name)}", "dev-type tun", "proto udp",
-        f"remote {upstream.public_address} {upstream.udp_port}",
+        "client", f"dev {link_device(upstream.name)}", "dev-type tun", "topology subnet", "proto udp",
+        # Each of the upstream's addresses, IPv4 (or its name) first: a node on one family only still links.
+        *(f"remote {_remote_host(upstream, host)} {_port(upstream, 'udp_port')}" for host in _addresses(upstream)),
         "nobind", "resolv-retry infinite", "connect-retry 2 10",
         # The upstream restarts on syncs; a handshake begun with the exiting instance is retried after 10 s rather
         # than the default 60 s.
@@ -249,8 +280,12 @@ def render_link_client(plan: Plan, node: NodeSpec, upstream: NodeSpec, managemen
     ]
     lines += [f"route {_net(r.prefix)} {gateway}" for r in plan.routes_via(node.name, upstream.name)
               if r.prefix != up_pool]
-    lines += _common_tail(management, basename)
+    lines += [*_unprivileged(), *_common_tail(management, basename)]
     return RenderedFile(f"{CLIENT_DIR}/{basename}.conf", _text(lines), instance=link_instance(upstream.name))
+
+
+def _addresses(node: NodeSpec) -> list[str]:
+    return [node.public_address] + ([node.public_ipv6] if node.public_ipv6 not in ("", node.public_address) else [])
 
 
 def relay_address(plan: Plan, name: str) -> ipaddress.IPv4Address:
@@ -296,6 +331,8 @@ def render_relay_unit() -> RenderedFile:
         # The relay exits cleanly when its config is removed (the node was deleted): then it must stay stopped.
         f"ConditionPathExists={RELAY_CONFIG}", "",
         "[Service]", f"ExecStart=/usr/bin/python3 {RELAY_PROGRAM} --config {RELAY_CONFIG}",
+        # A changed relay.json (a node added or removed, a new game list) is re-read in place.
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure", "RestartSec=2", "",
         "[Install]", "WantedBy=multi-user.target",
     ]

@@ -135,8 +135,9 @@ def renew_crl(lan: Lan, *, min_days_left: float = CRL_DAYS / 2) -> bool:
 # --- Nodes ----------------------------------------------------------------------------------------------------
 
 # What a host enters for a node: the dashboard's and the admin's forms both take exactly these (nodes/forms.py).
-NODE_FIELDS = ("display_name", "name", "region", "priority", "public_address", "udp_port", "tcp_port", "ssh_host",
-               "ssh_port", "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool", "pinned_upstream")
+NODE_FIELDS = ("display_name", "name", "region", "priority", "public_address", "public_ipv6", "udp_port", "tcp_port",
+               "ssh_host", "ssh_port", "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool",
+               "pinned_upstream")
 
 
 def node_candidate(*, lan: Lan, instance: Node | None = None, **fields) -> Node:
@@ -248,9 +249,15 @@ def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -
     revocation.push_revoked(lan, [serial for serial, _ in certificates])
 
 
-# Node certificates live two years and are re-issued once less than one is left, so a node the portal cannot
-# reach (or a portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. Nothing else on a
-# node expires: revocation is a directory (nodes/layout.py: PKI_CRL_DIR), not a CRL with a nextUpdate.
+# What has a lifetime, and why (docs/security.md, "Lifetimes"):
+# - the LAN's CA and players' certificates: none (lanhub/pki.py). Nothing could renew a CA without every player
+#   downloading a new profile, and a player ends by revocation;
+# - revocation: a directory of serials on each node (nodes/layout.py: PKI_CRL_DIR), no nextUpdate;
+# - node certificates: two years, re-issued once less than one is left, so a node the portal cannot reach (or a
+#   portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. They are the one thing with
+#   a date: a player's client cannot consult the LAN's revocations, so only a date bounds how long a node key
+#   taken from a retired or broken-into server can pose as a LanHub server to players.
+# Nothing else on a node expires (tests/e2e/test_portal_down.py).
 NODE_CERT_DAYS = 730
 NODE_CERT_RENEW_DAYS = 365
 

@@ -50,7 +50,7 @@ class PlayerAdmin(admin.ModelAdmin):
             services.revoke_player(player, reason=f"revoked in the admin by {request.user}")
         self.message_user(request, f"{queryset.count()} player(s) revoked; the nodes are syncing.")
 
-    @admin.action(description="Re-issue certificate (lost device)")
+    @admin.action(description="Re-issue the certificates of all their devices")
     def reissue_players(self, request, queryset):
         for player in queryset:
             try:

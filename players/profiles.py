@@ -33,6 +33,7 @@ class NodeLike(Protocol):
     """What profile_remotes needs from a node (nodes.models.Node has these fields)."""
 
     public_address: str
+    public_ipv6: str  # may be empty
     udp_port: int | None
     tcp_port: int | None
 
@@ -56,6 +57,8 @@ class Remote:
 
 def profile_remotes(*, chosen: NodeLike, others: Sequence[NodeLike]) -> list[Remote]:
     """The connection order: the chosen node's UDP then TCP, then each other node (in the given order) likewise.
+    A dual-stack node's IPv6 address follows its public address for each transport: a player whose network has
+    only one family fails over to the other within the node (an unreachable family fails at once).
 
     UDP comes first because it performs better for games; TCP on the same node comes next because a network that
     drops UDP usually still passes TCP, and staying on the chosen node beats moving to a distant one. A transport a
@@ -65,11 +68,13 @@ def profile_remotes(*, chosen: NodeLike, others: Sequence[NodeLike]) -> list[Rem
     remotes: list[Remote] = []
     seen: set[tuple[str, int, str]] = set()  # a set, not `remote in remotes`: 100 nodes are 200 remotes
     for node in (chosen, *others):
+        hosts = [node.public_address, node.public_ipv6]
         for proto, port in (("udp", node.udp_port), ("tcp", node.tcp_port)):
-            if not port or (node.public_address, port, proto) in seen:
-                continue
-            seen.add((node.public_address, port, proto))
-            remotes.append(Remote(host=node.public_address, port=port, proto=proto))
+            for host in hosts:
+                if not port or not host or (host, port, proto) in seen:
+                    continue
+                seen.add((host, port, proto))
+                remotes.append(Remote(host=host, port=port, proto=proto))
     return remotes
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "var" / "security-figures.json"
 TESTS = ["tests/test_url_walk.py", "tests/nodes/test_revocation_without_expiry.py",
-         "tests/e2e/test_revocation_window.py"]
+         "tests/e2e/test_revocation_window.py", "tests/e2e/test_portal_down.py", "tests/players/test_pull_filter.py"]
 EXAMPLES = os.environ.get("LANHUB_FUZZ_EXAMPLES", "600")
 
 
@@ -50,7 +50,7 @@ the page.
 | URLs in the URL configuration that name a host's object, requested by another host | {f["cross_host_urls"]} walked, every one a 404 | `tests/test_url_walk.py` |
 | generated requests (every URL, generated path segments and form fields, GET and POST, anonymous / host / other host) | {f["generated_requests"]} tried, {f["server_errors"]} server errors | `tests/test_url_walk.py` (hypothesis) |
 | revoke request to "every node refuses", {rev["nodes"]} nodes | {rev["revoke_request_s"]} s (the request returns once every node has the revocation file); {rev["attempts_after_revoke"]} reconnect attempts after it, {rev["accepted_after_revoke"]} accepted; refusals logged by the servers: {refused} | `tests/e2e/test_revocation_window.py` |
-| days the LAN kept working with the portal stopped | {f["portal_down_days_tested"]} days tested with real OpenVPN (players and links connect, a revoked player is refused; the old 30-day CRL refuses everyone by then); {f["portal_down_days_guaranteed"]} days guaranteed by the node certificates' renewal margin | `tests/nodes/test_revocation_without_expiry.py` |
+| days the LAN kept working with the portal stopped | {f["portal_down_days_tested"]} days on a real LAN of two nodes and their link (the outage is made by dating the certificates, which is what OpenVPN compares with its clock), with the CA and the players' certificates {f["portal_down_years_past_old_lifetime"]} years old (a year past the ten years they used to get): the link reconnects, players on both nodes reach each other, a revoked player is refused by both; {f["portal_down_days_guaranteed"]} days guaranteed by the node certificates' renewal margin (the old 30-day CRL would have refused everyone after 30) | `tests/e2e/test_portal_down.py`, `tests/nodes/test_revocation_without_expiry.py` |
 
 ## What is defended, and where
 
@@ -75,12 +75,34 @@ the page.
   `SECURE_SSL_REDIRECT` are variables; with them `check --deploy` is clean (`tests/lanhub/test_deploy.py`).
 - **Nodes.** Revocation is `crl-verify DIR dir` (one empty file per revoked serial): no CRL lapses while the portal
   is down. The revoke request writes the file on every node over SSH before it returns (`nodes/revocation.py`);
-  a node that cannot be reached is named to the host and gets the file from its queued sync. Node certificates
-  live two years and are renewed with a year left. The management interfaces ask for a per-node password from a
-  root-only file. OpenVPN servers drop to nobody/nogroup after start-up (link clients keep root: they re-add
-  routes on reconnect). The FORWARD chain drops tunnel-to-uplink traffic. Deleting a node stops its instances and
-  removes LanHub's files from it, revokes its certificates and re-plans the LAN without it. Profiles ignore a
-  pushed `redirect-gateway` and `dhcp-option`, so a rogue or stale node cannot take over a player's traffic.
+  a node that cannot be reached is named to the host and gets the file from its queued sync. The management
+  interfaces ask for a per-node password from a root-only file; a connection without it gets no answer
+  (`tests/e2e/test_portal_down.py`). Every OpenVPN process on a node, servers and link clients, drops to
+  nobody/nogroup after start-up; persist-tun and persist-key keep device, routes and keys across reconnects, and a
+  link's ccd file has `push-reset`, so the options a link pulls never change with the players' push list (a
+  change would make OpenVPN reopen the device, which nobody cannot). The FORWARD chain drops tunnel-to-uplink
+  traffic (a player's datagram to the node's uplink gateway never reaches the uplink). Deleting a node stops its
+  instances and removes LanHub's files from it, revokes its certificates and re-plans the LAN without it.
+  Profiles ignore a pushed `redirect-gateway` and `dhcp-option`: against a real server pushing both, a player's
+  default route and routing table stay as they were and no DNS option reaches the client's scripts
+  (`tests/players/test_pull_filter.py`, with the unfiltered profile as the control).
+
+## Lifetimes
+
+What a LAN holds that could expire, and what happens when the portal is down:
+
+| what | lifetime | while the portal is down |
+| --- | --- | --- |
+| the LAN's CA | none (`notAfter` 99991231235959Z, RFC 5280's "no well-defined expiration date") | nothing to renew; every profile embeds the CA, so a dated CA would stop the whole LAN on one day |
+| a player's certificate | none | ends only by revocation |
+| revocations | none: one empty file per serial in the nodes' revocation directory | kept and enforced by every node |
+| a node's certificates (server and link) | two years, re-issued by the portal once less than one is left | the one date on a node: valid for at least a year after the portal's last renewal run |
+| the portal's own signed CRL | 30 days, re-signed with 15 left | a record on the portal only; no node reads it |
+
+So a LAN keeps working for at least a year with the portal stopped, and nothing on a node expires without the
+portal having had a year to renew it. Node certificates keep a date on purpose: a player's client cannot consult
+the LAN's revocations, so the date is what bounds how long a node key taken from a retired or broken-into server
+could pose as a LanHub server to players.
 """
 
 

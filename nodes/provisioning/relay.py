@@ -1,9 +1,11 @@
 """The ensure_relay step: run the LAN-discovery relay (nodes/discovery/relay.py) on the node.
 
 Like an OpenVPN instance: a systemd unit (lanhub-relay.service) where the node has systemd, else a plain daemon
-with its pid file and log in /etc/openvpn/lanhub/run. It restarts when its program, config or unit changed and
-starts when it is not running (the drift check runs this step too); it stops when the node no longer wants it.
-The relay re-opens the tun devices itself when an OpenVPN instance restarts, so instance restarts leave it alone.
+with its pid file and log in /etc/openvpn/lanhub/run. It restarts when its program or unit changed, re-reads
+its config in place when only the config changed (SIGHUP: a node added elsewhere in the LAN or a new game list
+changes relay.json on every node, and that costs no restart), starts when it is not running (the drift check runs
+this step too), and stops when the node no longer wants it. The relay re-opens the tun devices itself when an
+OpenVPN instance restarts, so instance restarts leave it alone.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ _ALIVE_SH = ("lh_relay_alive() { [ -n \"$1\" ] && kill -0 \"$1\" 2>/dev/null && 
 class RelayResult:
     started: bool = False
     restarted: bool = False
+    reloaded: bool = False  # only its config changed: told to re-read it, same process
     stopped: bool = False
 
     @property
     def changed(self) -> bool:
-        return self.started or self.restarted or self.stopped
+        return self.started or self.restarted or self.reloaded or self.stopped
 
 
 def ensure_relay(c: Connection, *, wanted: bool, changed_files=(), progress: RelayResult | None = None) -> RelayResult:
@@ -53,12 +56,15 @@ def ensure_relay(c: Connection, *, wanted: bool, changed_files=(), progress: Rel
         return result
     if systemd and _write_unit(c):
         changed.add(render.RELAY_UNIT)
-    if running and changed:
+    if running and changed == {render.RELAY_CONFIG}:
+        result.reloaded = True
+        _reload(c, systemd)
+    elif running and changed:
         _stop(c, systemd)
         result.restarted = True
     elif not running:
         result.started = True
-    if result.changed:
+    if result.started or result.restarted:
         _start(c, systemd)
     _wait_listening(c)
     return result
@@ -89,6 +95,15 @@ def _start(c: Connection, systemd: bool) -> None:
     if not out.ok:
         raise ProvisioningError("ensure_relay", f"The discovery relay did not start: {out.stderr.strip()[-600:]}"
                                 + _log_tail(c))
+
+
+def _reload(c: Connection, systemd: bool) -> None:
+    """SIGHUP: the relay re-reads relay.json at once (it would notice the new mtime within a second anyway)."""
+    if systemd:
+        run_root(c, f"systemctl reload {UNIT}", hide=True)
+        return
+    run_root(c, _ALIVE_SH + f"pid=$(cat {PID} 2>/dev/null); lh_relay_alive \"$pid\" && kill -HUP \"$pid\"; true",
+             hide=True)
 
 
 def _write_unit(c: Connection) -> bool:

@@ -28,6 +28,7 @@ class NodeSpec:
     order: int = 0
     healthy: bool = True
     public_address: str = ""
+    public_ipv6: str = ""  # a dual-stack node's IPv6 address, dialled after public_address
     udp_port: int = 1194
     tcp_port: int = 443
     udp_pool: str | None = None

@@ -3,8 +3,9 @@
     listen --port P [--group G] [--reply] --seconds S   print READY, then one JSON line per datagram received
     send --to A --port P --payload X [--count N] [--wait S]   send N datagrams (SO_BROADCAST), print the replies
     flood --to A --port P --count N --seconds S [--rate R]   send N datagrams within S seconds (R per second)
-    rtt --to A --port P --count N                        N probes 0.1 s apart, each waiting up to 1 s for its reply;
-                                                         prints one JSON line per probe: seq, sent (monotonic), rtt
+    rtt --to A [--to B] --port P --count N [--interval S]  N probes to each target in turn, S apart, each waiting
+                                                         up to 1 s for its reply; one JSON line per probe:
+                                                         to, seq, data, sent (monotonic), rtt
 """
 
 import argparse
@@ -72,24 +73,28 @@ def flood(args) -> None:
 
 
 def rtt(args) -> None:
+    """Probes to each ``--to`` in turn (broadcast, unicast, broadcast, ...): the paths are compared under the same
+    load, probe for probe, with the same number of probes each."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     for seq in range(args.count):
-        payload = f"rtt#{seq}".encode()
-        sent = time.monotonic()
-        sock.sendto(payload, (args.to, args.port))
-        took = None
-        while (left := sent + 1.0 - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                data, _ = sock.recvfrom(4096)
-            except socket.timeout:
-                break
-            if data == b"reply:" + payload:
-                took = (time.monotonic() - sent) * 1000
-                break
-        print(json.dumps({"seq": seq, "sent": sent, "rtt": took}), flush=True)
-        time.sleep(max(0.0, sent + 0.1 - time.monotonic()))
+        for target in args.to:
+            payload = f"rtt#{target}#{seq}".encode()
+            sent = time.monotonic()
+            sock.sendto(payload, (target, args.port))
+            took = None
+            while (left := sent + 1.0 - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data, _ = sock.recvfrom(4096)
+                except socket.timeout:
+                    break
+                if data == b"reply:" + payload:
+                    took = (time.monotonic() - sent) * 1000
+                    break
+            print(json.dumps({"to": target, "seq": seq, "data": payload.decode(), "sent": sent, "rtt": took}),
+                  flush=True)
+            time.sleep(max(0.0, sent + args.interval - time.monotonic()))
 
 
 def main() -> None:
@@ -115,9 +120,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--rate", type=float, default=0.0)
     p = sub.add_parser("rtt")
-    p.add_argument("--to", required=True)
+    p.add_argument("--to", required=True, action="append")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, default=20)
+    p.add_argument("--interval", type=float, default=0.05)
     args = parser.parse_args()
     {"listen": listen, "send": send, "flood": flood, "rtt": rtt}[args.mode](args)
 

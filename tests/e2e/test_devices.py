@@ -59,6 +59,11 @@ def tunnel_address(player_host) -> str | None:
     return match.group(1) if match else None
 
 
+def server_log(node_host, instance="lanhub-udp") -> str:
+    path = node_host.etc_path(f"openvpn/lanhub/run/{instance}.log")
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def page(client: Client, player: Player) -> str:
     response = client.get(f"/me/{player.token}/")
     assert response.status_code == 200
@@ -70,7 +75,7 @@ def test_two_devices_of_one_player_are_online_at_once_and_both_reachable(lab):
     owner = get_user_model().objects.create_user("hostd", password="host-password")
     lan = services.create_lan(owner=owner, name="Devices night", slug="devices", topology_mode="hub")
     with real_worker(concurrency=2):
-        register(lab, lan, "hangzhou")
+        hz_host = register(lab, lan, "hangzhou")
         hk_host = register(lab, lan, "hongkong")
 
         def ready():
@@ -116,7 +121,11 @@ def test_two_devices_of_one_player_are_online_at_once_and_both_reachable(lab):
             assert lab.ping(bob_host, ip, timeout=2) is not None, f"bob cannot reach {host.name}"
         assert lab.ping(pc_host, laptop_ip, timeout=2) is not None, "alice's PC cannot reach her laptop"
         assert tunnel_address(pc_host) == pc_ip and pc_host.openvpn_pid() is not None
-        assert "previous active sessions by this client to be dropped" not in pc_host.log()
+        # What a shared certificate caused: the server dropping the first session for the second. (Hong Kong's link
+        # client may log it for itself when it reconnects after a sync: only alice's names count here.)
+        dropped = re.findall(r"new connection by client '([^']+)' will cause previous active sessions",
+                             server_log(hz_host))
+        assert not {first.common_name, laptop.common_name} & set(dropped), dropped
 
         # The lobby: alice once, with both devices and their addresses.
         def lobby_rows():

@@ -1,5 +1,6 @@
-"""Nodes reached over IPv6 (issue 12, item 5): two servers whose public addresses are IPv6, a link between them
-over IPv6, and players who can reach the servers over IPv6 only.
+"""Nodes reached over IPv6 (issue 12, item 5): Hangzhou has only an IPv6 public address, Hong Kong is dual-stack
+(an IPv4 public address and an IPv6 one); Hong Kong links to Hangzhou over IPv6, and players whose network reaches
+the servers over IPv6 only connect to both: to Hong Kong through the IPv6 remote that follows its IPv4 one.
 
 The lab's bridges get addresses from 2001:db8::/32 (documentation prefix) inside the lab's own namespaces. LanHub
 still manages the servers over SSH on their IPv4 addresses (ssh_host): only what players and links use is IPv6.
@@ -40,13 +41,15 @@ def runs_of(lan) -> str:
                      SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at"))
 
 
-def register_v6(lab, lan, name):
-    """A server whose public address (what profiles and links dial) is its IPv6 address."""
+def register_v6(lab, lan, name, *, dual_stack=False):
+    """A server whose public address (what profiles and links dial) is its IPv6 address, or, dual-stack, its IPv4
+    address with the IPv6 one besides."""
     host = lab.add_node(name)
     lab.enable_ipv6(host)
     host.authorize(lan.ssh_public_key)
-    services.create_node(lan=lan, name=name, region=REGIONS[name], public_address=host.address6,
-                         ssh_host=host.address)
+    addresses = ({"public_address": host.address, "public_ipv6": host.address6} if dual_stack
+                 else {"public_address": host.address6})
+    services.create_node(lan=lan, name=name, region=REGIONS[name], ssh_host=host.address, **addresses)
     return host
 
 
@@ -74,7 +77,7 @@ def test_players_and_links_reach_nodes_over_an_ipv6_underlay(lab):
     lan = services.create_lan(owner=owner, name="IPv6 night", slug="ipv6night", topology_mode="hub")
     with real_worker(concurrency=2):
         hz_host = register_v6(lab, lan, "hangzhou")
-        hk_host = register_v6(lab, lan, "hongkong")
+        hk_host = register_v6(lab, lan, "hongkong", dual_stack=True)
 
         def ready():
             nodes = list(Node.objects.filter(lan=lan))
@@ -94,8 +97,11 @@ def test_players_and_links_reach_nodes_over_an_ipv6_underlay(lab):
         invite = player_services.create_invite(lan=lan, created_by=owner, note="v6", max_uses=10)
         alice_profile = join_and_download(invite, "alice", "hangzhou")
         bob_profile = join_and_download(invite, "bob", "hongkong")
-        assert re.search(rf"^remote {re.escape(hz_host.address6)} 1194 udp$", alice_profile, re.M), alice_profile
-        assert not re.search(r"^remote 203\.0\.113\.", alice_profile, re.M)
+        hz_remotes = re.findall(r"^remote (\S+) (\d+) (udp|tcp)$", alice_profile, re.M)
+        assert hz_remotes[:2] == [(hz_host.address6, "1194", "udp"), (hz_host.address6, "443", "tcp")], hz_remotes
+        # Hong Kong's profile: its IPv4 address, then its IPv6 one, for each transport.
+        hk_remotes = re.findall(r"^remote (\S+) (\d+) (udp|tcp)$", bob_profile, re.M)
+        assert hk_remotes[:2] == [(hk_host.address, "1194", "udp"), (hk_host.address6, "1194", "udp")], hk_remotes
 
         alice, bob = ipv6_only_player(lab, "alice"), ipv6_only_player(lab, "bob")
         alice.start_openvpn(alice_profile)
@@ -108,6 +114,13 @@ def test_players_and_links_reach_nodes_over_an_ipv6_underlay(lab):
         # Across both servers and the IPv6 link.
         assert wait_until(lambda: lab.ping(alice, bob_ip, timeout=2), timeout=20, what="alice -> bob over IPv6")
         assert lab.ping(bob, alice_ip, timeout=2) is not None, "bob cannot reach alice"
+
+        # The same dual-stack server still takes IPv4: carol has no IPv6 at all.
+        carol = lab.add_player("carol")
+        carol.start_openvpn(join_and_download(invite, "carol", "hongkong"))
+        carol_ip = carol.wait_for_tunnel(timeout=30)
+        assert carol.address in server_log(hk_host)
+        assert wait_until(lambda: lab.ping(carol, alice_ip, timeout=2), timeout=20, what="carol (IPv4) -> alice")
 
 
 def server_log(node_host, instance="lanhub-udp") -> str:

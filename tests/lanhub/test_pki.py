@@ -59,8 +59,23 @@ def test_the_ca_is_an_ec_p256_ca_that_may_only_sign_certificates_and_crls(tmp_pa
 
 def test_the_ca_verifies_itself_and_reports_its_real_expiry(tmp_path, ca):
     assert verify(tmp_path, ca.cert_pem, ca.cert_pem).strip().endswith("leaf.pem: OK")
-    assert ca.not_after == NOW + timedelta(days=3650)
+    assert ca.not_after == pki.NO_EXPIRY
     assert ca.common_name == "lan-fridays" and ca.serial > 0
+
+
+def test_the_ca_and_player_certificates_have_no_expiry_date(tmp_path, ca):
+    # Nothing renews a CA (every profile embeds it) and a player ends by revocation: a date would only stop the
+    # LAN, or a player, on a day nobody chose. RFC 5280's "no well-defined expiration date" is 99991231235959Z.
+    player = pki.issue_client(ca=ca, common_name="bob", now=NOW)
+    assert "Not After : Dec 31 23:59:59 9999 GMT" in openssl_text(tmp_path, ca.cert_pem)
+    assert "Not After : Dec 31 23:59:59 9999 GMT" in openssl_text(tmp_path, player.cert_pem)
+    far = str(int(datetime(2300, 1, 1, tzinfo=timezone.utc).timestamp()))
+    args = ["openssl", "verify", "-attime", far, "-purpose", "sslclient",
+            "-CAfile", write(tmp_path, "ca.pem", ca.cert_pem)]
+    assert run([*args, write(tmp_path, "p.pem", player.cert_pem)]).returncode == 0
+    # A node certificate is the one that gets a lifetime: its days are the caller's.
+    node = pki.issue_server(ca=ca, common_name="node-hangzhou", now=NOW, days=730)
+    assert node.not_after == NOW + timedelta(days=730)
 
 
 # --- leaves ------------------------------------------------------------------------------------------------------

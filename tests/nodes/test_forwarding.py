@@ -127,9 +127,10 @@ def assert_players_routed_to_every_pool(testcase, lan, pools, files):
     for node_files in files.values():
         for path, file in node_files.items():
             if path.startswith("/etc/openvpn/server/lanhub-"):
-                routes = tuple(ipaddress.IPv4Network(line.split('"')[1][len("route "):].replace(" ", "/"))
-                               for line in file.content.splitlines()
-                               if line.startswith('push "route ') and not line.endswith('255.255.255.255"'))
+                pushed_lines = [line.split('"')[1].split()[1:3] for line in file.content.splitlines()
+                                if line.startswith('push "route ')]
+                routes = tuple(ipaddress.IPv4Network(f"{address}/{mask}") for address, mask in pushed_lines
+                               if mask != "255.255.255.255")  # the discovery /32s
                 pushed.add(routes)
     testcase.assertLessEqual(len(pushed), 1)
     for routes in pushed:

@@ -126,7 +126,7 @@ class OneNodeFormTests(BaseTestCase):
 class DisplayNameMigrationTests(TransactionTestCase):
     """Existing nodes are shown by their slug until renamed; a LAN slug that breaks the rules is derived again."""
 
-    before, after = [("nodes", "0006_stored_plan")], [("nodes", "0007_node_display_name")]
+    before, after = [("nodes", "0007_node_public_ipv6")], [("nodes", "0008_node_display_name")]
 
     def tearDown(self):
         MigrationExecutor(connection).migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())

@@ -310,13 +310,15 @@ def test_a_player_connects_to_the_server_apply_started(c, lab, host, material):
         player.stop_openvpn()
 
 
-def relay_files(*, peers=("10.249.0.1",), ports=((6112, 6112),)) -> dict[str, File]:
+def relay_files(*, peers=("10.249.0.1",), ports=((6112, 6112),), program_note: str = "") -> dict[str, File]:
     config = {"node": "hangzhou", "address": "10.251.0.1", "port": 7400, "peers": list(peers),
               "instances": [{"device": "lh-udp", "pool": "10.251.0.0/16",
                              "status": f"{p.RUN_DIR}/lanhub-udp.status"}],
               "ports": [list(r) for r in ports], "groups": [], "rate": {"packets": 20, "bytes": 32000}}
-    return {render.RELAY_PROGRAM: render.render_relay_program(),
-            render.RELAY_CONFIG: File(render.RELAY_CONFIG, json.dumps(config))}
+    program = render.render_relay_program()
+    if program_note:  # a new release of the program
+        program = File(program.path, program.content + f"# {program_note}\n", mode=program.mode)
+    return {render.RELAY_PROGRAM: program, render.RELAY_CONFIG: File(render.RELAY_CONFIG, json.dumps(config))}
 
 
 def relay_pid(host) -> int | None:
@@ -325,15 +327,27 @@ def relay_pid(host) -> int | None:
     return pid if pid in host.lab.pids(host.ns) else None
 
 
-def test_ensure_relay_starts_it_restarts_it_on_a_changed_config_and_stops_it_when_unwanted(c, host):
+def test_ensure_relay_starts_it_reloads_a_changed_config_restarts_a_new_program_and_stops_it_when_unwanted(c, host):
     upload = p.upload_files(c, relay_files())
     first = p.ensure_relay(c, wanted=True, changed_files=upload.touched)
     assert first.started and not first.restarted
     pid = relay_pid(host)
     assert pid and p.relay_state(c) == (False, True)
     assert "7400" in host.exec(["ss", "-Hlnu"]).stdout  # bound to the UDP server's address even before it exists
+    sched = open(f"/proc/{pid}/sched").read()  # asked for a short scheduler slice (kernels that show se.slice)
+    assert "se.slice" not in sched or re.search(r"se\.slice\s+:\s+100000\b", sched), sched
     assert not p.ensure_relay(c, wanted=True).changed  # nothing changed: left alone
-    upload = p.upload_files(c, relay_files(ports=((6112, 6112), (4445, 4445))))
+    # A node joins elsewhere in the LAN (one more peer) and a port is ticked: only relay.json changes, and the
+    # same process re-reads it (SIGHUP) instead of restarting.
+    upload = p.upload_files(c, relay_files(peers=("10.249.0.1", "10.247.0.1"), ports=((6112, 6112), (4445, 4445))))
+    again = p.ensure_relay(c, wanted=True, changed_files=upload.touched)
+    assert again.reloaded and not again.restarted and relay_pid(host) == pid
+    log = f"{p.RUN_DIR}/lanhub-relay.log"
+    deadline = time.monotonic() + 5
+    while b"2 peers, 2 ports" not in (node_file(host, log) or b"") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"reloaded" in node_file(host, log) and b"2 peers, 2 ports" in node_file(host, log), node_file(host, log)
+    upload = p.upload_files(c, relay_files(program_note="a new release"))  # a new program: a new process
     again = p.ensure_relay(c, wanted=True, changed_files=upload.touched)
     assert again.restarted and relay_pid(host) not in (None, pid)
     host.lab.kill_process(host, "lanhub-relay")  # what the drift check finds: not running, so it starts again

@@ -164,3 +164,186 @@ class LifecycleTests(SimpleTestCase):
             os.unlink(path)
             running.run(until=time.monotonic() + 5)
             self.assertFalse(running.running)  # a relay that missed it would still be running at the deadline
+
+
+class HotPathTests(SimpleTestCase):
+    """A real Relay on loopback addresses (root: raw sockets): what it sends is received by real UDP sockets, so the
+    kernel checks every header and checksum the relay builds."""
+
+    def setUp(self):
+        import os
+        import socket
+
+        if os.geteuid() != 0:
+            self.skipTest("needs root (raw sockets)")
+        self.tmp = self.enterContext(tempfile.TemporaryDirectory())
+        self.port = self.free_port()
+        self.sockets = []
+        self.addCleanup(lambda: [s.close() for s in self.sockets])
+        self.socket = socket
+
+    def free_port(self) -> int:
+        import socket
+
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        return port
+
+    def listen(self, address: str, port: int):
+        sock = self.socket.socket(self.socket.AF_INET, self.socket.SOCK_DGRAM)
+        sock.bind((address, port))
+        sock.settimeout(0.5)
+        self.sockets.append(sock)
+        return sock
+
+    def write_config(self, **changes) -> tuple[str, dict]:
+        import json
+
+        data = {"node": "n", "address": "127.0.0.1", "port": self.port, "peers": ["127.0.0.7"],
+                "instances": [{"device": "lh-absent0", "pool": "127.0.0.0/24", "status": f"{self.tmp}/s"}],
+                "ports": [[6112, 6112]], "groups": [], "rate": {"packets": 20, "bytes": 32000}}
+        data.update(changes)
+        path = f"{self.tmp}/relay.json"
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+        return path, data
+
+    def test_an_announcement_goes_once_to_each_peer_and_to_each_other_local_player_with_the_senders_address(self):
+        path, data = self.write_config()
+        running = relay.Relay(relay.Config(data), config_path=path)
+        self.addCleanup(running.listener.close)
+        inst = running.config.instances[0]
+        inst.set_players({ip("127.0.0.5"), ip("127.0.0.6"), ip("127.0.0.8")})  # .5 sends
+        peer = self.listen("127.0.0.7", self.port)
+        players = {a: self.listen(a, 6112) for a in ("127.0.0.5", "127.0.0.6", "127.0.0.8")}
+        for size in (0, 1, 17, 60, 1472):  # odd and even lengths: the checksum pads odd ones
+            payload = bytes(range(256)) * 6
+            payload = payload[:size]
+            packet = relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, payload)
+            running.originate(inst, packet, 0.0)
+            message, source = peer.recvfrom(2048)
+            self.assertEqual(source, ("127.0.0.1", self.port))
+            self.assertEqual(message, relay.MAGIC + bytes([127, 0, 0, 5, 255, 255, 255, 255])
+                             + struct.pack("!HH", 50000, 6112) + payload)
+            for address in ("127.0.0.6", "127.0.0.8"):  # a bad checksum would be dropped by the kernel
+                self.assertEqual(players[address].recvfrom(2048), (payload, ("127.0.0.5", 50000)), (address, size))
+        with self.assertRaises(self.socket.timeout):
+            players["127.0.0.5"].recvfrom(2048)  # never back to the sender
+        self.assertEqual(running.counters["delivered"], 10)
+
+    def test_once_a_peer_lists_its_players_announcements_go_straight_to_them_and_not_through_its_relay(self):
+        import socket
+        import time
+
+        path, data = self.write_config(instances=[{"device": "lh-absent0", "pool": "127.0.0.0/28",
+                                                   "status": f"{self.tmp}/s"}])
+        running = relay.Relay(relay.Config(data), config_path=path)
+        self.addCleanup(running.listener.close)
+        inst = running.config.instances[0]
+        inst.set_players({ip("127.0.0.5"), ip("127.0.0.6")})
+        peer = self.listen("127.0.0.7", self.port)
+        players = {a: self.listen(a, 6112) for a in ("127.0.0.6", "127.0.1.20", "127.0.1.21")}
+        # The peer's list: two players of its own, and one address of this node's pool, which is not taken from it.
+        listed = b"".join(socket.inet_aton(a) for a in ("127.0.1.20", "127.0.1.21", "127.0.0.6"))
+        now = time.monotonic()
+        running.learn_players("127.0.0.7", relay.PLAYERS + listed, now)
+        reply, _ = peer.recvfrom(2048)  # first contact: this node's list goes back at once
+        self.assertEqual(reply, relay.PLAYERS + socket.inet_aton("127.0.0.5") + socket.inet_aton("127.0.0.6"))
+        # ... and the reply to one peer does not count as telling every peer: the next scan still sends the list.
+        running.scan(now)
+        self.assertEqual(peer.recvfrom(2048)[0], reply)
+        running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"direct"), now)
+        for address, sock in players.items():  # each exactly once, with the sender's address and port
+            self.assertEqual(sock.recvfrom(2048), (b"direct", ("127.0.0.5", 50000)), address)
+            with self.assertRaises(socket.timeout):
+                sock.recvfrom(2048)
+        with self.assertRaises(socket.timeout):
+            peer.recvfrom(2048)  # nothing for the peer's relay to wake up for
+        self.assertEqual((running.counters["direct"], running.counters["via_peer"]), (2, 0))
+        # A list not refreshed in time is forgotten: the copy goes through the peer's relay again.
+        later = now + relay.PLAYERS_VALID_S + 1
+        running.scan(later)
+        self.assertEqual(running.remote, {})
+        running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"via relay"), later)
+        peer.settimeout(0.5)
+        while True:  # skip this node's own periodic list
+            message, _ = peer.recvfrom(2048)
+            if message[:4] == relay.MAGIC:
+                break
+        self.assertEqual(message[16:], b"via relay")
+
+    def test_a_changed_config_is_reloaded_in_place_without_a_restart(self):
+        import os
+        import time
+
+        path, data = self.write_config(peers=[])
+        running = relay.Relay(relay.Config(data), config_path=path)
+        self.addCleanup(running.listener.close)
+        running.scan(time.monotonic())
+        listener = running.listener
+        # A node joins the LAN (a new peer) and the host ticks a port: only relay.json changes on this node.
+        self.write_config(peers=["127.0.0.7"], ports=[[6112, 6113]])
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a new mtime even on a coarse clock
+        running.scan(time.monotonic())
+        self.assertEqual(running.counters["reloaded"], 1)
+        self.assertIs(running.listener, listener)  # same socket: nothing restarted
+        self.assertEqual(running.config.peer_sockaddrs, (("127.0.0.7", self.port),))
+        peer = self.listen("127.0.0.7", self.port)
+        running.originate(running.config.instances[0],
+                          relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6113, b"new port"), 0.0)
+        self.assertEqual(peer.recvfrom(2048)[0][16:], b"new port")
+        # SIGHUP's path: a reload is forced whatever the mtime says; a broken file keeps the running config.
+        with open(path, "w") as handle:
+            handle.write("{not json")
+        running.request_reload()
+        running.scan(time.monotonic())
+        self.assertEqual(running.counters["reloaded"], 1)
+        self.assertEqual(running.config.peer_sockaddrs, (("127.0.0.7", self.port),))
+
+
+class SystemdUnitTests(SimpleTestCase):
+    def test_systemd_accepts_the_relay_unit_without_a_warning(self):
+        import os
+        import shutil
+        import subprocess
+
+        from nodes import render
+
+        if not shutil.which("systemd-analyze"):
+            self.skipTest("systemd-analyze is not installed")
+        unit = render.render_relay_unit()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, os.path.basename(unit.path))
+            with open(path, "w") as handle:
+                handle.write(unit.content)
+            out = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)
+        # verify exits 0 even for an unknown key or a bad value; it says so on stderr, which must stay empty.
+        self.assertEqual((out.returncode, out.stdout.strip(), out.stderr.strip()), (0, "", ""))
+        self.assertIn("ExecReload=/bin/kill -HUP $MAINPID", unit.content.splitlines())  # relay.json re-read
+
+
+class PushedRouteTests(SimpleTestCase):
+    def test_the_limited_broadcast_route_names_vpn_gateway_and_metric_1_and_groups_are_plain_host_routes(self):
+        from nodes import render
+
+        pushes = render._discovery_pushes(games.discovery_spec(["minecraft-java"], ""))
+        self.assertEqual(pushes, ['push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"',
+                                  'push "route 224.0.2.60 255.255.255.255"'])
+
+
+class SchedulerTests(SimpleTestCase):
+    def test_the_relay_asks_the_scheduler_for_a_short_time_slice(self):
+        import subprocess
+        import sys
+
+        script = ("import sys; sys.path.insert(0, '.'); from nodes.discovery import relay; "
+                  "ok = relay.request_short_slice(); "
+                  "print(ok, [l.split(':')[1].strip() for l in open('/proc/self/sched') if l.startswith('se.slice')])")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        ok, slices = out.stdout.split(" ", 1)
+        if ok != "True":
+            self.skipTest(f"this kernel refuses a custom slice: {out.stdout} {out.stderr}")
+        if slices.strip() != "[]":  # /proc/<pid>/sched shows se.slice on kernels with EEVDF custom slices
+            self.assertEqual(slices.strip(), f"['{relay.SLICE_NS}']")

@@ -10,7 +10,7 @@ from nodes.render import (
     RELAY_CONFIG,
     FileDiff, RenderedFile, diff, link_device, link_management_ports, render_lan,
 )
-from nodes.topology import LanSpec, NodeSpec, plan_lan
+from nodes.topology import LanSpec, NodeSpec, PlanError, plan_lan
 
 HANGZHOU = NodeSpec("hangzhou", region="asia/cn/east", order=0, public_address="203.0.113.10")
 HONGKONG = NodeSpec("hongkong", region="asia/hk", order=1, public_address="203.0.113.11")
@@ -31,7 +31,7 @@ ifconfig-pool 10.0.1.1 10.0.255.253
 client-config-dir /etc/openvpn/server/ccd
 route 10.2.0.0 255.254.0.0
 push "route 10.0.0.0 255.240.0.0"
-push "route 255.255.255.255 255.255.255.255"
+push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"
 push "explicit-exit-notify 1"
 ca /etc/openvpn/lanhub/pki/ca.crt
 cert /etc/openvpn/lanhub/pki/node.crt
@@ -76,7 +76,7 @@ class ReferenceLanTests(SimpleTestCase):
 
     def test_the_ccd_file_for_hongkong_fixes_its_address_and_iroutes_its_pools(self):
         self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1:],
-                         ["ifconfig-push 10.0.0.2 255.255.0.0", "push-remove route", "iroute 10.2.0.0 255.254.0.0"])
+                         ["push-reset", "ifconfig-push 10.0.0.2 255.255.0.0", "iroute 10.2.0.0 255.254.0.0"])
 
     def test_hongkongs_link_client_dials_hangzhou_and_routes_the_lan_through_it(self):
         link = lines(reference()["hongkong"][LINK_HZ])
@@ -84,6 +84,22 @@ class ReferenceLanTests(SimpleTestCase):
                          "verify-x509-name node-hangzhou name", "route-nopull", "cert /etc/openvpn/lanhub/pki/link.crt",
                          "route 10.0.0.0 255.0.0.0 10.0.0.1", "keepalive 10 60", "disable-dco"]:
             self.assertIn(expected, link)
+
+    def test_link_clients_run_as_nobody_and_pull_nothing_that_would_make_them_reopen_their_device(self):
+        # Unprivileged like the servers; persist-tun/persist-key keep device, routes and keys across reconnects,
+        # and with push-reset the options a link pulls (its address) do not change when the players' push list
+        # does, which would make OpenVPN reopen the device: impossible as nobody.
+        link = lines(reference()["hongkong"][LINK_HZ])
+        for expected in ["user nobody", "group nogroup", "persist-tun", "persist-key", "topology subnet"]:
+            self.assertIn(expected, link)
+        self.assertEqual(lines(reference()["hangzhou"][CCD_HK])[1], "push-reset")
+
+    def test_every_management_interface_asks_for_the_nodes_password(self):
+        for name, files in reference().items():
+            managed = [line for f in files.values() for line in lines(f) if line.startswith("management ")]
+            self.assertEqual(len(managed), 3 if name == "hongkong" else 2, managed)  # two servers (+ the link)
+            for line in managed:
+                self.assertRegex(line, r"^management 127\.0\.0\.1 \d+ /etc/openvpn/lanhub/pki/management\.pw$")
 
     def test_servers_listen_dual_stack_so_a_node_is_reachable_by_its_ipv6_address(self):
         # `proto udp` / `tcp-server` bind IPv4 only; udp6 / tcp6-server take both families (OPENVPN-NOTES.md).
@@ -100,6 +116,24 @@ class ReferenceLanTests(SimpleTestCase):
         # Plain `udp` on a client follows the address's family: the same line works for IPv4, IPv6 and DNS names.
         self.assertIn("proto udp", link)
         self.assertIn("remote 2001:db8:113::10 1194", link)
+
+    def test_a_value_that_cannot_be_written_safely_is_refused_by_the_renderer(self):
+        # The model validators refuse these too; the renderer must not rely on it (a newline is a new directive).
+        lan = LanSpec()
+        for field, value in [("public_address", "203.0.113.10\nup /bin/sh"), ("public_address", "a b"),
+                             ("public_ipv6", "2001:db8::1\nup /bin/sh"), ("udp_port", "1194\nup /bin/sh"),
+                             ("tcp_port", 70000), ("udp_port", True)]:
+            hz = dataclasses.replace(HANGZHOU, **{field: value})
+            with self.subTest(field=field, value=value), self.assertRaisesRegex(PlanError, "node hangzhou"):
+                render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
+
+    def test_a_link_to_a_dual_stack_node_dials_its_ipv4_then_its_ipv6_address(self):
+        lan = LanSpec()
+        hz = dataclasses.replace(HANGZHOU, public_ipv6="2001:db8:113::10")
+        files = render_lan(plan_lan(lan, [hz, HONGKONG]), lan, [hz, HONGKONG])
+        link = lines(files["hongkong"][LINK_HZ])
+        remotes = [line for line in link if line.startswith("remote ")]
+        self.assertEqual(remotes, ["remote 203.0.113.10 1194", "remote 2001:db8:113::10 1194"])
 
     def test_hongkong_serves_its_own_pools_and_has_no_ccd(self):
         files = reference()["hongkong"]
@@ -232,8 +266,8 @@ class StabilityTests(SimpleTestCase):
 
 def pushed_routes(file):
     """The prefixes a server pushes to its players, without the discovery /32s."""
-    return [line.split('"')[1][len("route "):] for line in lines(file)
-            if line.startswith('push "route ') and not line.endswith('255.255.255.255"')]
+    routes = [line.split('"')[1][len("route "):] for line in lines(file) if line.startswith('push "route ')]
+    return [route for route in routes if route.split()[1] != "255.255.255.255"]
 
 
 class PlayerRouteTests(SimpleTestCase):
@@ -274,6 +308,3 @@ class PlayerRouteTests(SimpleTestCase):
         files = reference()["hangzhou"]
         self.assertIn('push "explicit-exit-notify 1"', lines(files[UDP]))
         self.assertNotIn('push "explicit-exit-notify 1"', lines(files[TCP]))
-
-    def test_link_clients_are_not_pushed_the_players_routes(self):
-        self.assertIn("push-remove route", lines(reference()["hangzhou"][CCD_HK]))

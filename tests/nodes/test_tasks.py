@@ -37,19 +37,24 @@ class WorkerTests(TransactionTestCase):
         self.assertIsNotNone(run.started_at)
         self.assertIsNotNone(run.finished_at)
 
-    def test_a_connection_error_is_retried_with_a_new_run(self):
-        tasks.RETRY_BACKOFF = 1  # the schedule's shape, not its length, is under test here
+    def test_a_connection_error_is_retried_twice_with_new_runs_and_then_left_failed(self):
+        # Twice, not five times: a worker that keeps knocking on a closed port is a patient port scanner.
+        tasks.RETRY_BACKOFF = 0.5  # the schedule's shape, not its length, is under test here
+        failed = SyncRun.objects.none()
         try:
             with real_worker():
                 node = services.create_node(lan=self.lan, name="hangzhou", public_address="127.0.0.1",
                                             ssh_host="127.0.0.1", ssh_port=closed_port())
-                retry = wait_for(lambda: SyncRun.objects.filter(node=node, reason__startswith="retry:",
-                                                                status=SyncStatus.FAILED).first(),
-                                 15, "a retried run to fail again")
+                failed = SyncRun.objects.filter(node=node, status=SyncStatus.FAILED)
+                wait_for(lambda: failed.filter(reason__startswith="retry:").count() == 2, 20,
+                         "two retried runs to fail again")
+                time.sleep(4 * tasks.RETRY_BACKOFF * 2 ** tasks.MAX_RETRIES)  # a third retry would be due by now
         finally:
             tasks.RETRY_BACKOFF = 5
-        self.assertTrue(retry.retryable)
-        self.assertGreaterEqual(SyncRun.objects.filter(node=node, status=SyncStatus.FAILED).count(), 2)
+        self.assertTrue(all(run.retryable for run in failed))
+        self.assertEqual(failed.count(), 3)  # the first attempt and two retries
+        self.assertFalse(SyncRun.objects.filter(node=node, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING])
+                         .exists())
 
     def test_the_status_poll_task_counts_a_missed_poll(self):
         node = services.create_node(lan=self.lan, name="hangzhou", public_address="127.0.0.1",

@@ -212,6 +212,16 @@ class NodeAddTests(HostTestCase):
         self.assertTrue(node.udp_pool)  # planned
         self.assertEqual(node.sync_runs.get().status, SyncStatus.QUEUED)
 
+    def test_a_node_may_have_an_ipv6_address_besides_its_public_address(self):
+        self.client.post(self.url(), self.data(public_ipv6="2001:db8::20"))
+        node = Node.objects.get(lan=self.lan, display_name="Hong Kong")
+        self.assertEqual(node.public_ipv6, "2001:db8::20")
+        for bad in ("203.0.113.20", "::ffff:203.0.113.20", "2001:db8::zz", "hk.example.net"):
+            with self.subTest(value=bad):
+                response = self.client.post(self.url(), self.data(display_name="Other", public_ipv6=bad))
+                self.assertEqual(response.status_code, 200)
+                self.assertFalse(Node.objects.filter(lan=self.lan, display_name="Other").exists())
+
     def test_a_full_lan_is_a_clear_form_error_and_the_dashboard_shows_the_capacity(self):
         small = services.create_lan(owner=self.alice, name="Small", slug="small", supernet="10.0.0.0/14")
         self.add_node("hangzhou", lan=small)  # a /14 less its reserved top /20 holds one /16 + /16 node

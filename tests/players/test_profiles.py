@@ -24,6 +24,7 @@ class FakeNode:
     public_address: str
     udp_port: int | None = 1194
     tcp_port: int | None = 443
+    public_ipv6: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,17 @@ def test_a_transport_a_node_does_not_run_and_a_repeated_chosen_node_are_skipped(
     remotes = profile_remotes(chosen=chosen, others=[chosen, udp_only])
     assert remotes == [Remote("hz.example.net", 1194, "udp"), Remote("hz.example.net", 443, "tcp"),
                        Remote("hk.example.net", 1194, "udp")]
+
+
+def test_a_dual_stack_nodes_ipv6_address_follows_its_public_address_for_each_transport():
+    # A player whose network has one family only fails over to the other within the chosen node.
+    chosen = FakeNode("203.0.113.10", public_ipv6="2001:db8::10")
+    other = FakeNode("hk.example.net", tcp_port=None, public_ipv6="2001:db8::20")
+    assert profile_remotes(chosen=chosen, others=[other]) == [
+        Remote("203.0.113.10", 1194, "udp"), Remote("2001:db8::10", 1194, "udp"),
+        Remote("203.0.113.10", 443, "tcp"), Remote("2001:db8::10", 443, "tcp"),
+        Remote("hk.example.net", 1194, "udp"), Remote("2001:db8::20", 1194, "udp"),
+    ]
 
 
 @pytest.mark.parametrize(

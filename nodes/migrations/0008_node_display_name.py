@@ -24,7 +24,7 @@ def fill_names(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('nodes', '0006_stored_plan'),
+        ('nodes', '0007_node_public_ipv6'),
     ]
 
     operations = [
