@@ -227,6 +227,8 @@ LANHUB_DRIFT_INTERVAL = _typed("LANHUB_DRIFT_INTERVAL", env.int, 300)
 # The session watcher (manage.py watch_sessions) pushes who is online; the poll is the slow safety net and reads
 # link RTTs.
 LANHUB_STATUS_INTERVAL = _typed("LANHUB_STATUS_INTERVAL", env.int, 60)
+# A node the watcher holds (its connection shows it alive, its players are pushed) is polled only this often.
+LANHUB_HELD_POLL_INTERVAL = _typed("LANHUB_HELD_POLL_INTERVAL", env.int, 1800)
 LANHUB_WATCHER_PROCESSES = _typed("LANHUB_WATCHER_PROCESSES", env.int, 2)
 LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 3600)
 # A node that misses this many status polls in a row is marked down and the LAN is re-planned.
@@ -238,6 +240,9 @@ LANHUB_SSH_ALLOW_LOCAL_TARGETS = _strict_bool("LANHUB_SSH_ALLOW_LOCAL_TARGETS", 
 LANHUB_JOIN_RATE = _typed("LANHUB_JOIN_RATE", env.int, 20)  # joins per client address per hour
 # "I lost my device" re-signs the CRL and syncs every node: a few per player per hour are plenty.
 LANHUB_LOST_DEVICE_RATE = _typed("LANHUB_LOST_DEVICE_RATE", env.int, 3)
+# Open lobbies each hold a web thread (a server-sent-events stream, players/lobby.py): at most this many per web
+# process, the rest of its threads stay free for pages (Procfile: 128 threads a worker). Past it, lobbies poll.
+LANHUB_LOBBY_STREAMS = _typed("LANHUB_LOBBY_STREAMS", env.int, 120)
 
 LOGGING = {
     "version": 1,

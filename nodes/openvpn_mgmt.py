@@ -445,6 +445,8 @@ class ClientStream:
             self.buffer += chunk
 
     def _line(self, deadline: float) -> str:
+        # events() may have left the channel non-blocking (idle=0): a command's answer is waited for, not spun on.
+        self.channel.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
         reader = _LineReader(self.channel, deadline, self.port)
         reader.buffer = self.buffer
         try:

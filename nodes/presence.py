@@ -7,12 +7,55 @@ a node's rows with what it read, as the slow safety net. Rows are per (node, ins
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterable
+
+import redis
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from nodes.models import Node, VpnSession
 from nodes.openvpn_mgmt import ClientRow
 from players.models import Device, Player
+
+log = logging.getLogger(__name__)
+
+def held_key() -> str:
+    """Redis hash: node id -> unix time a watcher last reported holding it (per deployment: the cache prefix)."""
+    return f"{settings.CACHES['default'].get('KEY_PREFIX') or 'lanhub'}:watcher-held"
+
+HELD_FRESH = 30.0  # seconds: an older mark is stale (its watcher is gone), and the node is polled as usual
+
+
+def held_nodes(now: float | None = None) -> set[int]:
+    """The nodes whose server interfaces a session watcher holds right now (empty when Redis cannot say)."""
+    now = time.time() if now is None else now
+    try:
+        marks = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2).hgetall(held_key())
+    except redis.RedisError as exc:
+        log.warning("cannot read which nodes the watcher holds: %s", exc)
+        return set()
+    held = set()
+    for pk, at in marks.items():
+        try:
+            if now - float(at) < HELD_FRESH:
+                held.add(int(pk))
+        except ValueError:
+            continue
+    return held
+
+
+def due_for_poll(node_ids: Iterable[int], now: float | None = None) -> list[int]:
+    """The nodes the status poll round starting now should read: every node the watcher does not hold, and the held
+    ones in turn, so each is read once per LANHUB_HELD_POLL_INTERVAL (spread over the rounds by id)."""
+    now = time.time() if now is None else now
+    interval = max(1, settings.LANHUB_STATUS_INTERVAL)
+    every = max(1, round(settings.LANHUB_HELD_POLL_INTERVAL / interval))  # rounds between two polls of a held node
+    this_round = int(now // interval)
+    held = held_nodes(now)
+    return [pk for pk in node_ids if pk not in held or (pk + this_round) % every == 0]
 
 
 def _players(node: Node, names) -> dict[str, Player]:
@@ -37,7 +80,13 @@ def client_left(node: Node, instance: str, common_name: str, real_address: str) 
 
 @transaction.atomic
 def replace_instance(node: Node, instance: str, rows: list[ClientRow]) -> None:
-    """The full client list of one instance, as read when the watcher (re)connects to it."""
+    """The full client list of one instance, as the watcher read it. Unchanged sessions are left as they are: most
+    reads (a second look, the one after a delayed exit) find what the log already said."""
+    stored = set(VpnSession.objects.filter(node=node, instance=instance)
+                 .values_list("common_name", "real_address", "vpn_address", "connected_since"))
+    if stored == {(r.common_name, r.real_address[:64], r.vpn_address or None, r.connected_since) for r in rows} \
+            and len(stored) == len(rows):
+        return
     now = timezone.now()
     players = _players(node, [r.common_name for r in rows])
     VpnSession.objects.filter(node=node, instance=instance).delete()

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError
 
-from nodes import runs, services, syncing
+from nodes import presence, runs, services, syncing
 from nodes.models import Lan, Node
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def poll_status(node_id: int) -> str:
 
 @shared_task
 def poll_all_status() -> int:
-    ids = list(Node.objects.exclude(state="new").values_list("pk", flat=True))
+    ids = presence.due_for_poll(Node.objects.exclude(state="new").values_list("pk", flat=True))
     for node_id in ids:
         # A poll that waited out a worker outage is worthless: let it expire rather than pile up.
         poll_status.apply_async((node_id,), expires=settings.LANHUB_STATUS_INTERVAL)

@@ -4,7 +4,7 @@ A long-running process (``manage.py watch_sessions``, in the Procfile) holds, fo
 one SSH connection and on it each server instance's management interface with the real-time log on
 (nodes/openvpn_mgmt.ClientStream: joins come as >CLIENT:ESTABLISHED, leaves as >LOG lines; why is explained there).
 When it (re)connects to an instance it reads the client list and replaces that instance's sessions; a client
-joining makes it read the list again at once (and once more a second later), a client leaving deletes its session
+joining makes it read the list again at once (and once more a second later if the client was not on it yet), a client leaving deletes its session
 at once (nodes/presence.py), and the list is read again after OpenVPN's 5-second delayed exit: whenever a read
 list still shows a client that said goodbye, another read is due when its delayed exit is over.
 
@@ -16,14 +16,19 @@ list still shows a client that said goodbye, another read is due when its delaye
 - Sharing: OpenVPN serves one management client at a time, so syncs and polls ask the watcher to step aside
   (openvpn_mgmt.request_yield over Redis pub/sub). The watcher closes that interface, waits until nobody asked
   for YIELD_QUIET seconds, reconnects and re-reads the list, so a change made meanwhile is not missed.
-- The periodic status poll (LANHUB_STATUS_INTERVAL) stays, as the safety net and for link RTTs.
+- The periodic status poll (LANHUB_STATUS_INTERVAL) stays, as the safety net and for link RTTs. A node whose server
+  interfaces the watcher holds is polled only every LANHUB_HELD_POLL_INTERVAL (presence.due_for_poll): the held
+  connection already shows it alive, and kernel TCP keepalives end it within about two minutes if the node dies,
+  after which the node is polled, and counted down, at the normal rate again.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import resource
 import select
+import socket
 import threading
 import time
 
@@ -40,13 +45,39 @@ log = logging.getLogger(__name__)
 SERVER_PORTS = {layout.UDP_INSTANCE: layout.UDP_MANAGEMENT, layout.TCP_INSTANCE: layout.TCP_MANAGEMENT}
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 YIELD_QUIET = 1.0  # seconds without a yield request before the watcher takes an interface back
-WAIT = 5.0  # seconds a node's thread sleeps between looks at stops and missing instances, when nothing happens
-RELIST_AFTER_JOIN = 1.0  # a second look at the list after a join, in case the first came a moment early
+WAIT = 30.0  # seconds a node's thread waits for its interfaces when nothing happens (stop() wakes it at once)
+RELIST_AFTER_JOIN = 1.0  # a second look after a join whose client the first look did not list yet
 RELIST_AFTER_LEAVE = 6.0  # OpenVPN keeps a client that said goodbye listed for 5 s ("Delayed exit in 5 seconds")
 REFRESH = 10.0  # seconds between looks at which nodes this shard should hold
-# paramiko's transport thread wakes every 0.1 s to check whether it should end; 1,000 held connections would
-# spend a core on that. The watcher ends its transports itself, so once a second is plenty.
-TRANSPORT_CHECK = 1.0
+# paramiko's transport thread wakes on every socket timeout (0.1 s by default) to check whether it should end or
+# send a keepalive. Even once a second, that was 20 ms of CPU per node and minute, 20 CPU-seconds a minute for
+# 1,000 nodes (benchmarks/poll_cost.py). The watcher ends its transports itself (shutting the socket down wakes the
+# thread at once) and leaves dead-peer detection and NAT keepalive to the kernel (TCP keepalive), so the thread
+# needs to wake only for data.
+TRANSPORT_CHECK = 60.0
+TCP_KEEPALIVE = (60, 15, 4)  # idle seconds before the first probe, seconds between probes, probes: ~2 min to notice
+
+
+def quiet_transport(c) -> None:
+    """Make a held SSH connection cost nothing while idle: no Python wakeups, only kernel keepalives."""
+    sock = c.transport.sock
+    c.transport.set_keepalive(0)
+    sock.settimeout(TRANSPORT_CHECK)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, count = TCP_KEEPALIVE
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, option):  # Linux; elsewhere the system's keepalive timers apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def wake_transport(c) -> None:
+    """Shut the socket down so the transport thread, asleep in recv() for up to TRANSPORT_CHECK, ends now."""
+    transport = c.transport
+    if transport is not None:
+        try:
+            transport.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class NodeWatcher(threading.Thread):
@@ -59,9 +90,13 @@ class NodeWatcher(threading.Thread):
         self.held = held  # interface key -> the stream holding it, so a yield request can close it at once
         self.stopping = threading.Event()
         self.connected = threading.Event()  # for tests and status: holding at least one interface
+        self.complete = False  # holding every server instance's interface: the status poll may slow down
 
     def stop(self) -> None:
         self.stopping.set()
+        for stream in list(getattr(self, "streams", {}).values()):
+            stream.yielded = True  # not a stopped instance: its sessions stay for the next watcher to re-read
+            stream.close()  # wakes the thread's wait on its channels
 
     def run(self) -> None:
         delay = BACKOFF_FIRST
@@ -77,6 +112,7 @@ class NodeWatcher(threading.Thread):
                 except Exception as exc:  # SSH, management or database trouble: one node never ends the thread
                     log.info("watcher lost %s: %s", node.name, exc)
                 self.connected.clear()
+                self.complete = False
                 if time.monotonic() - began > 60:
                     delay = BACKOFF_FIRST  # it held for a while: the next failure starts the backoff over
                 self.stopping.wait(delay * random.uniform(0.8, 1.2))
@@ -87,8 +123,9 @@ class NodeWatcher(threading.Thread):
     def _hold(self, node: Node) -> None:
         with open_connection(node) as c:
             c.open()
-            c.transport.sock.settimeout(TRANSPORT_CHECK)
+            quiet_transport(c)
             streams: dict[str, openvpn_mgmt.ClientStream] = {}
+            self.streams = streams
             retry_at: dict[str, float] = {}
             self.relist: dict[str, float] = {}  # instance -> when to read its client list again
             # (instance, common name, real address) -> wall-clock time the client said goodbye
@@ -110,11 +147,13 @@ class NodeWatcher(threading.Thread):
                             self._open(c, node, instance, port, streams, retry_at)
                     if streams:
                         self.connected.set()
+                    self.complete = len(streams) == len(SERVER_PORTS)
                     self._read(node, streams)
             finally:
                 for stream in streams.values():
                     self.held.pop(stream.key, None)
                     stream.close()
+                wake_transport(c)
 
     def _open(self, c, node, instance, port, streams, retry_at) -> None:
         key = openvpn_mgmt.interface_key(c, port)
@@ -149,15 +188,15 @@ class NodeWatcher(threading.Thread):
         # Lines read already (while a client list was read) do not wake select(): take those streams as ready.
         buffered = [s.channel for s in streams.values()
                     if s.channel is not None and (s.notifications or b"\n" in s.buffer)]
-        ready = buffered or select.select(list(waiting), [], [], wait)[0]
+        ready = buffered or _readable(list(waiting), wait)
         for channel in ready:
             instance, stream = waiting[channel]
-            joined = False
+            joined = []
             for event in stream.events(idle=0):
                 key = (instance, event.common_name, event.real_address)
                 if event.kind == "joined":
                     self.leaving.pop(key, None)  # a new connection from that address: the list decides
-                    joined = True
+                    joined.append((event.common_name, event.real_address))
                 elif event.kind == "bye":
                     presence.client_left(node, instance, event.common_name, event.real_address)
                     self.leaving[key] = time.time()
@@ -170,8 +209,10 @@ class NodeWatcher(threading.Thread):
                     presence.client_left(node, instance, event.common_name, event.real_address)
                     self.relist.setdefault(instance, now + RELIST_AFTER_LEAVE)
             if joined and not stream.closed:
-                self._relist(node, instance, stream)
-                self.relist[instance] = time.monotonic() + RELIST_AFTER_JOIN
+                rows = self._relist(node, instance, stream)
+                listed = {(r.common_name, r.real_address) for r in rows or ()}
+                if rows is not None and not listed.issuperset(joined):  # the list came a moment early
+                    self.relist[instance] = time.monotonic() + RELIST_AFTER_JOIN
 
     def _relist_due(self, node: Node, streams, now: float) -> None:
         for instance, when in list(self.relist.items()):
@@ -190,12 +231,13 @@ class NodeWatcher(threading.Thread):
         # said it (a later one from the same address announces itself with a join, which clears the goodbye).
         return row.connected_since is None or row.connected_since.timestamp() <= said_goodbye
 
-    def _relist(self, node: Node, instance: str, stream: openvpn_mgmt.ClientStream) -> None:
+    def _relist(self, node: Node, instance: str, stream: openvpn_mgmt.ClientStream) -> list | None:
+        """Read the instance's client list again and store it; returns the rows read (None if it could not)."""
         try:
             rows = stream.client_list(timeout=3)
         except ProvisioningError:
             stream.close()  # the instance went away or the interface was taken: the loop reopens it
-            return
+            return None
         # A client that said goodbye is still listed until OpenVPN's delayed exit: it is gone already. A connection
         # from the same address that began after the goodbye is a new one and stays.
         kept = [r for r in rows if not self._gone(instance, r)]
@@ -207,6 +249,33 @@ class NodeWatcher(threading.Thread):
                           if r not in kept)
             due = time.monotonic() + max(0.5, goodbye + RELIST_AFTER_LEAVE - time.time())
             self.relist[instance] = min(self.relist.get(instance, due), due)
+        return rows
+
+
+def _readable(channels: list, timeout: float) -> list:
+    """The channels with something to read, waiting up to ``timeout`` seconds. poll(), not select(): a process
+    holding hundreds of nodes has file descriptors past select()'s limit of 1024 (each channel's fileno is a pipe)."""
+    poller = select.poll()
+    by_fd = {}
+    for channel in channels:
+        fd = channel.fileno()
+        by_fd[fd] = channel
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
+
+
+def raise_file_limit() -> int:
+    """Let this process open as many files as it may (three per held interface, one per node): the soft limit is
+    often 1024. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 class Shard:
@@ -218,6 +287,7 @@ class Shard:
         self.yields: dict[str, float] = {}
         self.held: dict[str, openvpn_mgmt.ClientStream] = {}
         self.stopping = threading.Event()
+        self.redis: redis.Redis | None = None
 
     def node_ids(self) -> set[int]:
         ids = Node.objects.filter(state=NodeState.READY).values_list("pk", flat=True)
@@ -262,12 +332,34 @@ class Shard:
             while not self.stopping.is_set() and not (until and until()):
                 close_old_connections()
                 self.refresh()
+                self.mark_held()
                 self.stopping.wait(REFRESH)
         finally:
             self.stop()
+            self.mark_held(clear=True)
+
+    def mark_held(self, *, clear: bool = False) -> None:
+        """Tell the status poll which nodes this shard holds completely (one Redis call per REFRESH)."""
+        now = time.time()
+        held = {pk: now for pk, w in self.watchers.items() if w.complete and w.is_alive() and not clear}
+        let_go = [pk for pk in self.watchers if pk not in held]
+        try:
+            if self.redis is None:  # one client (and connection) for the shard's life, not one per REFRESH
+                self.redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+            pipe = self.redis.pipeline(transaction=False)
+            if held:
+                pipe.hset(presence.held_key(), mapping=held)
+            if let_go:
+                pipe.hdel(presence.held_key(), *let_go)
+            pipe.execute()
+        except redis.RedisError as exc:  # the poll then just polls at its normal rate
+            log.warning("watcher cannot record the nodes it holds: %s", exc)
 
     def stop(self) -> None:
         self.stopping.set()
+        for stream in list(getattr(self, "streams", {}).values()):
+            stream.yielded = True  # not a stopped instance: its sessions stay for the next watcher to re-read
+            stream.close()  # wakes the thread's wait on its channels
         for watcher in self.watchers.values():
             watcher.stop()
         for watcher in self.watchers.values():

@@ -14,7 +14,9 @@ Modes (``LanSpec.mode``):
   ``_Hierarchy``). With a full RTT matrix (every pair of healthy unpinned nodes measured, or estimated from
   coordinates by the caller) the plan is RTT-aware: a group's primary is its most central best-priority node,
   big groups are split by RTT clustering, and shortcut links are added between primaries and heads where the
-  planned path is much longer than the direct RTT. With partial or no RTTs it follows rank.
+  planned path is much longer than the direct RTT (two region primaries, or two nodes of one region: a region
+  is entered only through its primary, so routes to it aggregate to its address blocks). With partial or no
+  RTTs it follows rank.
 - ``auto``: ``mesh`` for up to 5 healthy nodes (every tunnel direct, at most 4 per node, which is within
   2*sqrt(n)), else ``hierarchical`` (which follows the regions and splits big ones). Two nodes give one link
   with the older node upstream, as a hub would. A pin cycle is an error in ``hierarchical`` mode; ``auto``

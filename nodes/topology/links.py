@@ -185,7 +185,8 @@ class _Hierarchy:
     Stretch: with measured RTTs, a group's primary (among its best-priority units) is its most central unit,
     big groups are split by RTT clustering around central heads, and a final pass adds shortcut links between
     primaries and heads (the "core") where the planned path is more than ``SHORTCUT_STRETCH`` times the direct
-    RTT, shortest pairs first (a greedy spanner), within the tunnel budget. Leaves stay single-homed, so their
+    RTT, shortest pairs first (a greedy spanner), within the tunnel budget. A shortcut joins two region primaries
+    or two core nodes of one region, never a head to another region, so routes aggregate by region. Leaves stay single-homed, so their
     route files hold one default route and stay stable as the LAN grows.
     """
 
@@ -228,7 +229,7 @@ class _Hierarchy:
             if path:
                 child_reps[path.rpartition("/")[0]].append(primary)
         if self.measured:
-            self._shortcuts()
+            self._shortcuts(set(primaries.values()))
         return primaries
 
     def connect(self, units: list[str], reserve: int, primary: str | None = None) -> str:
@@ -390,12 +391,21 @@ class _Hierarchy:
 
     # -- shortcuts ---------------------------------------------------------------------------------------
 
-    def _shortcuts(self) -> None:
+    def _shortcuts(self, primaries: set[str]) -> None:
         """Greedy spanner over the core: shortest pairs first, link when the planned path is too long.
 
         Distances are kept as an all-pairs matrix over the core (leaves carry no transit traffic), updated
         in O(core^2) per new link.
+
+        A shortcut joins two region primaries, or two core nodes of the same region: never a head to another
+        region. So every region is entered from outside only through its primary, every node outside it reaches
+        all of the region's nodes through one first hop, and their routes and iroutes aggregate to the region's
+        address blocks (nodes/topology/addresses.py) instead of one prefix per node a head serves.
         """
+        region = {name: self.b.by_name[name].region for name in self.reps}
+
+        def allowed(a: str, b: str) -> bool:
+            return (a in primaries and b in primaries) or region[a] == region[b]
         rtt, degree = self.b.rtt, self.b.degree
         core = sorted(self.reps, key=self.b.rank.__getitem__)
         index = {name: i for i, name in enumerate(core)}
@@ -428,7 +438,7 @@ class _Hierarchy:
                         heapq.heappush(heap, (d + w, nbr))
         pairs = sorted(
             ((rtt(a, b), self.b.rank[a], self.b.rank[b], a, b) for a, b in combinations(core, 2)
-             if rtt.known(a, b) and frozenset((a, b)) not in self.b.direction),
+             if rtt.known(a, b) and frozenset((a, b)) not in self.b.direction and allowed(a, b)),
         )
         # Incremental: the previous plan's shortcuts stay (within the budget) before any new one is considered, so
         # a node joining or leaving elsewhere does not re-run the spanner's choices and move links around.

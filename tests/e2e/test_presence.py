@@ -23,7 +23,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 
-from nodes import services, syncing
+from nodes import presence, services, syncing
 from nodes.models import Node, NodeState, SyncStatus, VpnSession
 from players import services as player_services
 from tests.celery_worker import real_worker
@@ -107,6 +107,8 @@ def test_the_watcher_shows_players_arrive_and_leave_within_seconds(lab):
     watcher = WatcherProcess()
     try:
         wait_for(lambda: watcher.watching("hangzhou"), "the watcher to hold hangzhou's interface")
+        # Held, the node is marked so: the status poll reads it only once per LANHUB_HELD_POLL_INTERVAL.
+        wait_for(lambda: node.pk in presence.held_nodes(), "the watcher to mark hangzhou as held")
 
         # 1. alice connects: her session appears without any poll.
         alice_host.start_openvpn(profile)

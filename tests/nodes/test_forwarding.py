@@ -215,3 +215,35 @@ class RouteLimitTests(SimpleTestCase):
         last = network.send_all(sources=["p"], nodes=["p", "x299"])
         self.assertFalse(all(trace.delivered for trace in last))
 
+
+
+def city_lan(count: int, seed: int):
+    """Nodes scattered around random cities, one region per city (paths one to three deep), with locations: the
+    planner splits big regions around heads and adds RTT shortcuts, as on a real world-wide LAN."""
+    rng = random.Random(seed)
+    cities = {}
+    for i in range(rng.randint(4, 14)):
+        path = "/".join(f"r{rng.randint(0, 3)}" for _ in range(rng.randint(0, 2))) + f"/c{i}"
+        cities[path.lstrip("/")] = (rng.uniform(-60, 60), rng.uniform(-180, 180))
+    nodes, where = [], {}
+    for i in range(count):
+        region = rng.choice(list(cities))
+        lat, lon = cities[region]
+        where[f"n{i}"] = (lat + rng.uniform(-3, 3), lon + rng.uniform(-3, 3))
+        nodes.append(NodeSpec(f"n{i}", region=region, order=i, public_address=f"198.51.{i // 250}.{i % 250 + 1}"))
+    return LanSpec(mode="auto", pool_prefix=22), nodes, where
+
+
+class RouteQuotaAtScaleTests(SimpleTestCase):
+    def test_big_world_wide_lans_keep_every_ccd_file_within_openvpns_route_quota(self):
+        # Routes aggregate by region: a region is entered only through its primary, so from outside it all of
+        # its nodes share one next hop and its address blocks. No ccd file then needs the raised quota.
+        for seed, count in ((1, 2500), (2, 1800), (3, 3000)):
+            lan, nodes, where = city_lan(count, seed)
+            plan = plan_lan(lan, nodes, locations=where)
+            network = Network(render_lan(plan, lan, nodes))
+            self.assertLessEqual(network.max_iroutes, 256, (seed, count))
+            self.assertEqual(network.over_quota, [])
+            healthy = sorted(plan.healthy)
+            for trace in network.send_all(sources=random.Random(seed).sample(healthy, 2), nodes=healthy):
+                self.assertTrue(trace.delivered, trace)

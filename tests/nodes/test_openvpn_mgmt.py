@@ -104,3 +104,22 @@ def test_a_password_protected_interface_is_read_with_the_nodes_password_file(c):
     with pytest.raises(ProvisioningError) as caught:
         management.read_status(c, 7506)
     assert caught.value.step == "management"  # never an answer to a command
+
+
+def test_a_held_stream_waits_for_a_command_answer_instead_of_spinning(c):
+    # The watcher reads events with idle=0 (a non-blocking channel) and then reads the client list on the same
+    # channel: that read must sleep until OpenVPN answers, not busy-loop on an empty channel.
+    import time
+
+    stream = management.ClientStream(c, 7505, instance=UDP)
+    try:
+        assert [row.common_name for row in stream.open()] == ["bob"]
+        list(stream.events(idle=0))
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(20):
+            list(stream.events(idle=0))
+            assert [row.common_name for row in stream.client_list()] == ["bob"]
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        assert cpu < 0.5 * wall, f"{cpu * 1000:.1f} ms of CPU in {wall * 1000:.1f} ms reading 20 client lists"
+    finally:
+        stream.close()

@@ -2,7 +2,11 @@
 
 from datetime import datetime, timezone
 
-from django.test import SimpleTestCase
+import secrets
+
+import redis
+from django.conf import settings
+from django.test import SimpleTestCase, override_settings
 
 from nodes import presence
 from nodes.models import VpnSession
@@ -94,3 +98,25 @@ class PresenceTests(BaseTestCase):
                                                                    row(CN, "203.0.113.30:40002", vpn="10.0.1.3")])
         presence.client_left(self.node, "server/lanhub-udp", CN, "203.0.113.20:40001")
         self.assertEqual(list(VpnSession.objects.values_list("real_address", flat=True)), ["203.0.113.30:40002"])
+
+
+class HeldNodesArePolledSlowlyTests(SimpleTestCase):
+    """The status poll reads a node the watcher holds once per LANHUB_HELD_POLL_INTERVAL, every other node each round."""
+
+    def setUp(self):
+        caches = {**settings.CACHES, "default": {**settings.CACHES["default"], "KEY_PREFIX": secrets.token_hex(6)}}
+        self.enterContext(override_settings(CACHES=caches, LANHUB_STATUS_INTERVAL=60, LANHUB_HELD_POLL_INTERVAL=600))
+        self.redis = redis.Redis.from_url(settings.REDIS_URL)
+        self.addCleanup(self.redis.delete, presence.held_key())
+
+    def test_a_held_node_is_polled_once_in_ten_rounds_and_a_stale_mark_counts_for_nothing(self):
+        rounds = []
+        for i in range(10):
+            now = 1_800_000_000.0 + 60 * i  # the watcher marks what it holds every few seconds
+            self.redis.hset(presence.held_key(), mapping={5: now - 5, 6: now - presence.HELD_FRESH - 1})
+            rounds.append(presence.due_for_poll([5, 6, 7], now=now))
+        self.assertEqual(sum(5 in ids for ids in rounds), 1)
+        self.assertTrue(all({6, 7} <= set(ids) for ids in rounds))
+
+    def test_without_marks_every_node_is_polled(self):
+        self.assertEqual(presence.due_for_poll([1, 2, 3], now=1_800_000_000.0), [1, 2, 3])
