@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/dashboard.py [--nodes 100] [--players 1000] [--online 300] [--days 14]
         [--requests 100] [--seconds 60] [--database-url URL]
 
-Set-up (benchmarks/harness.py: throwaway database, DEBUG=False, gunicorn 2 workers x 4 threads as in the Procfile):
+Set-up (benchmarks/harness.py: throwaway database, DEBUG=False, gunicorn 2 workers x 128 threads as in the Procfile):
 a host, a LAN with `--nodes` nodes added through the real service (planned, certificates issued), `--players`
 players who joined through invites, `--online` of them with a VPN session, 30 invites, one sync run per node. The
 host's session cookie comes from a real login. Measured from this process on 127.0.0.1: sequential keep-alive GETs

@@ -60,7 +60,7 @@ def free_port() -> int:
 class Site:
     """A throwaway LanHub: settings in this process (to build the fixture) and a gunicorn serving them."""
 
-    def __init__(self, *, database_url: str | None = None, workers: int = 2, threads: int = 4):
+    def __init__(self, *, database_url: str | None = None, workers: int = 2, threads: int = 128):
         self.tmp = Path(tempfile.mkdtemp(prefix="lanhub-bench-"))
         self.port = free_port()
         self.workers, self.threads = workers, threads
@@ -124,7 +124,8 @@ class Site:
         try:
             self.proc = subprocess.Popen(
                 [str(ROOT / ".venv" / "bin" / "gunicorn"), "lanhub.wsgi", "--bind", f"{HOST}:{self.port}",
-                 "--workers", str(self.workers), "--threads", str(self.threads), "--log-level", "warning"],
+                 "--workers", str(self.workers), "--threads", str(self.threads), "--graceful-timeout", "5",
+                 "--log-level", "warning"],
                 cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
             )
         finally:

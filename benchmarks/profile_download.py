@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_download.py [--sizes 2,100] [--requests 300] [--seconds 60]
 
-Set-up (benchmarks/harness.py: throwaway database, DEBUG=False, gunicorn 2 workers x 4 threads as in the Procfile):
+Set-up (benchmarks/harness.py: throwaway database, DEBUG=False, gunicorn 2 workers x 128 threads as in the Procfile):
 for each size, a LAN whose nodes are added through the real service (planned, certificates issued) and marked
 ready, and one player who joined through an invite. Measured from this process on 127.0.0.1: sequential
 keep-alive GETs of /me/<token>/profile/<first node>.ovpn (every response must be a 200 holding ``<cert>``),

@@ -240,6 +240,9 @@ LANHUB_SSH_ALLOW_LOCAL_TARGETS = _strict_bool("LANHUB_SSH_ALLOW_LOCAL_TARGETS", 
 LANHUB_JOIN_RATE = _typed("LANHUB_JOIN_RATE", env.int, 20)  # joins per client address per hour
 # "I lost my device" re-signs the CRL and syncs every node: a few per player per hour are plenty.
 LANHUB_LOST_DEVICE_RATE = _typed("LANHUB_LOST_DEVICE_RATE", env.int, 3)
+# Open lobbies each hold a web thread (a server-sent-events stream, players/lobby.py): at most this many per web
+# process, the rest of its threads stay free for pages (Procfile: 128 threads a worker). Past it, lobbies poll.
+LANHUB_LOBBY_STREAMS = _typed("LANHUB_LOBBY_STREAMS", env.int, 120)
 
 LOGGING = {
     "version": 1,

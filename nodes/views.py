@@ -19,12 +19,13 @@ from django.views.decorators.http import require_GET, require_POST
 from lanhub.access import get_lan_for_host, get_node_for_host
 from nodes import services, svg
 from nodes.forms import GameListForm, LanForm, NodeForm, add_service_error
-from nodes.models import NODE_BULK_FIELDS, Lan, Link, Node, SyncRun, SyncState, SyncStatus, VpnSession
+from nodes.models import NODE_BULK_FIELDS, Lan, Link, LinkState, Node, SyncRun, SyncState, SyncStatus, VpnSession
 from players.forms import InviteForm
 from players.models import Player
 
 ACTIVE_RUN = (SyncStatus.QUEUED, SyncStatus.RUNNING)
 PLAYERS_PER_PAGE = 50  # the dashboard's players table; ?players=<page> for the rest
+SERVERS_PER_PAGE = 24  # the dashboard's server cards; ?servers=<page> for the rest (the topology shows them all)
 CARD_DEFERRED = tuple(f for f in NODE_BULK_FIELDS if f != "last_error")  # a card shows the last error
 INVITES_SHOWN = 20  # the newest invites; older ones are used up or expired in practice
 
@@ -123,16 +124,21 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
     one index seek on (node, -created_at) per node, players come a page at a time with only their own sessions,
     invites are the newest few, and their QR codes are images the browser fetches on demand (players:invite_qr).
     """
-    nodes = list(lan.nodes.order_by("created_at", "pk").defer(*CARD_DEFERRED).annotate(
+    nodes = Paginator(lan.nodes.order_by("created_at", "pk").defer(*CARD_DEFERRED).annotate(
         # Players only: a downstream node's link client is a session on its upstream's server, not a player.
         online=_count(VpnSession.objects.filter(node=OuterRef("pk"), player__isnull=False), by="node"),
         latest_run_id=Subquery(SyncRun.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-pk")
                                .values("pk")[:1]),
-    ))
+    ), SERVERS_PER_PAGE).get_page(request.GET.get("servers"))
     runs = SyncRun.objects.only("node_id", "status", "current_step", "progress", "created_at").in_bulk(
         [node.latest_run_id for node in nodes if node.latest_run_id])
     for node in nodes:
         node.run = runs.get(node.latest_run_id)
+    # The links table is read-only text: plain rows, not two Node objects per link.
+    links = list(Link.objects.filter(lan=lan).order_by("pk").values(
+        "address", "state", "rtt_ms", "upstream__name", "downstream__name"))
+    for link in links:
+        link["state_label"] = LinkState(link["state"]).label
     players = Paginator(lan.players.prefetch_related(
         Prefetch("sessions", queryset=VpnSession.objects.select_related("node").only("player_id", "vpn_address",
                                                                                       "node__name"),
@@ -146,9 +152,10 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
     return {
         "lan": lan, "nodes": nodes, "players": players, "invites": invites[:INVITES_SHOWN],
         "more_invites": len(invites) > INVITES_SHOWN,
-        "links": list(Link.objects.filter(lan=lan).select_related("upstream", "downstream")
-                      .only("address", "state", "rtt_ms", "upstream__name", "downstream__name")),
-        "online_total": sum(node.online for node in nodes),
+        "links": links,
+        # Every server's, not this page's: each player once, however many devices they have online.
+        "online_total": VpnSession.objects.filter(node__lan=lan, player__isnull=False)
+                        .values("player_id").distinct().count(),
         # How many servers the address plan holds (docs/addressing.md): computed from the settings, no query.
         "capacity": services.lan_capacity(lan),
         "node_form": node_form or NodeForm(lan=lan),

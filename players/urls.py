@@ -12,6 +12,7 @@ urlpatterns = [
     path("players/<int:pk>/reissue/", views.player_reissue, name="player_reissue"),
     path("lans/<slug:slug>/lobby/", views.host_lobby, name="host_lobby"),
     path("lans/<slug:slug>/lobby/live/", views.host_lobby_fragment, name="host_lobby_fragment"),
+    path("lans/<slug:slug>/lobby/stream/", views.host_lobby_stream, name="host_lobby_stream"),
     # Public links: random tokens, never primary keys. <str:token> lets a malformed token reach its own 404 page.
     path("join/<str:token>/", views.join, name="join"),
     path("me/<str:token>/", views.player_home, name="player_home"),
@@ -24,4 +25,5 @@ urlpatterns = [
     path("me/<str:token>/profile/<str:node_ref>.ovpn", views.profile_download, name="profile_download"),
     path("me/<str:token>/lobby/", views.lobby, name="lobby"),
     path("me/<str:token>/lobby/live/", views.lobby_fragment, name="lobby_fragment"),
+    path("me/<str:token>/lobby/stream/", views.lobby_stream, name="lobby_stream"),
 ]

@@ -16,7 +16,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db.models import OuterRef, Subquery
-from django.http import HttpResponse, HttpResponseNotModified
+from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -172,7 +172,9 @@ def player_reissue(request, pk):
 def host_lobby(request, slug):
     lan = get_lan_for_host(request, slug)
     fragment = reverse("players:host_lobby_fragment", args=[lan.slug])
-    return render(request, "players/lobby.html", _lobby(lan, fragment_url=fragment, back=None, me=None))
+    stream = reverse("players:host_lobby_stream", args=[lan.slug])
+    return render(request, "players/lobby.html",
+                  _lobby(lan, fragment_url=fragment, stream_url=stream, back=None, me=None))
 
 
 @require_GET
@@ -180,6 +182,18 @@ def host_lobby(request, slug):
 def host_lobby_fragment(request, slug):
     lan = get_lan_for_host(request, slug)
     return _lobby_fragment(request, lan, me=None)
+
+
+@require_GET
+@login_required
+def host_lobby_stream(request, slug):
+    lan = get_lan_for_host(request, slug)
+    session_key = request.session.session_key
+
+    def still_signed_in() -> bool:  # signing out deletes the session row
+        return request.session.__class__().exists(session_key)
+
+    return _lobby_stream(request, lan, allowed=still_signed_in)
 
 
 # --- Friends: joining -------------------------------------------------------------------------------------------
@@ -304,14 +318,23 @@ def profile_download(request, player, node_ref, ref=None):
 @active_player
 def lobby(request, player):
     fragment = reverse("players:lobby_fragment", args=[player.token])
+    stream = reverse("players:lobby_stream", args=[player.token])
     back = reverse("players:player_home", args=[player.token])
-    return render(request, "players/lobby.html", _lobby(player.lan, fragment_url=fragment, back=back, me=player))
+    return render(request, "players/lobby.html",
+                  _lobby(player.lan, fragment_url=fragment, stream_url=stream, back=back, me=player))
 
 
 @require_GET
 @active_player
 def lobby_fragment(request, player):
     return _lobby_fragment(request, player.lan, me=player)
+
+
+@require_GET
+@active_player
+def lobby_stream(request, player):
+    still_playing = Player.objects.filter(pk=player.pk, revoked_at__isnull=True).exists
+    return _lobby_stream(request, player.lan, allowed=still_playing)
 
 
 # --- Reading helpers --------------------------------------------------------------------------------------------
@@ -361,9 +384,12 @@ def _probe_csp(ranked) -> str:
     return CSP.replace("connect-src 'self'", " ".join(["connect-src 'self'", *origins]))
 
 
-def _lobby(lan: Lan, *, fragment_url: str, back: str | None, me: Player | None) -> dict:
-    return {"lan": lan, "fragment_url": fragment_url, "back": back, "me": me,
-            "poll_seconds": live.LOBBY_POLL_SECONDS,
+def _lobby(lan: Lan, *, fragment_url: str, stream_url: str, back: str | None, me: Player | None) -> dict:
+    # The ETag first, then the rows: if they change in between, the page holds newer rows than its ETag says and
+    # the stream sends them once more, which is harmless; the other order could leave the page a change behind.
+    etag, _ = live.current(lan, lambda: _lobby_rows_html(lan))
+    return {"lan": lan, "fragment_url": fragment_url, "stream_url": stream_url, "back": back, "me": me,
+            "poll_seconds": live.LOBBY_POLL_SECONDS, "etag": etag,
             **_lobby_rows(lan)}
 
 
@@ -397,11 +423,32 @@ def _lobby_rows(lan: Lan) -> dict:
             "online_total": len(per_player)}
 
 
+def _lobby_stream(request, lan: Lan, *, allowed) -> HttpResponse:
+    """The same rows pushed as server-sent events while the lobby is open (players/lobby.py: Stream). When this
+    process has no stream to spare, a 503 that the page answers by polling the fragment instead."""
+    # What the page holds: the ETag it was drawn with (?etag=), or, when the browser reconnects by itself, the id
+    # of the last event it got.
+    held = request.headers.get("Last-Event-ID") or request.GET.get("etag")
+    stream = live.Stream.open(lan, lambda: _lobby_rows_html(lan), allowed=allowed, last_etag=held)
+    if stream is None:
+        response = HttpResponse("The lobby is busy; it checks every few seconds instead.", status=503,
+                                content_type="text/plain")
+        response["Retry-After"] = str(live.STREAM_SECONDS)
+        return response
+    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+    response["Cache-Control"] = "no-store"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on as it comes
+    return response
+
+
+def _lobby_rows_html(lan: Lan) -> str:
+    return render_to_string("players/_lobby_rows.html", {"lan": lan, "me": None, **_lobby_rows(lan)})
+
+
 def _lobby_fragment(request, lan: Lan, *, me: Player | None) -> HttpResponse:
     """The rows every open lobby of the LAN shares (players/lobby.py, imported as `live`), or a 304 when the asker
     has them already. They are the same for every viewer: the page marks its own player (static/js/lobby.js)."""
-    etag, html = live.current(
-        lan, lambda: render_to_string("players/_lobby_rows.html", {"lan": lan, "me": None, **_lobby_rows(lan)}))
+    etag, html = live.current(lan, lambda: _lobby_rows_html(lan))
     if request.headers.get("If-None-Match") == etag:
         response = HttpResponseNotModified()
     else:

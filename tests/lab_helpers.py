@@ -2,9 +2,11 @@
 
 The fixtures themselves (``lab``, ``ssh_key``) live in tests/conftest.py and are found by name; this module holds
 the plain functions tests call: ``require_lab`` (skip, or fail under CI / LANHUB_REQUIRE_LAB=1, with the reason a
-lab can't be built), ``generate_ssh_key``, ``connect_node`` and ``ssh_run``. A test module that needs a lab with
-another scope or options makes its own fixture with ``make_lab_fixture``. Labs with host routes are serialised
-machine-wide (see lab/netns.py), so two suites running at once wait for each other rather than collide.
+lab can't be built), ``generate_ssh_key``, ``connect_node`` and ``ssh_run``, and what the end-to-end and VM tests
+share while LanHub syncs their servers: ``wait_until``, ``settled``, ``describe_runs`` and ``vpn_address``. A test
+module that needs a lab with another scope or options makes its own fixture with ``make_lab_fixture``. Labs with
+host routes are serialised machine-wide (see lab/netns.py), so two suites running at once wait for each other
+rather than collide.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
+import time
 from dataclasses import dataclass
 
 import paramiko
@@ -81,3 +85,36 @@ def ssh_run(client: paramiko.SSHClient, command: str, timeout: float = 15.0) -> 
     _, stdout, stderr = client.exec_command(command, timeout=timeout)
     out, err = stdout.read().decode(), stderr.read().decode()
     return stdout.channel.recv_exit_status(), out, err
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.25, what):
+    """Poll `predicate` until it returns something truthy; fail naming `what` (text, or a callable giving it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+
+
+def settled(lan) -> bool:
+    """No sync of the LAN is queued or running."""
+    from nodes.models import SyncRun, SyncStatus
+
+    return not SyncRun.objects.filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).exists()
+
+
+def describe_runs(lan) -> str:
+    """One line per sync run of the LAN, oldest first: what a failed wait shows."""
+    from nodes.models import SyncRun
+
+    rows = SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at")
+    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.reason} {r.error}" for r in rows)
+
+
+def vpn_address(player_host) -> str | None:
+    """The player's tunnel address now: a client that fell back to its server's TCP instance has a new one."""
+    out = player_host.exec(["ip", "-4", "-o", "addr", "show", "dev", "tun0"], check=False).stdout
+    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    return match.group(1) if match else None

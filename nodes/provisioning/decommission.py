@@ -1,6 +1,7 @@
-"""Take LanHub off a node that is being deleted: its OpenVPN instances stopped (and their systemd units disabled),
-every file LanHub wrote removed, its keys and run files gone, and its firewall chain unhooked. OpenVPN itself and
-IP forwarding stay: they may have been there before LanHub, and other software may rely on them."""
+"""Take LanHub off a node that is being deleted: its OpenVPN instances and its discovery relay stopped (their
+systemd units disabled, the relay's unit file removed), every file LanHub wrote removed, its directory (keys, run
+files, relay) gone, and its firewall chain unhooked. OpenVPN itself and IP forwarding stay: they may have been
+there before LanHub, and other software may rely on them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fabric import Connection
 from nodes import layout
 from nodes.provisioning.files import discard_backups, upload_files
 from nodes.provisioning.instances import ensure_instances
+from nodes.provisioning.relay import ensure_relay
 from nodes.ssh import run_root
 
 # Unhook and delete the chain; each command may fail harmlessly (no iptables, chain already gone).
@@ -20,10 +22,12 @@ _FIREWALL = ("command -v iptables >/dev/null || exit 0; "
 
 
 def decommission(c: Connection, *, applied: Iterable[str]) -> list[str]:
-    """Stop every lanhub instance and remove `applied` (the paths the last sync wrote); returns what it stopped."""
+    """Stop every lanhub instance and the relay, remove `applied` (the paths the last sync wrote) and LanHub's
+    directory; returns the instances it stopped."""
     stopped = ensure_instances(c, wanted=set()).stopped
+    ensure_relay(c, wanted=False)
     result = upload_files(c, {}, remove=sorted(applied))
     discard_backups(c, result)
     run_root(c, _FIREWALL, hide=True, warn=True)
-    run_root(c, f"rm -rf -- {layout.PKI_DIR} {layout.RUN_DIR} {layout.FIREWALL_PATH}", hide=True)
+    run_root(c, f"rm -rf -- {layout.LANHUB_DIR}", hide=True)
     return stopped

@@ -1,18 +1,23 @@
-// The lobby keeps itself current: every couple of seconds it asks for the server-rendered list of who is online,
-// sending the ETag of the list it shows; the server answers 304 (nothing new, a few hundred bytes) until the list
-// changes, then the new rows, which are swapped in. The rows are HTML the server escaped, so no data is turned
-// into markup here. They are the same for every viewer, so this script marks the viewer's own row. Polling pauses
-// while the tab is hidden and resumes (at once) when it is shown again. docs/lobby.md explains the choice.
+// The lobby keeps itself current. It listens on a server-sent-events stream: the server sends the rendered list
+// of who is online each time it changes (and nothing while it doesn't). Where no stream can be had (the server
+// answers 503 when it has none to spare, or the browser lacks EventSource), it asks every couple of seconds
+// instead, sending the ETag of the list it shows; the server answers 304 until the list changes. The rows are
+// HTML the server escaped, so no data is turned into markup here. They are the same for every viewer, so this
+// script marks the viewer's own row. While the tab is hidden it neither listens nor asks; it catches up at once
+// when the tab is shown again. docs/lobby.md explains the choice.
 (function () {
   "use strict";
   var box = document.getElementById("lobby");
   if (!box) return;
   var url = box.getAttribute("data-live-url");
+  var streamUrl = box.getAttribute("data-stream-url");
   var every = (parseFloat(box.getAttribute("data-poll-seconds")) || 2) * 1000;
   var me = box.getAttribute("data-me");
   var status = document.getElementById("live-status");
-  var etag = null;
+  var etag = box.getAttribute("data-etag");  // the version of the rows the page was drawn with
   var timer = null;
+  var source = null;
+  var polling = !streamUrl || typeof EventSource === "undefined";
 
   function say(text, state) {
     if (!status) return;
@@ -30,6 +35,41 @@
     });
   }
 
+  function show(html) {
+    box.innerHTML = html;
+    markMe();
+  }
+
+  // --- The stream ---------------------------------------------------------------------------------------------
+  function listen() {
+    if (source || document.hidden) return;
+    // The stream sends the rows only once they differ from the version this page holds.
+    source = new EventSource(etag ? streamUrl + "?etag=" + encodeURIComponent(etag) : streamUrl,
+                             {withCredentials: true});
+    source.onopen = function () { say("Live: changes show as they happen.", "ok"); };
+    source.onmessage = function (e) {
+      etag = e.lastEventId || etag;
+      show(e.data);
+      say("Live: updated " + new Date().toLocaleTimeString() + ".", "ok");
+    };
+    source.onerror = function () {
+      // The browser reconnects by itself after a dropped stream (readyState CONNECTING). CLOSED means the server
+      // said no (503: no stream to spare; 410: revoked): poll instead, which tells the page what happened.
+      if (source && source.readyState === EventSource.CLOSED) {
+        source = null;
+        polling = true;
+        schedule();
+      } else {
+        say("Can't reach LanHub right now; retrying…", "error");
+      }
+    };
+  }
+
+  function stopListening() {
+    if (source) { source.close(); source = null; }
+  }
+
+  // --- Polling, where there is no stream --------------------------------------------------------------------
   function refresh() {
     timer = null;
     var headers = etag ? {"If-None-Match": etag} : {};
@@ -41,7 +81,7 @@
         return r.text();
       })
       .then(function (html) {
-        if (html !== null) { box.innerHTML = html; markMe(); }
+        if (html !== null) show(html);
         say("Live: checked " + new Date().toLocaleTimeString() + ".", "ok");
       })
       .catch(function () { say("Can't reach LanHub right now; retrying…", "error"); })
@@ -52,9 +92,18 @@
     if (!document.hidden && timer === null) timer = setTimeout(refresh, every);
   }
 
+  function start() {
+    if (polling) { clearTimeout(timer); timer = null; refresh(); } else { listen(); }
+  }
+
   document.addEventListener("visibilitychange", function () {
-    if (document.hidden) { clearTimeout(timer); timer = null; } else { clearTimeout(timer); timer = null; refresh(); }
+    if (document.hidden) {
+      clearTimeout(timer); timer = null;
+      stopListening();
+    } else {
+      start();
+    }
   });
   markMe();
-  schedule();
+  if (polling) schedule(); else listen();
 })();

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -15,6 +16,7 @@ from django.utils import timezone
 
 from nodes import services as node_services
 from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus, VpnSession
+from players import lobby
 from players import services as player_services
 from tests.browser.conftest import PHONE, SCREENSHOTS, screenshot
 
@@ -111,10 +113,14 @@ def test_a_friend_joins_and_downloads_a_profile_that_starts_with_the_chosen_node
 def test_the_lobby_shows_a_player_coming_online_without_a_reload(new_page, live_server, cast):
     bob, hongkong = cast["bob"], cast["hongkong"]
     page = new_page(PHONE)
-    page.goto(f"{live_server.url}/me/{bob.token}/lobby/")
+    polls = []
+    page.on("request", lambda r: polls.append(r.url) if "/lobby/live/" in r.url else None)
+    with page.expect_response(lambda r: "/lobby/stream/" in r.url and r.status == 200, timeout=15_000):
+        page.goto(f"{live_server.url}/me/{bob.token}/lobby/")
     assert "0 players online" in page.inner_text("#lobby")
     page.evaluate("window.__noReload = true")  # survives only if the page is never reloaded
 
+    # The stream brings the new rows; the page asks for nothing.
     VpnSession.objects.create(node=hongkong, instance="server-udp", common_name=bob.common_name, player=bob,
                               vpn_address="10.2.0.6", connected_since=timezone.now())
     page.wait_for_selector(".lobby-player[data-player='bob']", timeout=15_000)
@@ -122,18 +128,31 @@ def test_the_lobby_shows_a_player_coming_online_without_a_reload(new_page, live_
     assert "10.2.0.6" in page.inner_text(".lobby-player[data-player='bob']")
     assert "bob (you)" in page.inner_text("#lobby")
     screenshot(page, "lobby")
-
-    # While nothing changes, each poll is a 304 without a body; when bob leaves, the next poll brings new rows.
-    statuses = []
-    page.on("response", lambda r: statuses.append(r.status) if "/lobby/live/" in r.url else None)
-    page.wait_for_function("document.getElementById('live-status').dataset.state === 'ok'", timeout=15_000)
-    with page.expect_response(lambda r: "/lobby/live/" in r.url and r.status == 304, timeout=15_000):
-        pass
     VpnSession.objects.filter(player=bob).delete()
     page.wait_for_selector(".lobby-player[data-player='bob']", state="detached", timeout=15_000)
     assert "0 players online" in page.inner_text("#lobby")
-    assert 304 in statuses and 200 in statuses
+    assert polls == []
     assert page.evaluate("window.__noReload") is True
+
+
+def test_with_no_stream_to_spare_the_lobby_polls_and_still_shows_changes(new_page, live_server, cast, monkeypatch):
+    bob, hongkong = cast["bob"], cast["hongkong"]
+    busy = threading.BoundedSemaphore(1)
+    busy.acquire()
+    monkeypatch.setattr(lobby, "_stream_slots", busy)  # every stream of this process is taken
+    page = new_page(PHONE)
+    statuses = []
+    page.on("response", lambda r: statuses.append(r.status) if "/lobby/live/" in r.url else None)
+    with page.expect_response(lambda r: "/lobby/stream/" in r.url and r.status == 503, timeout=15_000):
+        page.goto(f"{live_server.url}/me/{bob.token}/lobby/")
+    # While nothing changes, each poll is a 304 without a body; when bob comes, the next poll brings new rows.
+    with page.expect_response(lambda r: "/lobby/live/" in r.url and r.status == 304, timeout=15_000):
+        pass
+    VpnSession.objects.create(node=hongkong, instance="server-udp", common_name=bob.common_name, player=bob,
+                              vpn_address="10.2.0.6", connected_since=timezone.now())
+    page.wait_for_selector(".lobby-player[data-player='bob']", timeout=15_000)
+    assert "bob (you)" in page.inner_text("#lobby")
+    assert 304 in statuses and 200 in statuses
 
 
 def test_a_host_cannot_open_another_hosts_lan(page, live_server, cast):

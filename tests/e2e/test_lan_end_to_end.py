@@ -25,32 +25,12 @@ from nodes.models import Link, Node, NodeState, SyncRun, SyncStatus, VpnSession
 from players import services as player_services
 from players.models import Player
 from tests.celery_worker import real_worker
+from tests.lab_helpers import describe_runs, settled, vpn_address, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 REGIONS = {"hangzhou": "asia/cn/east", "hongkong": "asia/hk", "singapore": "asia/sg"}
 FIGURES: dict[str, float] = {}
-
-
-def wait_until(predicate, *, timeout: float, interval: float = 0.25, what: str):
-    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-
-
-def settled(lan) -> bool:
-    """No sync of the LAN is queued or running."""
-    return not SyncRun.objects.filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).exists()
-
-
-def describe_runs(lan) -> str:
-    rows = SyncRun.objects.filter(node__lan=lan).order_by("created_at")
-    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.reason} {r.error}" for r in rows)
 
 
 def register(lab, lan, name):
@@ -98,13 +78,6 @@ def connect(lab, name, profile, *, timeout=30.0):
     host.start_openvpn(profile)
     address = host.wait_for_tunnel(timeout=timeout)
     return host, address, time.monotonic() - began
-
-
-def vpn_address(player_host) -> str | None:
-    """The player's tunnel address now: a client that fell back to its server's TCP instance has a new one."""
-    out = player_host.exec(["ip", "-4", "-o", "addr", "show", "dev", "tun0"], check=False).stdout
-    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
-    return match.group(1) if match else None
 
 
 def server_log(node_host, instance="lanhub-udp") -> str:

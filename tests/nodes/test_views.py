@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from nodes import games, services, svg
 from nodes.models import Lan, Link, LinkState, Node, SyncRun, SyncStatus, VpnSession
-from nodes.views import INVITES_SHOWN, PLAYERS_PER_PAGE
+from nodes.views import INVITES_SHOWN, PLAYERS_PER_PAGE, SERVERS_PER_PAGE
 from players import services as player_services
 from tests.base import BaseTestCase
 from tests.nodes.test_services import mark_synced
@@ -107,10 +107,11 @@ class DashboardTests(HostTestCase):
         self.assertContains(response, reverse("nodes:lan_topology_svg", args=[self.lan.slug]))
 
     def test_it_loads_in_a_fixed_number_of_queries_whatever_the_history_and_the_number_of_players(self):
-        # 1 session, 2 user, 3 the LAN, 4 its nodes with their online counts and latest run ids (correlated
-        # subqueries), 5 those runs, 6 the number of players, 7 one page of players, 8 their sessions with nodes,
-        # 9 the newest invites, 10 links with both ends, 11 the upstream choices of the add-server form.
-        with self.assertNumQueries(11):
+        # 1 session, 2 user, 3 the LAN, 4 the number of its nodes, 5 one page of them with their online counts and
+        # latest run ids (correlated subqueries), 6 those runs, 7 links with both ends' names, 8 the number of
+        # players, 9 one page of players, 10 their sessions with nodes, 11 the newest invites, 12 players online on
+        # every server, 13 the upstream choices of the add-server form.
+        with self.assertNumQueries(13):
             self.client.get(self.url())
         self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
         nodes = list(Node.objects.filter(lan=self.lan))
@@ -122,10 +123,30 @@ class DashboardTests(HostTestCase):
             player_services.redeem_invite(token=invite.token, nickname=f"friend{i:02}")
         for i in range(INVITES_SHOWN):
             player_services.create_invite(lan=self.lan, note=f"invite {i}")
-        with self.assertNumQueries(11):  # the same with another node, history, two pages of players, more invites
+        with self.assertNumQueries(13):  # the same with another node, history, two pages of players, more invites
             response = self.client.get(self.url())
         self.assertContains(response, "Players 1–50 of %d" % (PLAYERS_PER_PAGE + 6))
         self.assertContains(response, "Only the %d newest invites are shown." % INVITES_SHOWN)
+
+    def test_servers_come_a_page_at_a_time_and_every_page_counts_them_all(self):
+        for i in range(SERVERS_PER_PAGE):  # with hangzhou and hongkong: two pages
+            self.add_node(f"extra{i:02}", region="asia/jp", public_address=f"203.0.113.{100 + i}")
+        total = SERVERS_PER_PAGE + 2
+        first = self.client.get(self.url())
+        self.assertEqual(len(first.context["nodes"]), SERVERS_PER_PAGE)
+        self.assertContains(first, f"Servers 1–{SERVERS_PER_PAGE} of {total}")
+        self.assertContains(first, f"{total} of ")  # the capacity line counts every server
+        self.assertContains(first, "1 online now")  # bob, on hongkong (first page), counted once
+        second = self.client.get(self.url() + "?servers=2")
+        self.assertEqual([n.name for n in second.context["nodes"]], ["extra22", "extra23"])
+        self.assertContains(second, "1 online now")  # still every server's players, not this page's
+        self.assertNotContains(second, ">hangzhou</a>")
+
+    def test_a_player_with_two_devices_online_counts_once(self):
+        device = player_services.add_device(self.bob, name="laptop")
+        VpnSession.objects.create(node=self.hangzhou, instance="server-udp", common_name=device.common_name,
+                                  player=self.bob, vpn_address="10.0.1.7")
+        self.assertContains(self.client.get(self.url()), "1 online now")
 
     def test_each_node_card_shows_its_latest_run(self):
         older = SyncRun.objects.create(node=self.hangzhou, status=SyncStatus.FAILED, current_step="connect",

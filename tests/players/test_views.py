@@ -573,3 +573,152 @@ class LobbyTests(PlayerPageTestCase):
     def test_another_host_gets_404(self):
         self.client.force_login(self.charlie)
         self.assertEqual(self.client.get(reverse("players:host_lobby", args=[self.lan.slug])).status_code, 404)
+
+
+class FakeClock:
+    """A monotonic clock that `sleep` moves on, so a stream's minutes pass in no time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+class LobbyStreamTests(PlayerPageTestCase):
+    """The lobby pushed as server-sent events (players/lobby.py: Stream), and the 503 that sends a page to polling."""
+
+    def setUp(self):
+        super().setUp()
+        VpnSession.objects.create(node=self.hongkong, instance="server-udp", common_name=self.bob.common_name,
+                                  player=self.bob, vpn_address="10.2.0.6", connected_since=timezone.now())
+        self.clock = FakeClock()
+        # Streams the views open end after their first look, so a test can read them to the end.
+        patcher = mock.patch.object(lobby, "STREAM_SECONDS", 0)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def stream(self, seconds=300, **kwargs):
+        rows = lambda: render_rows(self.lan)  # noqa: E731
+        opened = lobby.Stream.open(self.lan, rows, clock=self.clock, sleep=self.clock.sleep, seconds=seconds,
+                                   **kwargs)
+        self.addCleanup(opened.close)
+        return opened
+
+    def test_it_sends_the_rows_then_only_changes_with_a_heartbeat_between(self):
+        stream = self.stream()
+        self.assertEqual(next(stream), f"retry: {lobby.STREAM_RETRY_MS}\n\n".encode())
+        first = next(stream).decode()
+        self.assertRegex(first, r'^id: "[0-9a-f]{24}"\n')
+        self.assertIn('data-player="bob"', first)
+        self.assertTrue(first.endswith("\n\n"))
+        self.assertEqual(next(stream), b": still here\n\n")  # nothing changed for STREAM_HEARTBEAT_SECONDS
+        self.assertGreaterEqual(self.clock.now, lobby.STREAM_HEARTBEAT_SECONDS)
+        dave = services.redeem_invite(token=self.invite.token, nickname="dave")
+        VpnSession.objects.create(node=self.hangzhou, instance="server-udp", common_name=dave.common_name,
+                                  player=dave, vpn_address="10.1.0.10")
+        changed = next(stream).decode()
+        self.assertIn('data-player="dave"', changed)
+        self.assertNotEqual(changed.split("\n")[0], first.split("\n")[0])
+
+    def test_every_line_of_the_rows_is_its_own_data_field(self):
+        text = lobby.event('"abc"', "<ul>\n<li>bob</li>\n</ul>").decode()
+        self.assertEqual(text, 'id: "abc"\ndata: <ul>\ndata: <li>bob</li>\ndata: </ul>\n\n')
+
+    def test_a_reconnecting_browser_that_has_the_rows_gets_no_copy(self):
+        etag = self.client.get(me_url(self.bob, "lobby_fragment"))["ETag"]
+        stream = self.stream(last_etag=etag)
+        next(stream)  # retry
+        self.assertEqual(next(stream), b": still here\n\n")
+
+    def test_it_ends_after_its_lifetime(self):
+        stream = self.stream(seconds=40)
+        chunks = list(stream)
+        self.assertEqual(chunks[0][:6], b"retry:")
+        self.assertLessEqual(self.clock.now, 41)
+        self.assertEqual(len(chunks), 2 + int(40 // lobby.STREAM_HEARTBEAT_SECONDS))  # retry, rows, heartbeats
+
+    def test_it_ends_when_the_viewer_may_no_longer_look(self):
+        allowed = {"yes": True}
+        stream = self.stream(allowed=lambda: allowed["yes"])
+        next(stream), next(stream)
+        allowed["yes"] = False
+        VpnSession.objects.filter(player=self.bob).delete()  # the rows change: the stream asks again
+        self.assertEqual(list(stream), [])
+
+    def test_the_view_streams_events_and_a_revoked_player_gets_410(self):
+        response = self.client.get(me_url(self.bob, "lobby_stream"))
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response["Content-Type"], "text/event-stream")
+        self.assertEqual(response["Cache-Control"], "no-store")
+        chunks = response.streaming_content
+        next(chunks)
+        self.assertIn(b'data-player="bob"', next(chunks))
+        hang_up(response)
+        services.revoke_player(self.bob)
+        self.assertEqual(self.client.get(me_url(self.bob, "lobby_stream")).status_code, 410)
+
+    def test_the_player_page_names_the_stream_and_the_fragment(self):
+        response = self.client.get(me_url(self.bob, "lobby"))
+        self.assertContains(response, f'data-stream-url="{me_url(self.bob, "lobby_stream")}"')
+        self.assertContains(response, f'data-live-url="{me_url(self.bob, "lobby_fragment")}"')
+
+    def test_the_host_has_a_stream_and_another_host_gets_404(self):
+        self.client.force_login(self.alice)
+        response = self.client.get(reverse("players:host_lobby_stream", args=[self.lan.slug]))
+        self.assertEqual(response.status_code, 200)
+        hang_up(response)
+        self.client.force_login(self.charlie)
+        self.assertEqual(self.client.get(reverse("players:host_lobby_stream", args=[self.lan.slug])).status_code,
+                         404)
+
+    def test_a_host_who_signs_out_loses_the_stream(self):
+        self.client.force_login(self.alice)
+        url = reverse("players:host_lobby_stream", args=[self.lan.slug])
+        # A stream of 3 s with a heartbeat at every look (every 0.2 s here): signed in, it keeps going...
+        with mock.patch.object(lobby, "STREAM_SECONDS", 3), mock.patch.object(lobby, "STREAM_HEARTBEAT_SECONDS", 0):
+            stream = self.client.get(url).streaming_content
+            chunks = [next(stream), next(stream), next(stream)]
+            self.assertIn(b'data-player="bob"', chunks[1])
+            self.assertEqual(chunks[2], b": still here\n\n")
+            # ...and once the host signs out, it ends at the next look.
+            self.client.logout()
+            self.assertEqual(list(stream), [])
+
+    def test_it_rejects_a_post(self):
+        self.assertEqual(self.client.post(me_url(self.bob, "lobby_stream")).status_code, 405)
+
+    def test_with_every_slot_taken_the_page_is_told_to_poll_and_a_closed_stream_frees_its_slot(self):
+        taken = []
+        while (stream := lobby.Stream.open(self.lan, lambda: "")) is not None:
+            taken.append(stream)
+            self.assertLessEqual(len(taken), lobby.STREAM_LIMIT)
+        self.assertEqual(len(taken), lobby.STREAM_LIMIT)
+        response = self.client.get(me_url(self.bob, "lobby_stream"))
+        self.assertEqual(response.status_code, 503)
+        self.assertEqual(response["Retry-After"], str(lobby.STREAM_SECONDS))
+        taken[0].close()
+        taken[0].close()  # the server may close twice: the slot is given back once
+        freed = self.client.get(me_url(self.bob, "lobby_stream"))
+        self.assertEqual(freed.status_code, 200)
+        hang_up(freed)
+        for stream in taken[1:]:
+            stream.close()
+        again = self.client.get(me_url(self.bob, "lobby_stream"))
+        self.assertEqual(again.status_code, 200)
+        hang_up(again)
+
+
+def hang_up(response):
+    """Read a stream to its end (the tests shorten STREAM_SECONDS), as the test client wants: its wrapper then
+    closes the response, giving the slot back, without closing the test's database connection."""
+    return list(response.streaming_content)
+
+
+def render_rows(lan):
+    from players.views import _lobby_rows_html
+
+    return _lobby_rows_html(lan)
