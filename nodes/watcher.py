@@ -327,6 +327,7 @@ class Shard:
 
     def run(self, *, until=None) -> None:
         """Hold this shard's nodes until stopped (or until ``until()`` is true, for tests)."""
+        raise_file_limit()
         threading.Thread(target=self.listen_for_yields, name="watch-yields", daemon=True).start()
         try:
             while not self.stopping.is_set() and not (until and until()):

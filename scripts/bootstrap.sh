@@ -33,6 +33,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# NetworkManager with its OpenVPN plugin, for the test that imports a player's profile the way the player page says
+# (tests/players/test_networkmanager.py runs its own NetworkManager in private namespaces). Installed without
+# letting the package start a NetworkManager on this machine (a policy-rc.d for the install, the unit disabled
+# after): it must never take over the host's own network.
+if [ "$purpose" = test ] && ! dpkg-query -W -f='${Status}' network-manager-openvpn 2>/dev/null | grep -q "install ok installed"; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "==> Installing network-manager-openvpn (not started)"
+    policy=/usr/sbin/policy-rc.d; own_policy=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; own_policy=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends network-manager-openvpn dbus \
+      >/dev/null || true
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    if [ -d /run/systemd/system ]; then systemctl disable NetworkManager >/dev/null 2>&1 || true; fi
+  else
+    echo "The NetworkManager test needs: sudo apt-get install --no-install-recommends network-manager-openvpn" >&2
+  fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "==> Creating .venv"

@@ -120,3 +120,26 @@ class HeldNodesArePolledSlowlyTests(SimpleTestCase):
 
     def test_without_marks_every_node_is_polled(self):
         self.assertEqual(presence.due_for_poll([1, 2, 3], now=1_800_000_000.0), [1, 2, 3])
+
+
+class ManyHeldNodesTests(SimpleTestCase):
+    def test_the_wait_on_held_channels_works_past_selects_1024_descriptor_limit(self):
+        import os
+        import socket
+
+        from nodes import watcher
+
+        self.assertGreaterEqual(watcher.raise_file_limit(), 2048)  # what a shard does when it starts
+        fillers = [os.pipe() for _ in range(520)]  # a shard holding a few hundred nodes has this many open
+        try:
+            ours, theirs = socket.socketpair()
+            self.assertGreater(ours.fileno(), 1024)
+            self.assertEqual(watcher._readable([ours], 0.05), [])
+            theirs.send(b">LOG:...\n")
+            self.assertEqual(watcher._readable([ours], 1.0), [ours])
+            ours.close()
+            theirs.close()
+        finally:
+            for read, write in fillers:
+                os.close(read)
+                os.close(write)

@@ -287,12 +287,22 @@ class NodeCertificateRevocationTests(BaseTestCase):
         self.add_node("hangzhou")
         self.assertFalse(services.revoked_names(self.lan) & {"node-hangzhou", "link-hangzhou"})
 
-    def test_a_rename_revokes_the_certificates_that_carry_the_old_name(self):
+    def test_a_new_display_name_keeps_the_slug_and_the_certificates(self):
+        node = self.add_node("hangzhou", display_name="Hangzhou")
+        certificates = services.node_certificates(node)
+        services.update_node(node, display_name="杭州")
+        node.refresh_from_db()
+        self.assertEqual((node.name, node.display_name), ("hangzhou", "杭州"))
+        self.assertEqual(services.node_certificates(node), certificates)
+        self.assertFalse(RevokedCertificate.objects.filter(lan=self.lan).exists())
+
+    def test_the_slug_never_changes(self):
         node = self.add_node("hangzhou")
-        old = services.node_certificates(node)
-        services.update_node(node, name="shanghai")
-        self.assertEqual(set(RevokedCertificate.objects.filter(lan=self.lan).values_list("serial", "common_name")),
-                         set(old))
+        with self.assertRaises(ValidationError) as ctx:
+            services.update_node(node, name="shanghai")
+        self.assertIn("never changes", str(ctx.exception))
+        node.refresh_from_db()
+        self.assertEqual(node.name, "hangzhou")
 
 
 class RetryChainTests(BaseTestCase):
