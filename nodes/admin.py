@@ -10,7 +10,7 @@ from django.db.models import Count
 from django.utils.html import format_html, format_html_join
 
 from nodes import services
-from nodes.forms import game_choice_field
+from nodes.forms import NodeFieldsForm, game_choice_field
 from nodes.models import Lan, Link, Node, RevokedCertificate, SyncRun, VpnSession
 
 RUN_KINDS = ("sync", "drift", "status")  # SyncRun.kind (nodes/syncing.py)
@@ -30,8 +30,17 @@ class LanAdminForm(forms.ModelForm):
         model = Lan
         exclude = SEALED + ("ca_cert", "crl_pem")
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "slug" in self.fields:  # a new LAN: derived from the name when left blank (services.create_lan)
+            self.fields["slug"].required = False
+
     def clean(self):
         cleaned = super().clean()
+        slug, owner = cleaned.get("slug"), cleaned.get("owner")
+        if not self.instance.pk and slug and owner and Lan.objects.filter(owner=owner, slug=slug).exists():
+            self.add_error("slug", f"{owner} already has a LAN with the short name “{slug}”; choose another or "
+                                   "leave it blank.")
         if self.instance.pk and not self.errors:
             candidate = Lan(pk=self.instance.pk, supernet=cleaned["supernet"], pool_prefix=cleaned["pool_prefix"],
                             topology_mode=cleaned["topology_mode"])
@@ -49,6 +58,10 @@ class LanAdmin(admin.ModelAdmin):
     readonly_fields = ("ssh_public_key", "crl_number", "crl_next_update", "created_at")
     exclude = SEALED + ("ca_cert", "crl_pem")
     actions = ("replan_lans",)
+
+    def get_readonly_fields(self, request, obj=None):
+        # The slug is in the LAN's links and its CA's name: it never changes with the name.
+        return (*self.readonly_fields, "slug") if obj else self.readonly_fields
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("owner").annotate(node_total=Count("nodes"))
@@ -81,24 +94,24 @@ class LanAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{lan}: {len(changed)} node(s) will sync.")
 
 
-class NodeAdminForm(forms.ModelForm):
-    """Plans the LAN with the node as entered, so an impossible node is a form error, not a failed save."""
+class NodeAdminForm(NodeFieldsForm):
+    """The dashboard's fields and rules (NodeFieldsForm), plus the LAN and what an operator may reset. Plans the
+    LAN with the node as entered, so an impossible node is a form error, not a failed save."""
 
-    class Meta:
-        model = Node
-        exclude = SEALED + ("sync_generation",)
+    class Meta(NodeFieldsForm.Meta):
+        fields = ("lan", *services.NODE_FIELDS, "ssh_host_key", "healthy")
 
     def clean(self):
         cleaned = super().clean()
         lan = cleaned.get("lan") or (self.instance.lan if self.instance.pk else None)
         if self.errors or lan is None:
             return cleaned
-        candidate = Node(pk=self.instance.pk, lan=lan, created_at=self.instance.created_at)
-        for field in services.NODE_FIELDS:
-            if field in cleaned:
-                setattr(candidate, field, cleaned[field])
-        if not candidate.ssh_host:
-            candidate.ssh_host = candidate.public_address
+        # The node as the service would save it, defaults applied (services.node_candidate), on a copy: the form
+        # still holds what the operator typed.
+        original = Node(pk=self.instance.pk, lan=lan, created_at=self.instance.created_at,
+                        name=self.instance.name if self.instance.pk else "")
+        fields = {f: cleaned[f] for f in services.NODE_FIELDS if f in cleaned}
+        candidate = services.node_candidate(lan=lan, instance=original, **fields)
         try:
             services.check_node(candidate)
         except ValidationError as exc:
@@ -109,10 +122,10 @@ class NodeAdminForm(forms.ModelForm):
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
     form = NodeAdminForm
-    list_display = ("name", "lan", "region", "priority", "public_address", "state", "healthy", "sync_state",
-                    "udp_pool", "tcp_pool", "openvpn_version", "last_seen_at")
+    list_display = ("display_name", "name", "lan", "region", "priority", "public_address", "state", "healthy",
+                    "sync_state", "udp_pool", "tcp_pool", "openvpn_version", "last_seen_at")
     list_filter = ("state", "healthy", "sync_state", "lan")
-    search_fields = ("name", "region", "public_address", "ssh_host", "lan__name")
+    search_fields = ("display_name", "name", "region", "public_address", "ssh_host", "lan__name")
     list_select_related = ("lan",)
     raw_id_fields = ("lan", "pinned_upstream")
     exclude = SEALED + ("server_cert", "link_cert", "sync_generation")
@@ -148,8 +161,9 @@ class NodeAdmin(admin.ModelAdmin):
                            "{}</table>", rows) if runs else "No runs yet."
 
     def get_readonly_fields(self, request, obj=None):
-        # Moving a node to another LAN would strand its certificates: remove it and add it there instead.
-        return (*self.readonly_fields, "lan") if obj else self.readonly_fields
+        # Moving a node to another LAN would strand its certificates: remove it and add it there instead. Its slug
+        # never changes (its files and certificates carry it); the display name does.
+        return (*self.readonly_fields, "lan", "name") if obj else self.readonly_fields
 
     def save_model(self, request, obj, form, change):
         # On a change the operator may also clear the pinned host key (to accept a new one) or flip health.
@@ -166,11 +180,11 @@ class NodeAdmin(admin.ModelAdmin):
         obj.refresh_from_db()
 
     def delete_model(self, request, obj):
-        self._deleted(request, obj.name, services.delete_node(obj, requested_by=request.user))
+        self._deleted(request, obj.display_name, services.delete_node(obj, requested_by=request.user))
 
     def delete_queryset(self, request, queryset):
         for node in queryset:
-            self._deleted(request, node.name, services.delete_node(node, requested_by=request.user))
+            self._deleted(request, node.display_name, services.delete_node(node, requested_by=request.user))
 
     def _deleted(self, request, name, problem):
         if problem:

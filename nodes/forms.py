@@ -38,7 +38,8 @@ class LanForm(forms.ModelForm):
     class Meta:
         model = Lan
         fields = ("name", "slug", "supernet", "pool_prefix", "topology_mode")
-        help_texts = {"slug": "Short name used in links; leave blank to derive it from the name."}
+        labels = {"slug": "Short name"}
+        help_texts = {"slug": "Used in links; leave blank to derive it from the name. It never changes."}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -70,32 +71,69 @@ class QuickSelect(forms.Select):
         return format_html('<select name="{}"{}>{}</select>', widget["name"], flatatt(widget["attrs"]), options)
 
 
-class NodeForm(forms.ModelForm):
-    """Fields exactly as services.NODE_FIELDS; the upstream choice is limited to the same LAN's nodes."""
+class NodeFieldsForm(forms.ModelForm):
+    """The rules and defaults of a node's fields, for the dashboard's add-server form and the admin's node form
+    alike: the same fields (services.NODE_FIELDS), required or optional alike, with the same labels and hints.
+    What is left blank gets its default in services.node_candidate (the slug from the name, the SSH host from the
+    public address), the one place both forms and every other caller go through."""
+
+    OPTIONAL = ("name", "ssh_host")  # derived by services.node_candidate when left blank
 
     class Meta:
         model = Node
         fields = services.NODE_FIELDS
-        labels = {"udp_pool": "UDP pool", "tcp_pool": "TCP pool", "ssh_host": "SSH host", "ssh_port": "SSH port",
-                  "ssh_user": "SSH user", "udp_port": "UDP port", "tcp_port": "TCP port"}
+        labels = {"udp_pool": "UDP pool", "tcp_pool": "TCP pool", "ssh_port": "SSH port", "ssh_user": "SSH user",
+                  "udp_port": "UDP port", "tcp_port": "TCP port"}
 
-    def __init__(self, *args, lan: Lan, **kwargs):
-        # The unsaved instance carries the LAN so Node.clean() can check the pinned upstream's LAN.
-        kwargs.setdefault("instance", Node(lan=lan))
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        upstream = self.fields["pinned_upstream"]
-        upstream.queryset = Node.objects.filter(lan=lan).order_by("created_at", "pk").only("lan_id", "name")
-        # (only the label's column: the choices list every node of the LAN)
-        upstream.label_from_instance = lambda node: node.name  # str(node) would fetch the LAN for every option
-        upstream.widget = QuickSelect(choices=upstream.choices)
-        upstream.help_text = "Leave empty to let LanHub choose where this server attaches."
-        self.fields["ssh_host"].required = False
-        self.fields["ssh_host"].help_text = "Leave blank when it is the public address."
-        self.fields["country"].widget.attrs.update({"placeholder": "HK", "maxlength": 2})
-        self.fields["region"].widget.attrs["placeholder"] = "asia/hk"
+        for name in self.OPTIONAL:
+            if name in self.fields:
+                self.fields[name].required = False
+        if self.instance.pk and "name" in self.fields:
+            self.fields["name"].disabled = True  # the slug never changes (services.update_node)
+        placeholders = {"display_name": "Hong Kong", "name": "hong-kong", "country": "HK", "region": "asia/hk"}
+        for name, placeholder in placeholders.items():
+            if name in self.fields:
+                self.fields[name].widget.attrs["placeholder"] = placeholder
+        if "country" in self.fields:
+            self.fields["country"].widget.attrs["maxlength"] = 2
+
+    def clean(self):
+        cleaned = super().clean()
+        lan = cleaned.get("lan") or (self.instance.lan if self.instance.lan_id else None)
+        if lan is not None and not self.instance.pk and cleaned.get("name"):
+            try:
+                services.check_new_slug(lan, cleaned["name"])
+            except ValidationError as exc:
+                add_service_error(self, exc)
+        return cleaned
+
+    def clean_display_name(self):
+        return (self.cleaned_data.get("display_name") or "").strip()
+
+    def clean_name(self):
+        return (self.cleaned_data.get("name") or "").strip().lower()
 
     def clean_country(self):
         return (self.cleaned_data.get("country") or "").upper()
 
     def service_fields(self) -> dict:
         return {f: self.cleaned_data[f] for f in services.NODE_FIELDS if f in self.cleaned_data}
+
+
+class NodeForm(NodeFieldsForm):
+    """The dashboard's add-server form: the shared fields; the upstream choice is limited to the same LAN's
+    nodes."""
+
+    def __init__(self, *args, lan: Lan, **kwargs):
+        # The unsaved instance carries the LAN so Node.clean() can check the pinned upstream's LAN.
+        kwargs.setdefault("instance", Node(lan=lan))
+        super().__init__(*args, **kwargs)
+        upstream = self.fields["pinned_upstream"]
+        upstream.queryset = Node.objects.filter(lan=lan).order_by("created_at", "pk").only(
+            "lan_id", "name", "display_name")
+        # (only the label's columns: the choices list every node of the LAN)
+        upstream.label_from_instance = lambda node: node.display_name  # str(node) would fetch the LAN per option
+        upstream.widget = QuickSelect(choices=upstream.choices)
+        upstream.help_text = "Leave empty to let LanHub choose where this server attaches."

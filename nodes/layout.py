@@ -5,7 +5,11 @@ openvpn_mgmt, services, players) takes on-node paths, instance names, management
 certificate common names from here, and the model validators and the planner use the same name rules.
 
 Names reach file paths, certificate names and shell commands, so they keep to a safe alphabet:
-- a node name starts with a letter (it becomes ``node-<name>`` and ``link-<name>``, and a config file name);
+- a node's (and a LAN's) *display name* is what the host typed, in any script ("Hong Kong", "杭州"): it is shown,
+  never used in a path, a certificate or a command;
+- its *slug* (``Node.name``, ``Lan.slug``) is derived from the display name once, when the row is created
+  (``slug_for``: "Hong Kong" -> ``hong-kong``, "杭州" -> ``hangzhou``), and never changes with it: it names the
+  node's files, certificates (``node-<slug>``, ``link-<slug>``), OpenVPN instances and URLs;
 - a region is a path of up to 8 lowercase parts separated by ``/`` (``asia/cn/east``).
 """
 
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from anyascii import anyascii  # pinned in requirements.txt: a small pure-Python transliteration table
 
 # --- name rules -----------------------------------------------------------------------------------------------
 
@@ -25,6 +31,40 @@ NODE_NAME_RE = re.compile(NODE_NAME_PATTERN)
 REGION_RE = re.compile(REGION_PATTERN)
 NODE_NAME_RULE = "Use 1–32 lowercase letters, digits or '-', starting with a letter."
 REGION_RULE = "A region is a path of lowercase names separated by '/', such as asia/cn/east."
+
+
+SLUG_MAX = 32
+DISPLAY_NAME_MAX = 64
+DISPLAY_NAME_RULE = f"Enter a name of 1–{DISPLAY_NAME_MAX} characters, in any language."
+_SLUG_UNSAFE = re.compile(r"[^a-z0-9]+")
+
+
+def is_display_name(value) -> bool:
+    """Any script, but one line of printable text (a display name lands in HTML, profile comments and logs)."""
+    return (isinstance(value, str) and 0 < len(value) <= DISPLAY_NAME_MAX and value == value.strip()
+            and value.isprintable())
+
+
+def slug_for(display_name: str, *, fallback: str) -> str:
+    """The slug a display name gets: transliterated to ASCII, lowercase, other runs as one '-', at most 32
+    characters, starting with a letter ("Hong Kong" -> "hong-kong", "杭州" -> "hangzhou", "1st" -> "n-1st"). A name
+    with nothing transliterable becomes ``fallback``. The result always passes is_node_name."""
+    slug = _SLUG_UNSAFE.sub("-", anyascii(display_name or "").lower()).strip("-")
+    if slug and not slug[0].isalpha():
+        slug = f"{fallback[0]}-{slug}"
+    return slug[:SLUG_MAX].rstrip("-") or fallback
+
+
+def unique_slug(base: str, taken: Collection[str]) -> str:
+    """``base``, or ``base-2``, ``base-3``, … (cut to fit 32 characters): the first not in ``taken``."""
+    if base not in taken:
+        return base
+    for number in range(2, len(taken) + 3):
+        suffix = f"-{number}"
+        candidate = base[:SLUG_MAX - len(suffix)].rstrip("-") + suffix
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable: len(taken) + 1 candidates cannot all be taken")
 
 
 def is_node_name(value) -> bool:
@@ -40,7 +80,7 @@ def is_region(value) -> bool:
 
 NODE_CN_PREFIX = "node-"  # a node's server certificate
 LINK_CN_PREFIX = "link-"  # the client certificate a node uses on its links (and the name of its ccd file)
-PLAYER_CN_PREFIX = "player-"  # a player's certificate: player-<nickname>-<random suffix>
+PLAYER_CN_PREFIX = "player-"  # a device's certificate: player-<nickname's slug>-<random suffix>
 
 
 def node_cn(name: str) -> str:
@@ -52,7 +92,9 @@ def link_cn(name: str) -> str:
 
 
 def player_cn(nickname: str, suffix: str) -> str:
-    return f"{PLAYER_CN_PREFIX}{nickname}-{suffix}"
+    """A nickname is typed freely ("Bob Smith", "小明"); the certificate carries its slug ("bob-smith",
+    "xiaoming"). The random suffix keeps two players with one slug ("Bob", "bob!") apart."""
+    return f"{PLAYER_CN_PREFIX}{slug_for(nickname, fallback='player')}-{suffix}"
 
 
 def node_cns(name: str) -> tuple[str, str]:

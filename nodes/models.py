@@ -12,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import F, Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from nodes import games, layout
@@ -22,6 +23,13 @@ from nodes import games, layout
 NAME_RE = layout.NODE_NAME_PATTERN
 name_validator = RegexValidator(layout.NODE_NAME_PATTERN, layout.NODE_NAME_RULE)
 region_validator = RegexValidator(layout.REGION_PATTERN, layout.REGION_RULE)
+
+
+def display_name_validator(value) -> None:
+    if not layout.is_display_name(value):
+        raise ValidationError(layout.DISPLAY_NAME_RULE)
+
+
 HOSTNAME_RE = re.compile(
     r"\A(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 unix_user_validator = RegexValidator(r"\A[a-z_][a-z0-9_-]{0,31}\Z", "Enter a Unix user name.")
@@ -96,8 +104,11 @@ class Lan(models.Model):
     """One virtual network of one host: its address plan, its PKI and its SSH deploy key."""
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="lans")
-    name = models.CharField(max_length=64)
-    slug = models.SlugField(max_length=32, validators=[name_validator])
+    name = models.CharField(max_length=layout.DISPLAY_NAME_MAX, validators=[display_name_validator])
+    # Derived from the name when the LAN is created (layout.slug_for) and never changed: links and the CA's name
+    # carry it.
+    slug = models.SlugField(max_length=layout.SLUG_MAX, validators=[name_validator],
+                            help_text="Short name used in links; derived from the name, and it never changes.")
     supernet = models.CharField(max_length=18, default="10.0.0.0/8", validators=[validate_network])
     pool_prefix = models.PositiveSmallIntegerField(
         default=16, validators=[MinValueValidator(9), MaxValueValidator(22)],
@@ -165,10 +176,18 @@ class SyncState(models.TextChoices):
 
 
 class Node(models.Model):
-    """A server a host registered. LanHub reaches it over SSH and runs OpenVPN instances on it."""
+    """A server a host registered. LanHub reaches it over SSH and runs OpenVPN instances on it.
+
+    ``display_name`` is what the host typed and what people see ("Hong Kong", "杭州"); ``name`` is the node's slug,
+    derived from it once (layout.slug_for) and never changed: the planner, the node's files, certificates, OpenVPN
+    instances and the lab know the node by it."""
 
     lan = models.ForeignKey(Lan, on_delete=models.CASCADE, related_name="nodes")
-    name = models.CharField(max_length=32, validators=[name_validator])
+    display_name = models.CharField("name", max_length=layout.DISPLAY_NAME_MAX, validators=[display_name_validator],
+                                    help_text="As players will see it, in any language: Hong Kong, 杭州.")
+    name = models.CharField("short name", max_length=layout.SLUG_MAX, validators=[name_validator],
+                            help_text="For files, certificates and links. Leave blank to derive it from the name; "
+                                      "it never changes.")
     region = models.CharField(max_length=200, blank=True, validators=[region_validator],
                               help_text="A path such as asia/cn/east; nodes are grouped by it.")
     priority = models.IntegerField(default=0, help_text="The highest-priority healthy node leads its region.")
@@ -180,7 +199,8 @@ class Node(models.Model):
                                    help_text="Optional: also reachable over IPv6 at this address.")
     udp_port = models.PositiveIntegerField(default=1194, validators=port_validators)
     tcp_port = models.PositiveIntegerField(default=443, validators=port_validators)
-    ssh_host = models.CharField(max_length=253, validators=[host_validator])
+    ssh_host = models.CharField("SSH host", max_length=253, validators=[host_validator],
+                                help_text="Leave blank when it is the public address.")
     ssh_port = models.PositiveIntegerField(default=22, validators=port_validators)
     ssh_user = models.CharField(max_length=32, default="root",
                                 validators=[unix_user_validator])
@@ -216,6 +236,8 @@ class Node(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=("lan", "name"), name="node_unique_name_per_lan"),
+            models.UniqueConstraint(Lower("display_name"), "lan", condition=~Q(display_name=""),
+                                    name="node_unique_display_name_per_lan"),
             models.UniqueConstraint(fields=("lan", "udp_pool"), condition=~Q(udp_pool=""),
                                     name="node_unique_udp_pool_per_lan"),
             models.UniqueConstraint(fields=("lan", "tcp_pool"), condition=~Q(tcp_pool=""),
@@ -225,10 +247,14 @@ class Node(models.Model):
         ordering = ("lan", "created_at", "pk")
 
     def __str__(self):
-        return f"{self.name} ({self.lan})"
+        return f"{self.display_name or self.name} ({self.lan})"
 
     def clean(self):
         errors = {}
+        if self.lan_id and self.display_name and Node.objects.filter(
+                lan_id=self.lan_id, display_name__iexact=self.display_name).exclude(pk=self.pk).exists():
+            # Players choose a server by this name: two alike would be a coin toss (the slugs would differ).
+            errors["display_name"] = [f"This LAN already has a server named “{self.display_name}”."]
         for field in ("udp_pool", "tcp_pool"):
             value = getattr(self, field)
             if value:

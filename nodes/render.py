@@ -103,8 +103,15 @@ def _dotted(value: int) -> str:
 
 # Rendering thousands of nodes formats the same few values over and over; ipaddress is slow at it.
 @functools.lru_cache(maxsize=16)
-def _push_supernet(supernet: str) -> str:
-    return f'push "route {_net(ipaddress.IPv4Network(supernet))}"'
+def _supernet(text: str) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _push_player_routes(prefixes: tuple[ipaddress.IPv4Network, ...]) -> tuple[str, ...]:
+    """Only what the LAN allocated (Plan.player_routes), not the supernet: a player's own 10.x networks stay
+    outside the tunnel."""
+    return tuple(f'push "route {_net(prefix)}"' for prefix in prefixes)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -211,7 +218,11 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
         # gets the quota raised, in steps of 256 so the line does not change with every node.
         quota = -(-(iroutes + QUOTA_MARGIN) // ROUTE_QUOTA) * ROUTE_QUOTA
         lines.append(f"max-routes-per-client {quota}")
-    lines += [_push_supernet(lan.supernet), *_discovery_pushes(discovery)]
+    lines += [*_push_player_routes(plan.player_routes(_supernet(lan.supernet))), *_discovery_pushes(discovery)]
+    # Clients say goodbye when they stop, so a player who quits leaves the lobby at once instead of at the
+    # keepalive timeout. Pushed, not written in the profile: a global explicit-exit-notify in a profile with TCP
+    # remotes is fatal on 2.4/2.5 clients, while pushed from a UDP server it is safe on every client.
+    lines.append('push "explicit-exit-notify 1"')
     lines += _server_pki()
     # On a restart (a sync, a drift repair) tell UDP clients to reconnect at once; without it players and the
     # links of downstream nodes sit silent until ping-restart, a minute or two later.
@@ -226,7 +237,7 @@ def render_tcp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
     lines = [
         f"port {_port(node, 'tcp_port')}", TCP_PROTO, f"dev {layout.TCP_DEVICE}", "dev-type tun", "topology subnet",
         f"server {_net(pool)}",
-        _push_supernet(lan.supernet), *_discovery_pushes(discovery),
+        *_push_player_routes(plan.player_routes(_supernet(lan.supernet))), *_discovery_pushes(discovery),
         *_server_pki(),
     ]
     lines += [*_pool_persist(layout.TCP_BASENAME), *_unprivileged()]

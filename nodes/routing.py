@@ -222,3 +222,40 @@ def _dijkstra(adj: Mapping[str, Mapping[str, int]], source: str) -> tuple[dict[s
                 dist[nbr] = nd
                 heapq.heappush(heap, (nd, nbr, nbr if node == source else hop))
     return dist, first
+
+
+# --- what players are routed into the tunnel ------------------------------------------------------------------
+
+MAX_PLAYER_ROUTES = 8  # pushed prefixes at most; past that, the closest neighbours merge into a common prefix
+HEADROOM_BITS = 4  # an allocated block is pushed as at least 1/16 of the supernet (a /12 of 10.0.0.0/8)
+
+
+def player_routes(blocks: Mapping[str, Sequence[ipaddress.IPv4Network]], pools: Sequence[ipaddress.IPv4Network],
+                  supernet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ...]:
+    """The prefixes a player is pushed: what the LAN has allocated, with headroom, never the whole supernet.
+
+    A player's other 10.x networks (a second home subnet, a company VPN, a DNS server) must stay outside the
+    tunnel, where the LAN would drop them. The allocation is the top-level regions' blocks (addresses.py: they
+    hold every pool of their nodes) plus the pools of nodes outside every region block.
+
+    Each is widened to at least 1/16 of the supernet: what a server pushes changes only when the LAN grows out of
+    that, because a changed push restarts every server (players get routes only when they connect) and a small
+    LAN's blocks double with nearly every server added. Past MAX_PLAYER_ROUTES prefixes the two closest neighbours
+    merge into their common prefix, repeatedly: a bounded route count on every client. Everything stays inside
+    the supernet (every part is)."""
+    floor = min(supernet.prefixlen + HEADROOM_BITS, 32)
+    top = [net for region, nets in blocks.items() if region and "/" not in region for net in nets]
+    outside = [pool for pool in pools if not any(pool.subnet_of(net) for net in top)]
+    prefixes = list(ipaddress.collapse_addresses(
+        net.supernet(new_prefix=floor) if net.prefixlen > floor else net for net in [*top, *outside]))
+    while len(prefixes) > MAX_PLAYER_ROUTES:
+        merged = [_common(a, b) for a, b in zip(prefixes, prefixes[1:])]
+        best = max(range(len(merged)), key=lambda i: (merged[i].prefixlen, -i))
+        prefixes = list(ipaddress.collapse_addresses([*prefixes[:best], merged[best], *prefixes[best + 2:]]))
+    return tuple(prefixes)
+
+
+def _common(a: ipaddress.IPv4Network, b: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The smallest prefix holding both."""
+    length = min(a.prefixlen, b.prefixlen, 32 - (int(a.network_address) ^ int(b.network_address)).bit_length())
+    return a.supernet(new_prefix=length)

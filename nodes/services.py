@@ -7,18 +7,18 @@ writes more than one row is atomic, and Celery tasks are enqueued only after the
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 
 from cryptography import x509
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
-from django.utils.text import slugify
 
 from lanhub import pki
 from lanhub.secrets import seal, unseal
-from nodes import games, layout, provisioning, revocation
-from nodes.models import Lan, Node, RevokedCertificate
+from nodes import games, layout, provisioning, revocation, routing
+from nodes.models import Lan, Node, RevokedCertificate, StoredPlan
 from nodes import topology
 from nodes.ssh import ProvisioningError, open_connection
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
@@ -41,7 +41,14 @@ def create_lan(*, owner, name: str, slug: str = "", supernet: str = "10.0.0.0/8"
                topology_mode: str = "auto", discovery_games: list[str] | None = None,
                discovery_ports: str = "") -> Lan:
     """Create a LAN with its own certificate authority, tls-crypt key, empty CRL and SSH deploy key."""
-    lan = Lan(owner=owner, name=name, slug=slug or slugify(name)[:32], supernet=supernet, pool_prefix=pool_prefix,
+    name = (name or "").strip()
+    if slug and Lan.objects.filter(owner=owner, slug=slug).exists():
+        raise ValidationError({"slug": f"You already have a LAN with the short name “{slug}”; choose another or "
+                                       "leave it blank."})
+    if not slug:  # derived: a clash gets a suffix rather than an error the host did not cause
+        taken = set(Lan.objects.filter(owner=owner).values_list("slug", flat=True))
+        slug = layout.unique_slug(layout.slug_for(name, fallback="lan"), taken)
+    lan = Lan(owner=owner, name=name, slug=slug, supernet=supernet, pool_prefix=pool_prefix,
               topology_mode=topology_mode, discovery_ports=discovery_ports,
               discovery_games=games.default_games() if discovery_games is None else list(discovery_games))
     lan.full_clean()
@@ -127,19 +134,53 @@ def renew_crl(lan: Lan, *, min_days_left: float = CRL_DAYS / 2) -> bool:
 
 # --- Nodes ----------------------------------------------------------------------------------------------------
 
-NODE_FIELDS = ("name", "region", "priority", "public_address", "public_ipv6", "udp_port", "tcp_port", "ssh_host", "ssh_port",
-               "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool", "pinned_upstream")
+# What a host enters for a node: the dashboard's and the admin's forms both take exactly these (nodes/forms.py).
+NODE_FIELDS = ("display_name", "name", "region", "priority", "public_address", "public_ipv6", "udp_port", "tcp_port",
+               "ssh_host", "ssh_port", "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool",
+               "pinned_upstream")
+
+
+def node_candidate(*, lan: Lan, instance: Node | None = None, **fields) -> Node:
+    """The node as it would be saved, with the defaults every way in shares (unsaved; nothing is checked).
+
+    - the SSH host is the public address when left blank;
+    - a new node's slug (``name``) is derived from its display name when left blank, with a suffix when another
+      node of the LAN has it ("hong-kong-2"); the display name defaults to the slug for callers that give only
+      that;
+    - an existing node keeps its slug, whatever its display name becomes.
+    """
+    unknown = set(fields) - set(NODE_FIELDS) - {"ssh_host_key", "healthy"}
+    if unknown:
+        raise TypeError(f"unknown node fields: {', '.join(sorted(unknown))}")
+    node = Node(lan=lan) if instance is None else instance
+    for field, value in fields.items():
+        if field == "name" and node.pk:
+            continue  # the slug never changes (update_node refuses a different one before getting here)
+        setattr(node, field, value.strip() if isinstance(value, str) else value)
+    if not node.ssh_host:
+        node.ssh_host = node.public_address
+    if not node.display_name:
+        node.display_name = node.name
+    if not node.name and node.display_name:
+        taken = set(Node.objects.filter(lan=lan).exclude(pk=node.pk).values_list("name", flat=True))
+        node.name = layout.unique_slug(layout.slug_for(node.display_name, fallback="node"), taken)
+    return node
+
+
+def check_new_slug(lan: Lan, requested: str) -> None:
+    """A slug the host typed is theirs: a clash is an error on the form, not a silent suffix."""
+    if requested and Node.objects.filter(lan=lan, name=requested).exists():
+        raise ValidationError({"name": f"Another server of this LAN already has the short name “{requested}”; "
+                                       "choose another or leave it blank."})
 
 
 @transaction.atomic
 def create_node(*, lan: Lan, requested_by=None, **fields) -> Node:
     """Register a server: issue its certificates, re-plan the LAN, and sync every node whose files change."""
-    unknown = set(fields) - set(NODE_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown node fields: {', '.join(sorted(unknown))}")
-    node = Node(lan=lan, **fields)
-    if not node.ssh_host:
-        node.ssh_host = node.public_address
+    if set(fields) - set(NODE_FIELDS):
+        raise TypeError(f"unknown node fields: {', '.join(sorted(set(fields) - set(NODE_FIELDS)))}")
+    node = node_candidate(lan=lan, **fields)
+    check_new_slug(lan, (fields.get("name") or "").strip())
     node.full_clean()
     _issue_node_certificates(node)
     node.save()
@@ -149,19 +190,14 @@ def create_node(*, lan: Lan, requested_by=None, **fields) -> Node:
 
 @transaction.atomic
 def update_node(node: Node, *, requested_by=None, **fields) -> Node:
-    """Change a node's settings; a rename re-issues its certificates (their names carry the node's name) and
-    revokes the old ones."""
-    renamed = "name" in fields and fields["name"] != node.name
-    old_certificates = node_certificates(node) if renamed else []
-    for field, value in fields.items():
-        if field not in NODE_FIELDS and field not in ("ssh_host_key", "healthy"):
-            raise TypeError(f"unknown node field: {field}")
-        setattr(node, field, value)
+    """Change a node's settings. Its slug (``name``) stays: its files, certificates and instances carry it, so a
+    new display name changes only what people see."""
+    if fields.get("name", node.name) != node.name:
+        raise ValidationError({"name": f"The short name never changes (it is “{node.name}”); change the name "
+                                       "instead, or remove the server and add it again."})
+    node = node_candidate(lan=node.lan, instance=node, **fields)
     node.full_clean()
-    if renamed:
-        _issue_node_certificates(node)
     node.save()
-    _revoke_all(node.lan, old_certificates, reason=f"node renamed to {node.name}")
     replan(node.lan, reason=f"node {node.name} changed", requested_by=requested_by)
     return node
 
@@ -214,20 +250,21 @@ def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -
 
 
 # What has a lifetime, and why (docs/security.md, "Lifetimes"):
-# - the LAN's CA and players' certificates: none (lanhub/pki.py). Nothing could renew a CA without every player
-#   downloading a new profile, and a player ends by revocation;
-# - revocation: a directory of serials on each node (nodes/layout.py: PKI_CRL_DIR), no nextUpdate;
-# - node certificates: two years, re-issued once less than one is left, so a node the portal cannot reach (or a
-#   portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. They are the one thing with
-#   a date: a player's client cannot consult the LAN's revocations, so only a date bounds how long a node key
-#   taken from a retired or broken-into server can pose as a LanHub server to players.
-# Nothing else on a node expires (tests/e2e/test_portal_down.py).
-NODE_CERT_DAYS = 730
+# - nothing LanHub issues now carries a date: the LAN's CA, players' certificates and node certificates (server
+#   and link) all get ``days=None`` (lanhub/pki.py: NO_EXPIRY), so a LAN keeps working however long the portal is
+#   down. A player ends by revocation, a node by deletion, which revokes its certificates;
+# - revocation: a directory of serials on each node (nodes/layout.py: PKI_CRL_DIR), no nextUpdate.
+# The trade-off: a player's client cannot consult the LAN's revocations, so a node key taken from a retired or
+# broken-into server can pose as a node to players until it is revoked *and* the players' clients refuse it
+# (docs/security.md says what a host does then). The nodes refuse a revoked node certificate at once.
+# Node certificates issued before this carry a two-year date: renew_node_certificates re-issues them, without a
+# date, once less than NODE_CERT_RENEW_DAYS is left. Nothing else on a node expires (tests/e2e/test_portal_down.py).
+NODE_CERT_DAYS: int | None = None
 NODE_CERT_RENEW_DAYS = 365
 
 
-def _issue_node_certificates(node: Node) -> None:
-    now = timezone.now()
+def _issue_node_certificates(node: Node, *, now=None) -> None:
+    now = now or timezone.now()
     ca = lan_ca(node.lan)
     server = pki.issue_server(ca=ca, common_name=layout.node_cn(node.name), now=now, days=NODE_CERT_DAYS)
     link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now, days=NODE_CERT_DAYS)
@@ -236,27 +273,42 @@ def _issue_node_certificates(node: Node) -> None:
 
 
 def node_certificate_expiry(node: Node):
-    """When the first of the node's two certificates expires."""
-    return min(x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
-               for pem in (node.server_cert, node.link_cert) if pem)
+    """When the first of the node's two certificates expires, or None if neither carries a date."""
+    dates = [x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+             for pem in (node.server_cert, node.link_cert) if pem]
+    dates = [date for date in dates if date < pki.NO_EXPIRY]
+    return min(dates) if dates else None
 
 
 @transaction.atomic
 def renew_node_certificates(lan: Lan, *, now=None) -> list[Node]:
-    """Re-issue the certificates of every node of `lan` with less than NODE_CERT_RENEW_DAYS left, and sync them.
+    """Re-issue, without a date, the certificates of every node of `lan` that still carry one (issued before node
+    certificates stopped expiring) with less than NODE_CERT_RENEW_DAYS left, and sync them.
 
     The old certificates are not revoked: they expire by themselves, and until the sync lands the node still
     presents them."""
     now = now or timezone.now()
     renewed = []
     for node in Node.objects.select_for_update().filter(lan=lan).select_related("lan"):
-        if not node.server_cert or (node_certificate_expiry(node) - now).days >= NODE_CERT_RENEW_DAYS:
+        expiry = node_certificate_expiry(node) if node.server_cert else None
+        if expiry is None or (expiry - now).days >= NODE_CERT_RENEW_DAYS:
             continue
         _issue_node_certificates(node)
         node.save(update_fields=["server_cert", "server_key_sealed", "link_cert", "link_key_sealed"])
         request_sync(node, reason="node certificates renewed before they expire")
         renewed.append(node)
     return renewed
+
+
+def player_routes(lan: Lan) -> list[str]:
+    """What every server pushes to the LAN's players (routing.player_routes), read from the stored plan: one
+    query, no planning. Empty before the LAN's first plan."""
+    data = StoredPlan.objects.filter(lan=lan).values_list("data", flat=True).first() or {}
+    net = ipaddress.IPv4Network
+    blocks = {region: [net(b) for b in nets] for region, nets in data.get("blocks", {}).items()}
+    pools = [net(pool) for pair in data.get("pools", {}).values() for pool in pair]
+    return ([str(prefix) for prefix in routing.player_routes(blocks, pools, net(lan.supernet))] if pools
+            else [])
 
 
 def lan_capacity(lan: Lan) -> int:

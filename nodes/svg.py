@@ -86,7 +86,7 @@ def _link(link, positions) -> str:
         path = f"M{x1:g} {y1:g} L{x2:g} {y2:g}"
         mx, my = (x1 + x2) / 2, (y1 + y2) / 2
     label = f"{link.rtt_ms:.0f} ms" if link.rtt_ms is not None else link.state
-    title = f"{link.downstream.name} → {link.upstream.name}: {link.state}"
+    title = f"{_label(link.downstream)} → {_label(link.upstream)}: {link.state}"
     if link.rtt_ms is not None:
         title += f", {link.rtt_ms:.1f} ms"
     return (
@@ -98,18 +98,23 @@ def _link(link, positions) -> str:
     )
 
 
+def _label(node) -> str:
+    """What people call the node ("Hong Kong"); its slug where there is no display name."""
+    return getattr(node, "display_name", "") or node.name
+
+
 def _node(node, x: float, y: float) -> str:
     colour = STATE_COLOURS.get(node.state, "#607d8b") if node.healthy else "#c62828"
     status = node.get_state_display() if hasattr(node, "get_state_display") else node.state
     if not node.healthy:
         status += " · down"
     return (
-        f'<g><title>{escape(node.name)}: {escape(status)}</title>'
+        f'<g><title>{escape(_label(node))}: {escape(status)}</title>'
         f'<rect x="{x:g}" y="{y:g}" width="{BOX_W}" height="{BOX_H}" rx="8" fill="#f7f9fa" stroke="{colour}" '
         f'stroke-width="2"/>'
         f'<circle cx="{x + 16:g}" cy="{y + 20:g}" r="5" fill="{colour}"/>'
         f'<text x="{x + 28:g}" y="{y + 24:g}" font-size="14" font-weight="600" fill="#1b1f23">'
-        f"{escape(_cut(node.name, 20))}</text>"
+        f"{escape(_cut(_label(node), 20))}</text>"
         f'<text x="{x + 12:g}" y="{y + 45:g}" font-size="11" fill="#546e7a">'
         f"{escape(_cut(node.public_address, 22))} · {escape(status)}</text></g>"
     )

@@ -136,12 +136,12 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
         node.run = runs.get(node.latest_run_id)
     # The links table is read-only text: plain rows, not two Node objects per link.
     links = list(Link.objects.filter(lan=lan).order_by("pk").values(
-        "address", "state", "rtt_ms", "upstream__name", "downstream__name"))
+        "address", "state", "rtt_ms", "upstream__display_name", "downstream__display_name"))
     for link in links:
         link["state_label"] = LinkState(link["state"]).label
     players = Paginator(lan.players.prefetch_related(
         Prefetch("sessions", queryset=VpnSession.objects.select_related("node").only("player_id", "vpn_address",
-                                                                                      "node__name"),
+                                                                                      "node__display_name"),
                  to_attr="session_list")),
         PLAYERS_PER_PAGE).get_page(request.GET.get("players"))
     for player in players:
@@ -158,6 +158,7 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
                         .values("player_id").distinct().count(),
         # How many servers the address plan holds (docs/addressing.md): computed from the settings, no query.
         "capacity": services.lan_capacity(lan),
+        "player_routes": services.player_routes(lan),  # the stored plan's blocks and pools: one query
         "node_form": node_form or NodeForm(lan=lan),
         "invite_form": invite_form or InviteForm(),
         "games_form": games_form or GameListForm(instance=lan),

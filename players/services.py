@@ -19,8 +19,8 @@ from nodes import layout
 from nodes import services as node_services
 from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
 from players import profiles
-from players.models import (FIRST_DEVICE_NAME, Device, Invite, Player, device_name_validator, new_token,
-                            nickname_validator)
+from players.models import (FIRST_DEVICE_NAME, NICKNAME_MESSAGE, Device, Invite, Player, device_name_validator,
+                            new_token, nickname_validator)
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
 PROFILE_CACHE_SIZE = 512  # rendered profiles kept per process (about 5-15 KB each)
@@ -109,7 +109,7 @@ def validate_nickname(nickname: str) -> str:
     try:
         nickname_validator(nickname)
     except ValidationError:
-        raise ValidationError({"nickname": "Use 2–32 letters, digits, '-' or '_'."}) from None
+        raise ValidationError({"nickname": NICKNAME_MESSAGE}) from None
     return nickname
 
 
@@ -306,10 +306,14 @@ def build_profile(player: Player, *, node: Node, ranked: list[Node], device: Dev
     others = [n for n in ranked if n.pk != node.pk]
     content = _render_profile(lan.name, player.nickname, tuple(profiles.profile_remotes(chosen=node, others=others)),
                               lan.ca_cert, device.cert_pem, device.key_sealed, lan.tls_crypt_sealed)
-    # The device's name is in the file name: two devices' files must not overwrite each other in one Downloads.
+    return Profile(filename=profile_filename(player, node=node, device=device), content=content)
+
+
+def profile_filename(player: Player, *, node: Node, device: Device) -> str:
+    """The name a device's .ovpn for ``node`` downloads as (the player page quotes it in its instructions). The
+    device's name is in it: two devices' files must not overwrite each other in one Downloads folder."""
     owner = player.nickname if device.name == FIRST_DEVICE_NAME else f"{player.nickname}-{device.name}"
-    return Profile(filename=profiles.profile_filename(lan=lan.slug, nickname=owner, node=node.name),
-                   content=content)
+    return profiles.profile_filename(lan=player.lan.slug, nickname=owner, node=node.name)
 
 
 @functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)

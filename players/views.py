@@ -245,7 +245,9 @@ def player_rtt(request, player):
         return HttpResponse(" ".join(form.errors.get("rtts", ["Bad request."])), status=400,
                             content_type="text/plain; charset=utf-8")
     request.session[RTT_SESSION_KEY.format(player.pk)] = {str(k): v for k, v in form.cleaned_data["rtts"].items()}
-    return render(request, "players/_ranking.html", _player_context(request, player, nodes=nodes))
+    # Every part of the page that names the chosen server, not the ranking alone: the measured ranking may choose
+    # another server, and the header, the download button, the QR code and the instructions must follow it.
+    return render(request, "players/_chosen_parts.html", _player_context(request, player, nodes=nodes))
 
 
 @require_POST
@@ -258,7 +260,8 @@ def player_choose(request, player):
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
         else:
-            messages.success(request, f"Your profile now starts with {form.chosen().name}. Download it again.")
+            messages.success(request, f"Your profile now starts with {form.chosen().display_name}. Download it "
+                                      "again.")
     else:
         messages.error(request, "That server is not available; pick one from the list.")
     return redirect(reverse("players:player_home", args=[player.token]) + "#download")
@@ -361,6 +364,8 @@ def _player_context(request, player: Player, nodes=None, device_form=None) -> di
     measured = RTT_SESSION_KEY.format(player.pk) in request.session
     return {
         "player": player, "lan": player.lan, "ranked": ranked, "chosen": chosen, "download_url": download_url,
+        "profile_filename": (services.profile_filename(player, node=chosen, device=devices[0])
+                             if chosen and devices else ""),
         "download_qr": qr_svg(request.build_absolute_uri(download_url)) if download_url else "",
         "measured": measured, "devices": devices, "device_form": device_form or DeviceForm(),
         "max_devices": services.MAX_DEVICES,

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 purpose="${1:-run}"
 packages=(redis-server openvpn openssh-client python3-venv iproute2 iputils-ping)
 if [ "$purpose" = test ]; then
-  packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium)
+  # fonts-wqy-microhei: the browser tests type names such as "杭州"; without a CJK font chromium draws boxes.
+  packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium fonts-wqy-microhei)
   packages+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs apt-cacher-ng)  # the lab's VM hosts (lab/vm.py)
 fi
 
@@ -30,6 +31,24 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "LanHub needs these system packages: ${missing[*]}" >&2
     echo "Install them with:  sudo apt-get install -y ${missing[*]}" >&2
     exit 1
+  fi
+fi
+
+# NetworkManager with its OpenVPN plugin, for the test that imports a player's profile the way the player page says
+# (tests/players/test_networkmanager.py runs its own NetworkManager in private namespaces). Installed without
+# letting the package start a NetworkManager on this machine (a policy-rc.d for the install, the unit disabled
+# after): it must never take over the host's own network.
+if [ "$purpose" = test ] && ! dpkg-query -W -f='${Status}' network-manager-openvpn 2>/dev/null | grep -q "install ok installed"; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "==> Installing network-manager-openvpn (not started)"
+    policy=/usr/sbin/policy-rc.d; own_policy=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; own_policy=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends network-manager-openvpn dbus \
+      >/dev/null || true
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    if [ -d /run/systemd/system ]; then systemctl disable NetworkManager >/dev/null 2>&1 || true; fi
+  else
+    echo "The NetworkManager test needs: sudo apt-get install --no-install-recommends network-manager-openvpn" >&2
   fi
 fi
 

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from nodes.routing import RoutePlan
+from nodes.routing import RoutePlan, player_routes
 
 # The first 256 addresses of a UDP pool hold .0 (network), .1 (the server) and .2-.255 for link clients.
 LINK_SLOTS = 256
@@ -80,6 +80,15 @@ class Plan:
             for route in routes:
                 by_via.setdefault(route.via, []).append(route)
         return index
+
+    def player_routes(self, supernet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ...]:
+        """The prefixes every server pushes to its players (routing.player_routes): computed once per plan, not
+        once per node rendered."""
+        cache = self.__dict__.setdefault("_player_routes", {})  # as cached_property does (a frozen dataclass)
+        if supernet not in cache:
+            pools = [pool for pair in self.pools.values() for pool in (pair.udp, pair.tcp)]
+            cache[supernet] = player_routes(self.blocks, pools, supernet)
+        return cache[supernet]
 
     def routes_via(self, name: str, via: str) -> list[RoutePlan]:
         """The node's routes whose next hop is ``via``, in route order."""

@@ -1,5 +1,6 @@
 // Which server is nearest from here? The player's browser times a request to each ready node's TCP port and
-// posts the times back; the server re-ranks and returns the list, which replaces the estimated one.
+// posts the times back; the server re-ranks and returns the list and the chosen server's parts of the page, which
+// replace the estimated ones.
 //
 // A node's TCP port runs OpenVPN, not HTTP: the request fails, but only after the TCP handshake and OpenVPN
 // dropping the connection (the first two bytes of "GET" or a TLS hello announce an impossible packet length), so
@@ -46,6 +47,18 @@
     return input ? input.value : "";
   }
 
+  // The answer holds every part of the page that names the chosen server (templates/players/_chosen_parts.html):
+  // each replaces the element with its id, so the header, the download button, the QR code, the Linux steps and
+  // the ranking never disagree about which server is the player's.
+  function swapParts(html) {
+    var holder = document.createElement("template");
+    holder.innerHTML = html;
+    Array.prototype.forEach.call(holder.content.querySelectorAll("[data-part]"), function (part) {
+      var target = document.getElementById(part.getAttribute("data-part"));
+      if (target) target.innerHTML = part.innerHTML;
+    });
+  }
+
   function measure() {
     var items = Array.prototype.slice.call(box.querySelectorAll("[data-probe-host]"));
     if (!items.length) { box.setAttribute("data-measure", "done"); return; }
@@ -72,7 +85,7 @@
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.text();
     }).then(function (html) {
-      box.innerHTML = html;
+      swapParts(html);
       setStatus("Measured from this browser.");
     }).catch(function () {
       setStatus("Could not measure from this browser; the order is an estimate.");

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import socket
 import threading
 
 import pytest
@@ -60,15 +61,16 @@ def test_an_admin_adds_a_hong_kong_node_and_sees_its_sync_queued(page, live_serv
     page.fill("#id_password", PASSWORD)
     page.click("input[type=submit]")
     page.goto(f"{live_server.url}/admin/nodes/node/add/")
+    # As a new operator would: the name as people say it; short name and SSH host left empty (derived).
     page.fill("#id_lan", str(cast["lan"].pk))
-    page.fill("#id_name", "hongkong2")
+    page.fill("#id_display_name", "Hong Kong")
     page.fill("#id_region", "asia/hk")
     page.fill("#id_public_address", "127.0.0.4")
-    page.fill("#id_ssh_host", "127.0.0.4")
     page.fill("#id_country", "HK")
     page.click("input[name=_continue]")  # "Save and continue editing": stay on the node's page
 
-    node = Node.objects.get(name="hongkong2")
+    node = Node.objects.get(display_name="Hong Kong")
+    assert (node.name, node.ssh_host) == ("hong-kong", "127.0.0.4")
     page.wait_for_url(re.compile(rf"/admin/nodes/node/{node.pk}/change/"))
     assert node.sync_runs.first().status == SyncStatus.QUEUED
     sync = page.locator(".lh-sync")
@@ -161,6 +163,59 @@ def test_a_host_cannot_open_another_hosts_lan(page, live_server, cast):
     assert response.status == 404
     assert "Game Night" not in page.content()
     assert page.goto(f"{live_server.url}/lans/gamenight/topology.svg").status == 404
+
+
+def test_a_host_adds_hong_kong_from_the_dashboard_leaving_the_optional_fields_empty(page, live_server, cast):
+    sign_in(page, live_server, "alice", "/lans/gamenight/")
+    form = page.locator("#add-server form")
+    form.locator("#id_display_name").fill("Hong Kong")
+    form.locator("#id_public_address").fill("127.0.0.5")
+    form.locator("button[type=submit]").click()
+    page.wait_for_url(re.compile(r"/nodes/\d+/$"))
+    assert page.inner_text("h1") == "Hong Kong"
+    node = Node.objects.get(display_name="Hong Kong")
+    assert (node.name, node.ssh_host, node.ssh_user, node.udp_port) == ("hong-kong", "127.0.0.5", "root", 1194)
+
+    # The same name again is a clear error on the form, not a traceback and not a second server.
+    page.goto(f"{live_server.url}/lans/gamenight/")
+    form.locator("#id_display_name").fill("hong kong")
+    form.locator("#id_public_address").fill("127.0.0.6")
+    form.locator("button[type=submit]").click()
+    assert "This LAN already has a server named “hong kong”." in page.inner_text("#add-server")
+    assert Node.objects.filter(lan=cast["lan"]).count() == 3
+
+
+def test_after_measuring_the_whole_player_page_names_one_server(new_page, live_server, cast):
+    """The estimate picks Hangzhou (the LAN's default); the browser finds Hangzhou silent and Hong Kong quick, so
+    the header, the download button, the QR code, the Linux steps and the ranking must all switch to Hong Kong."""
+    lan, hangzhou, hongkong = cast["lan"], cast["hangzhou"], cast["hongkong"]
+    lan.default_node = hangzhou
+    lan.save(update_fields=["default_node"])
+    player = player_services.redeem_invite(token=cast["invite"].token, nickname="erin")
+    # Hangzhou's probe port accepts connections and never answers (the probe times out); nothing listens on Hong
+    # Kong's, so its probe fails at once: measured, Hong Kong is the nearer.
+    silent = socket.socket()
+    silent.bind((hangzhou.public_address, hangzhou.tcp_port))
+    silent.listen(16)
+    try:
+        page = new_page(PHONE)
+        page.goto(f"{live_server.url}/me/{player.token}/")
+        assert page.get_attribute("[data-chosen-node]", "data-chosen-node") == str(hangzhou.pk)  # the estimate
+        page.wait_for_selector("#ranking[data-measure='done']", timeout=30_000)
+    finally:
+        silent.close()
+    assert page.get_attribute("[data-chosen-node]", "data-chosen-node") == str(hongkong.pk)
+    assert page.inner_text("[data-chosen-node]") == hongkong.display_name
+    assert page.get_attribute("#download-button", "href").endswith(f"/profile/{hongkong.name}.ovpn")
+    assert page.locator("#ranking li.chosen").get_attribute("data-node") == str(hongkong.pk)
+    assert page.locator("#ranking li .badge", has_text="your server").count() == 1
+    assert hongkong.display_name in page.inner_text("#download-qr")
+    steps = page.inner_text("[data-nmcli]")
+    assert f"file gamenight-erin-{hongkong.name}.ovpn" in steps
+    assert f"modify gamenight-erin-{hongkong.name} ipv4.never-default yes" in steps
+    with page.expect_download() as info:
+        page.click("#download-button")
+    assert info.value.suggested_filename == f"gamenight-erin-{hongkong.name}.ovpn"
 
 
 def test_the_host_dashboard_shows_servers_topology_invites_and_players(page, live_server, cast):

@@ -52,7 +52,7 @@ class AdminWritesTests(BaseTestCase):
 
     def node_form(self, node, **changes):
         data = {f: getattr(node, f) if getattr(node, f) is not None else "" for f in (
-            "name", "region", "priority", "public_address", "udp_port", "tcp_port", "ssh_host", "ssh_port",
+            "display_name", "region", "priority", "public_address", "udp_port", "tcp_port", "ssh_host", "ssh_port",
             "ssh_user", "latitude", "longitude", "country", "udp_pool", "tcp_pool", "ssh_host_key")}
         data.update({"pinned_upstream": "", "healthy": "on" if node.healthy else ""})
         data.update(changes)
@@ -70,14 +70,14 @@ class AdminWritesTests(BaseTestCase):
 
     def test_an_impossible_node_is_a_form_error_and_saves_nothing(self):
         self.add_node("hangzhou", udp_pool="10.251.0.0/16", tcp_pool="10.250.0.0/16")
-        data = {"lan": self.lan.pk, "name": "hongkong", "region": "asia/hk", "priority": 0,
+        data = {"lan": self.lan.pk, "display_name": "Hong Kong", "name": "", "region": "asia/hk", "priority": 0,
                 "public_address": "203.0.113.11", "udp_port": 1194, "tcp_port": 443, "ssh_host": "203.0.113.11",
                 "ssh_port": 22, "ssh_user": "root", "udp_pool": "10.251.0.0/17", "tcp_pool": "10.248.0.0/16",
                 "healthy": "on"}
         response = self.client.post(reverse("admin:nodes_node_add"), data)
         self.assertEqual(response.status_code, 200)
         self.assertContains(response, "hangzhou")
-        self.assertFalse(self.lan.nodes.filter(name="hongkong").exists())
+        self.assertFalse(self.lan.nodes.filter(display_name="Hong Kong").exists())
 
     def test_a_supernet_the_pools_do_not_fit_is_a_form_error(self):
         self.add_node("hangzhou")

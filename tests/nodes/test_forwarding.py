@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodes.render import render_lan
+from nodes.routing import MAX_PLAYER_ROUTES
 from nodes.topology import LanSpec, NodeSpec, plan_lan
 from tests.nodes.forwarding import ConfigError, Network
 
@@ -98,6 +99,7 @@ def check_lan(testcase, lan, nodes, rtts):
     testcase.assertFalse([(a, b) for a, b in zip(pools, pools[1:]) if a.overlaps(b)])
     testcase.assertFalse([p for p in pools if p.overlaps(ipaddress.IPv4Network("10.252.0.0/14"))])
     files = render_lan(plan, lan, nodes)
+    assert_players_routed_to_every_pool(testcase, lan, pools, files)
     network = Network(files)
     # OpenVPN's route limit: no ccd file holds more iroutes than its server's max-routes-per-client allows.
     testcase.assertEqual(network.over_quota, [])
@@ -116,6 +118,25 @@ def check_lan(testcase, lan, nodes, rtts):
     if lan.mode in ("auto", "hierarchical") and plan.mode == "hierarchical":
         assert_tunnel_budget(testcase, plan, nodes)
     return plan
+
+
+def assert_players_routed_to_every_pool(testcase, lan, pools, files):
+    """What servers push to players covers every pool (each player reaches every other), within the supernet, in
+    a bounded number of routes, and the same on every server."""
+    pushed = set()
+    for node_files in files.values():
+        for path, file in node_files.items():
+            if path.startswith("/etc/openvpn/server/lanhub-"):
+                pushed_lines = [line.split('"')[1].split()[1:3] for line in file.content.splitlines()
+                                if line.startswith('push "route ')]
+                routes = tuple(ipaddress.IPv4Network(f"{address}/{mask}") for address, mask in pushed_lines
+                               if mask != "255.255.255.255")  # the discovery /32s
+                pushed.add(routes)
+    testcase.assertLessEqual(len(pushed), 1)
+    for routes in pushed:
+        testcase.assertLessEqual(len(routes), MAX_PLAYER_ROUTES)
+        testcase.assertTrue(all(r.subnet_of(ipaddress.IPv4Network(lan.supernet)) for r in routes), routes)
+        testcase.assertFalse([p for p in pools if not any(p.subnet_of(r) for r in routes)], routes)
 
 
 def assert_tunnel_budget(testcase, plan, nodes):

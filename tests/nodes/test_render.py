@@ -30,8 +30,9 @@ server 10.0.0.0 255.255.0.0 nopool
 ifconfig-pool 10.0.1.1 10.0.255.253
 client-config-dir /etc/openvpn/server/ccd
 route 10.2.0.0 255.254.0.0
-push "route 10.0.0.0 255.0.0.0"
+push "route 10.0.0.0 255.240.0.0"
 push "route 255.255.255.255 255.255.255.255 vpn_gateway 1"
+push "explicit-exit-notify 1"
 ca /etc/openvpn/lanhub/pki/ca.crt
 cert /etc/openvpn/lanhub/pki/node.crt
 key /etc/openvpn/lanhub/pki/node.key
@@ -69,7 +70,7 @@ class ReferenceLanTests(SimpleTestCase):
         tcp = lines(reference()["hangzhou"][TCP])
         self.assertIn("proto tcp6-server", tcp)
         self.assertIn("server 10.1.0.0 255.255.0.0", tcp)
-        self.assertIn('push "route 10.0.0.0 255.0.0.0"', tcp)
+        self.assertIn('push "route 10.0.0.0 255.240.0.0"', tcp)
         self.assertIn("management 127.0.0.1 7506 /etc/openvpn/lanhub/pki/management.pw", tcp)
         self.assertFalse([line for line in tcp if line.startswith(("route ", "client-config-dir"))])
 
@@ -230,12 +231,14 @@ class StabilityTests(SimpleTestCase):
         return [NodeSpec(f"n{i}", region=f"r{i % 3}", order=i, public_address=f"198.51.100.{i}") for i in range(count)]
 
     def replan(self, lan_spec, nodes, previous):
-        """Plan as the caller would: pools and link addresses from the previous plan passed back in."""
+        """Plan as the caller would (nodes/planning.py): pools, link addresses and region blocks from the previous
+        plan passed back in."""
         nodes = [dataclasses.replace(n, udp_pool=str(previous.pools[n.name].udp),
                                      tcp_pool=str(previous.pools[n.name].tcp)) if n.name in previous.pools else n
                  for n in nodes]
         addresses = {(l.upstream, l.downstream): str(l.address) for l in previous.links}
-        plan = plan_lan(lan_spec, nodes, link_addresses=addresses)
+        blocks = {region: [str(b) for b in nets] for region, nets in previous.blocks.items()}
+        plan = plan_lan(lan_spec, nodes, link_addresses=addresses, blocks=blocks)
         return plan, render_lan(plan, lan_spec, nodes)
 
     def test_adding_a_node_touches_only_nodes_that_must_change_and_removing_it_restores_every_byte(self):
@@ -259,3 +262,49 @@ class StabilityTests(SimpleTestCase):
         self.assertGreater(len(changed), 0)
         _, shrunk = self.replan(spec, base, grown_plan)
         self.assertEqual(shrunk, before)
+
+
+def pushed_routes(file):
+    """The prefixes a server pushes to its players, without the discovery /32s."""
+    routes = [line.split('"')[1][len("route "):] for line in lines(file) if line.startswith('push "route ')]
+    return [route for route in routes if route.split()[1] != "255.255.255.255"]
+
+
+class PlayerRouteTests(SimpleTestCase):
+    """Players get the LAN's allocated blocks, never all of 10.0.0.0/8 (their own 10.x networks stay home)."""
+
+    def test_players_are_pushed_the_reference_lans_asia_block_with_headroom_not_the_supernet(self):
+        files = reference()  # Asia's block is 10.0.0.0/14; pushed as at least 1/16 of the supernet
+        for node in ("hangzhou", "hongkong"):
+            for path in (UDP, TCP):
+                self.assertEqual(pushed_routes(files[node][path]), ["10.0.0.0 255.240.0.0"], (node, path))
+
+    def test_a_new_region_inside_the_headroom_changes_no_servers_push(self):
+        lan = LanSpec()
+        singapore = NodeSpec("singapore", region="asia/sg", order=2, public_address="203.0.113.12")
+        grown = render_lan(plan_lan(lan, [HANGZHOU, HONGKONG, singapore]), lan, [HANGZHOU, HONGKONG, singapore])
+        self.assertEqual(pushed_routes(grown["hongkong"][UDP]), pushed_routes(reference()["hongkong"][UDP]))
+
+    def test_a_node_outside_every_region_adds_its_own_pools(self):
+        singapore = NodeSpec("singapore", order=2, public_address="203.0.113.12")
+        lan = LanSpec()
+        files = render_lan(plan_lan(lan, [HANGZHOU, HONGKONG, singapore]), lan, [HANGZHOU, HONGKONG, singapore])
+        self.assertEqual(pushed_routes(files["singapore"][UDP]), ["10.0.0.0 255.240.0.0", "10.240.0.0 255.240.0.0"])
+
+    def test_many_scattered_pools_are_merged_to_at_most_eight_prefixes_inside_the_supernet(self):
+        import ipaddress
+
+        from nodes.routing import MAX_PLAYER_ROUTES, player_routes
+        supernet = ipaddress.IPv4Network("10.0.0.0/8")
+        pools = [ipaddress.IPv4Network(f"10.{i * 17}.0.0/16") for i in range(14)]
+        routes = player_routes({}, pools, supernet)
+        self.assertLessEqual(len(routes), MAX_PLAYER_ROUTES)
+        for pool in pools:
+            self.assertTrue(any(pool.subnet_of(r) for r in routes), pool)
+        self.assertTrue(all(r.subnet_of(supernet) for r in routes))
+        self.assertNotIn(supernet, routes)
+
+    def test_udp_servers_push_explicit_exit_notify_and_tcp_servers_do_not(self):
+        files = reference()["hangzhou"]
+        self.assertIn('push "explicit-exit-notify 1"', lines(files[UDP]))
+        self.assertNotIn('push "explicit-exit-notify 1"', lines(files[TCP]))

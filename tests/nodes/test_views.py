@@ -71,7 +71,7 @@ class LanCreateTests(HostTestCase):
             "name": "Again", "slug": "gamenight", "supernet": "10.0.0.0/8", "pool_prefix": 16,
             "topology_mode": "auto"})
         self.assertEqual(response.status_code, 200)
-        self.assertContains(response, "already exists")
+        self.assertContains(response, "You already have a LAN with the short name")
         self.assertEqual(Lan.objects.count(), before)
 
     def test_it_rejects_a_public_supernet(self):
@@ -110,8 +110,9 @@ class DashboardTests(HostTestCase):
         # 1 session, 2 user, 3 the LAN, 4 the number of its nodes, 5 one page of them with their online counts and
         # latest run ids (correlated subqueries), 6 those runs, 7 links with both ends' names, 8 the number of
         # players, 9 one page of players, 10 their sessions with nodes, 11 the newest invites, 12 players online on
-        # every server, 13 the upstream choices of the add-server form.
-        with self.assertNumQueries(13):
+        # every server, 13 the stored plan (what players are routed), 14 the upstream choices of the
+        # add-server form.
+        with self.assertNumQueries(14):
             self.client.get(self.url())
         self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
         nodes = list(Node.objects.filter(lan=self.lan))
@@ -123,10 +124,15 @@ class DashboardTests(HostTestCase):
             player_services.redeem_invite(token=invite.token, nickname=f"friend{i:02}")
         for i in range(INVITES_SHOWN):
             player_services.create_invite(lan=self.lan, note=f"invite {i}")
-        with self.assertNumQueries(13):  # the same with another node, history, two pages of players, more invites
+        with self.assertNumQueries(14):  # the same with another node, history, two pages of players, more invites
             response = self.client.get(self.url())
         self.assertContains(response, "Players 1–50 of %d" % (PLAYERS_PER_PAGE + 6))
         self.assertContains(response, "Only the %d newest invites are shown." % INVITES_SHOWN)
+
+    def test_it_shows_what_players_are_routed_and_not_the_whole_supernet(self):
+        response = self.client.get(self.url())
+        self.assertEqual(response.context["player_routes"], ["10.0.0.0/12"])
+        self.assertContains(response, "Players are routed 10.0.0.0/12 through the tunnel")
 
     def test_servers_come_a_page_at_a_time_and_every_page_counts_them_all(self):
         for i in range(SERVERS_PER_PAGE):  # with hangzhou and hongkong: two pages
@@ -209,7 +215,8 @@ class NodeAddTests(HostTestCase):
         return reverse("nodes:node_add", args=[(lan or self.lan).slug])
 
     def data(self, **overrides):
-        data = {"name": "hongkong", "region": "asia/hk", "priority": 0, "public_address": "203.0.113.20",
+        data = {"display_name": "Hong Kong", "name": "", "region": "asia/hk", "priority": 0,
+                "public_address": "203.0.113.20",
                 "udp_port": 1194, "tcp_port": 443, "ssh_host": "", "ssh_port": 22, "ssh_user": "root",
                 "country": "hk", "latitude": "", "longitude": "", "udp_pool": "", "tcp_pool": "",
                 "pinned_upstream": ""}
@@ -218,7 +225,8 @@ class NodeAddTests(HostTestCase):
 
     def test_it_adds_a_node_queues_its_sync_and_opens_its_page(self):
         response = self.client.post(self.url(), self.data())
-        node = Node.objects.get(lan=self.lan, name="hongkong")
+        node = Node.objects.get(lan=self.lan, name="hong-kong")  # the slug, derived from the name typed
+        self.assertEqual(node.display_name, "Hong Kong")
         self.assertRedirects(response, reverse("nodes:node_detail", args=[node.pk]))
         self.assertEqual(node.ssh_host, "203.0.113.20")  # defaults to the public address
         self.assertEqual(node.country, "HK")
@@ -227,13 +235,13 @@ class NodeAddTests(HostTestCase):
 
     def test_a_node_may_have_an_ipv6_address_besides_its_public_address(self):
         self.client.post(self.url(), self.data(public_ipv6="2001:db8::20"))
-        node = Node.objects.get(lan=self.lan, name="hongkong")
+        node = Node.objects.get(lan=self.lan, display_name="Hong Kong")
         self.assertEqual(node.public_ipv6, "2001:db8::20")
         for bad in ("203.0.113.20", "::ffff:203.0.113.20", "2001:db8::zz", "hk.example.net"):
             with self.subTest(value=bad):
-                response = self.client.post(self.url(), self.data(name="other", public_ipv6=bad))
+                response = self.client.post(self.url(), self.data(display_name="Other", public_ipv6=bad))
                 self.assertEqual(response.status_code, 200)
-                self.assertFalse(Node.objects.filter(lan=self.lan, name="other").exists())
+                self.assertFalse(Node.objects.filter(lan=self.lan, display_name="Other").exists())
 
     def test_a_full_lan_is_a_clear_form_error_and_the_dashboard_shows_the_capacity(self):
         small = services.create_lan(owner=self.alice, name="Small", slug="small", supernet="10.0.0.0/14")
@@ -243,7 +251,7 @@ class NodeAddTests(HostTestCase):
         response = self.client.post(self.url(small), self.data())
         self.assertEqual(response.status_code, 200)
         self.assertContains(response, "this LAN is full: supernet 10.0.0.0/14 holds 1 nodes with /16 pools")
-        self.assertFalse(Node.objects.filter(lan=small, name="hongkong").exists())
+        self.assertFalse(Node.objects.filter(lan=small, display_name="Hong Kong").exists())
 
     def test_it_shows_field_errors_and_adds_nothing(self):
         response = self.client.post(self.url(), self.data(name="Hong Kong!", udp_port=70000))
@@ -253,11 +261,27 @@ class NodeAddTests(HostTestCase):
         self.assertFalse(Node.objects.filter(lan=self.lan).exists())
 
     def test_it_shows_a_duplicate_name_as_a_form_error(self):
-        self.add_node("hongkong")
-        response = self.client.post(self.url(), self.data())
+        self.add_node("hong-kong", display_name="Hong Kong")
+        response = self.client.post(self.url(), self.data(display_name="hong kong"))
         self.assertEqual(response.status_code, 200)
-        self.assertContains(response, "already exists")
+        self.assertContains(response, "This LAN already has a server named “hong kong”.")
         self.assertEqual(Node.objects.filter(lan=self.lan).count(), 1)
+
+    def test_a_short_name_typed_twice_is_a_form_error(self):
+        self.add_node("hongkong")
+        response = self.client.post(self.url(), self.data(name="hongkong"))
+        self.assertContains(response, "Another server of this LAN already has the short name “hongkong”")
+        self.assertEqual(Node.objects.filter(lan=self.lan).count(), 1)
+
+    def test_a_derived_short_name_that_is_taken_gets_a_suffix(self):
+        self.add_node("hong-kong", display_name="HK")
+        self.client.post(self.url(), self.data())
+        self.assertEqual(Node.objects.get(lan=self.lan, display_name="Hong Kong").name, "hong-kong-2")
+
+    def test_a_name_in_chinese_gets_a_transliterated_short_name(self):
+        self.client.post(self.url(), self.data(display_name="杭州", region="asia/cn/east"))
+        self.assertEqual(Node.objects.get(lan=self.lan, display_name="杭州").name, "hangzhou")
+        self.assertContains(self.client.get(reverse("nodes:lan_detail", args=[self.lan.slug])), "杭州")
 
     def test_it_refuses_an_upstream_from_another_lan(self):
         office = self.add_node("office", lan=self.charlies_lan)
