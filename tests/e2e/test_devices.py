@@ -16,33 +16,15 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
 from nodes import services, tasks
-from nodes.models import Node, NodeState, SyncRun, SyncStatus
+from nodes.models import Node, NodeState
 from players import services as player_services
 from players.models import Player
 from tests.celery_worker import real_worker
+from tests.lab_helpers import describe_runs, settled, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 REGIONS = {"hangzhou": "asia/cn/east", "hongkong": "asia/hk"}
-
-
-def wait_until(predicate, *, timeout: float, what, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-
-
-def runs_of(lan) -> str:
-    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.error}" for r in
-                     SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at"))
-
-
-def settled(lan) -> bool:
-    return not SyncRun.objects.filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).exists()
 
 
 def register(lab, lan, name):
@@ -81,10 +63,10 @@ def test_two_devices_of_one_player_are_online_at_once_and_both_reachable(lab):
         def ready():
             nodes = list(Node.objects.filter(lan=lan))
             failed = [n for n in nodes if n.state == NodeState.FAILED]
-            assert not failed, f"{failed[0].name} failed: {failed[0].last_error}\n{runs_of(lan)}"
+            assert not failed, f"{failed[0].name} failed: {failed[0].last_error}\n{describe_runs(lan)}"
             return len(nodes) == 2 and all(n.state == NodeState.READY for n in nodes) and settled(lan)
 
-        wait_until(ready, timeout=90, what=lambda: f"both nodes ready\n{runs_of(lan)}")
+        wait_until(ready, timeout=90, what=lambda: f"both nodes ready\n{describe_runs(lan)}")
         wait_until(lambda: lab.ping(hk_host, "10.0.0.1", timeout=1), timeout=20, what="Hong Kong's link")
 
         # alice joins and adds her laptop on her page; each device downloads its own profile over HTTP.
@@ -143,7 +125,7 @@ def test_two_devices_of_one_player_are_online_at_once_and_both_reachable(lab):
         assert response.status_code == 302
         wait_until(lambda: laptop_host.openvpn_pid() is None or lab.ping(laptop_host, bob_ip, timeout=1) is None,
                    timeout=20, what="the laptop to be cut off")
-        wait_until(lambda: settled(lan), timeout=60, what=lambda: f"the revocation syncs\n{runs_of(lan)}")
+        wait_until(lambda: settled(lan), timeout=60, what=lambda: f"the revocation syncs\n{describe_runs(lan)}")
         laptop_host.start_openvpn(profiles["laptop"])
         time.sleep(3)
         assert lab.ping(laptop_host, bob_ip, timeout=2) is None, "the lost laptop still reaches bob"

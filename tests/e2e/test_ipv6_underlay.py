@@ -9,7 +9,6 @@ still manages the servers over SSH on their IPv4 addresses (ssh_host): only what
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -20,25 +19,11 @@ from nodes.models import Node, NodeState, SyncRun, SyncStatus
 from players import services as player_services
 from players.models import Player
 from tests.celery_worker import real_worker
+from tests.lab_helpers import describe_runs, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 REGIONS = {"hangzhou": "asia/cn/east", "hongkong": "asia/hk"}
-
-
-def wait_until(predicate, *, timeout: float, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-
-
-def runs_of(lan) -> str:
-    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.error}" for r in
-                     SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at"))
 
 
 def register_v6(lab, lan, name, *, dual_stack=False):
@@ -82,11 +67,11 @@ def test_players_and_links_reach_nodes_over_an_ipv6_underlay(lab):
         def ready():
             nodes = list(Node.objects.filter(lan=lan))
             failed = [n for n in nodes if n.state == NodeState.FAILED]
-            assert not failed, f"{failed[0].name} failed: {failed[0].last_error}\n{runs_of(lan)}"
+            assert not failed, f"{failed[0].name} failed: {failed[0].last_error}\n{describe_runs(lan)}"
             busy = SyncRun.objects.filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING])
             return len(nodes) == 2 and all(n.state == NodeState.READY for n in nodes) and not busy.exists()
 
-        wait_until(ready, timeout=90, what=lambda: f"both nodes ready\n{runs_of(lan)}")
+        wait_until(ready, timeout=90, what=lambda: f"both nodes ready\n{describe_runs(lan)}")
 
         # The link: Hong Kong's client dials Hangzhou's IPv6 address and gets its fixed tunnel address.
         link_conf = hk_host.etc_path("openvpn/client/lanhub-link-hangzhou.conf").read_text()

@@ -33,10 +33,11 @@ from lab.netns import NODES_NET
 from lanhub import pki
 from lanhub.secrets import seal
 from nodes import games, layout, services
-from nodes.models import Node, NodeState, SyncRun, SyncStatus
+from nodes.models import Node, NodeState
 from players.models import Player
 from tests.celery_worker import real_worker
 from tests.figures import record
+from tests.lab_helpers import describe_runs, settled, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -94,24 +95,9 @@ for _ in range(5):
 """
 
 
-def wait_until(predicate, *, timeout: float, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-
-
-def runs_of(lan) -> str:
-    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.error}" for r in
-                     SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at"))
-
-
-def settled(lan) -> bool:
-    return (Node.objects.filter(lan=lan, state=NodeState.READY).count() == len(REGIONS) and not SyncRun.objects
-            .filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).exists())
+def all_ready(lan) -> bool:
+    """Both nodes ready and no sync of the LAN queued or running."""
+    return Node.objects.filter(lan=lan, state=NodeState.READY).count() == len(REGIONS) and settled(lan)
 
 
 def date_the_ca(lan) -> None:
@@ -216,9 +202,9 @@ def test_the_lan_keeps_working_with_the_portal_stopped_past_every_lifetime(lab):
             node_host.authorize(lan.ssh_public_key)
             services.create_node(lan=lan, name=name, region=region, public_address=node_host.address,
                                  ssh_host=node_host.address)
-        wait_until(lambda: settled(lan), timeout=180, what=lambda: f"two ready nodes:\n{runs_of(lan)}")
+        wait_until(lambda: all_ready(lan), timeout=180, what=lambda: f"two ready nodes:\n{describe_runs(lan)}")
         date_the_node_certificates(lan)
-        wait_until(lambda: settled(lan), timeout=180, what=lambda: f"the renewed certificates:\n{runs_of(lan)}")
+        wait_until(lambda: all_ready(lan), timeout=180, what=lambda: f"the renewed certificates:\n{describe_runs(lan)}")
         for name, node_host in node_hosts.items():
             node = Node.objects.get(lan=lan, name=name)
             assert node_host.etc_path("openvpn/lanhub/pki/node.crt").read_text() == node.server_cert
@@ -236,7 +222,7 @@ def test_the_lan_keeps_working_with_the_portal_stopped_past_every_lifetime(lab):
             profiles[nickname] = only_remote(response.content.decode(), node.public_address, node.udp_port)
         mallory = Player.objects.get(lan=lan, nickname="mallory")
         assert host.post(reverse("players:player_revoke", args=[mallory.pk])).status_code == 302
-        wait_until(lambda: settled(lan), timeout=120, what=lambda: f"the revocation's syncs:\n{runs_of(lan)}")
+        wait_until(lambda: all_ready(lan), timeout=120, what=lambda: f"the revocation's syncs:\n{describe_runs(lan)}")
 
         # The host unticks a game: the players' push list changes and the upstream restarts. The link client
         # reconnects as nobody with the same pulled options (its ccd file's push-reset), so it never has to
@@ -244,7 +230,7 @@ def test_the_lan_keeps_working_with_the_portal_stopped_past_every_lifetime(lab):
         link = find_link(lab, node_hosts)
         offset = link["log"].stat().st_size
         services.update_discovery(lan, discovery_games=[g for g in games.default_games() if g != "minecraft-java"])
-        wait_until(lambda: settled(lan), timeout=120, what=lambda: f"the game list's syncs:\n{runs_of(lan)}")
+        wait_until(lambda: all_ready(lan), timeout=120, what=lambda: f"the game list's syncs:\n{describe_runs(lan)}")
         wait_until(lambda: reconnected(link["log"], offset), timeout=60,
                    what=lambda: f"the link to reconnect:\n{log_since(link['log'], offset)[-3000:]}")
         assert "Pulled options changed" not in log_since(link["log"], offset)

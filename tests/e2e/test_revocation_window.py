@@ -23,6 +23,7 @@ from nodes.models import Node, NodeState, SyncRun, SyncStatus
 from players.models import Player
 from tests.celery_worker import real_worker
 from tests.figures import record
+from tests.lab_helpers import describe_runs, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -39,21 +40,6 @@ class Attempt:
     started: float
     ended: float
     connected: bool
-
-
-def wait_until(predicate, *, timeout: float, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-
-
-def runs_of(lan) -> str:
-    return "\n".join(f"{r.node.name} {r.kind} {r.status} {r.error}" for r in
-                     SyncRun.objects.filter(node__lan=lan).select_related("node").order_by("created_at"))
 
 
 def only_remote(profile: str, host: str, port: int) -> str:
@@ -95,7 +81,7 @@ def test_no_node_accepts_a_revoked_profile_once_the_revoke_returns(lab):  # noqa
                                  ssh_host=node_host.address)
         wait_until(lambda: Node.objects.filter(lan=lan, state=NodeState.READY).count() == 3 and not SyncRun.objects
                    .filter(node__lan=lan, status__in=[SyncStatus.QUEUED, SyncStatus.RUNNING]).exists(),
-                   timeout=180, what=lambda: f"three ready nodes:\n{runs_of(lan)}")
+                   timeout=180, what=lambda: f"three ready nodes:\n{describe_runs(lan)}")
 
         host = Client()
         host.force_login(host_user)
