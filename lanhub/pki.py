@@ -11,10 +11,12 @@ Choices worth knowing:
 - ``notBefore`` and a CRL's ``thisUpdate`` are backdated by ``CLOCK_SKEW``: a node or laptop whose clock runs a
   little behind would otherwise reject a brand-new certificate, or reject *every* client because the CRL is
   "not yet valid".
-- A LAN's CA and its players' certificates have no expiry date (``notAfter`` 99991231235959Z, RFC 5280
-  4.1.2.5): nothing renews a CA, and every profile embeds it, so a ten-year CA would stop the whole LAN on one day
-  with nobody warned; a player ends by revocation (the nodes' revocation directory, which has no expiry either).
-  Only node certificates get a lifetime (``days``): the portal renews them (nodes/services.py).
+- Nothing LanHub issues has an expiry date (``notAfter`` 99991231235959Z, RFC 5280 4.1.2.5): not a LAN's CA,
+  not its players' certificates, not its nodes' certificates. Nothing renews a CA, and every profile embeds it,
+  so a ten-year CA would stop the whole LAN on one day with nobody warned; a player ends by revocation (the
+  nodes' revocation directory, which has no expiry either); and a dated node certificate would stop the LAN once
+  the portal had been down longer than the date allowed. ``days`` remains for certificates issued with a date
+  before this (nodes/services.py renews those) and for tests; the trade-off is in docs/security.md, "Lifetimes".
 - A leaf never outlives its CA: past the CA's ``notAfter`` it cannot verify anyway, and the stored ``not_after``
   should tell the truth.
 """

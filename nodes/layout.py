@@ -80,7 +80,7 @@ def is_region(value) -> bool:
 
 NODE_CN_PREFIX = "node-"  # a node's server certificate
 LINK_CN_PREFIX = "link-"  # the client certificate a node uses on its links (and the name of its ccd file)
-PLAYER_CN_PREFIX = "player-"  # a player's certificate: player-<nickname>-<random suffix>
+PLAYER_CN_PREFIX = "player-"  # a device's certificate: player-<nickname's slug>-<random suffix>
 
 
 def node_cn(name: str) -> str:
@@ -92,7 +92,9 @@ def link_cn(name: str) -> str:
 
 
 def player_cn(nickname: str, suffix: str) -> str:
-    return f"{PLAYER_CN_PREFIX}{nickname}-{suffix}"
+    """A nickname is typed freely ("Bob Smith", "小明"); the certificate carries its slug ("bob-smith",
+    "xiaoming"). The random suffix keeps two players with one slug ("Bob", "bob!") apart."""
+    return f"{PLAYER_CN_PREFIX}{slug_for(nickname, fallback='player')}-{suffix}"
 
 
 def node_cns(name: str) -> tuple[str, str]:

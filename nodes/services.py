@@ -250,20 +250,21 @@ def _revoke_all(lan: Lan, certificates: list[tuple[str, str]], *, reason: str) -
 
 
 # What has a lifetime, and why (docs/security.md, "Lifetimes"):
-# - the LAN's CA and players' certificates: none (lanhub/pki.py). Nothing could renew a CA without every player
-#   downloading a new profile, and a player ends by revocation;
-# - revocation: a directory of serials on each node (nodes/layout.py: PKI_CRL_DIR), no nextUpdate;
-# - node certificates: two years, re-issued once less than one is left, so a node the portal cannot reach (or a
-#   portal that is down) keeps a valid certificate for at least NODE_CERT_RENEW_DAYS. They are the one thing with
-#   a date: a player's client cannot consult the LAN's revocations, so only a date bounds how long a node key
-#   taken from a retired or broken-into server can pose as a LanHub server to players.
-# Nothing else on a node expires (tests/e2e/test_portal_down.py).
-NODE_CERT_DAYS = 730
+# - nothing LanHub issues now carries a date: the LAN's CA, players' certificates and node certificates (server
+#   and link) all get ``days=None`` (lanhub/pki.py: NO_EXPIRY), so a LAN keeps working however long the portal is
+#   down. A player ends by revocation, a node by deletion, which revokes its certificates;
+# - revocation: a directory of serials on each node (nodes/layout.py: PKI_CRL_DIR), no nextUpdate.
+# The trade-off: a player's client cannot consult the LAN's revocations, so a node key taken from a retired or
+# broken-into server can pose as a node to players until it is revoked *and* the players' clients refuse it
+# (docs/security.md says what a host does then). The nodes refuse a revoked node certificate at once.
+# Node certificates issued before this carry a two-year date: renew_node_certificates re-issues them, without a
+# date, once less than NODE_CERT_RENEW_DAYS is left. Nothing else on a node expires (tests/e2e/test_portal_down.py).
+NODE_CERT_DAYS: int | None = None
 NODE_CERT_RENEW_DAYS = 365
 
 
-def _issue_node_certificates(node: Node) -> None:
-    now = timezone.now()
+def _issue_node_certificates(node: Node, *, now=None) -> None:
+    now = now or timezone.now()
     ca = lan_ca(node.lan)
     server = pki.issue_server(ca=ca, common_name=layout.node_cn(node.name), now=now, days=NODE_CERT_DAYS)
     link = pki.issue_client(ca=ca, common_name=layout.link_cn(node.name), now=now, days=NODE_CERT_DAYS)
@@ -272,21 +273,25 @@ def _issue_node_certificates(node: Node) -> None:
 
 
 def node_certificate_expiry(node: Node):
-    """When the first of the node's two certificates expires."""
-    return min(x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
-               for pem in (node.server_cert, node.link_cert) if pem)
+    """When the first of the node's two certificates expires, or None if neither carries a date."""
+    dates = [x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+             for pem in (node.server_cert, node.link_cert) if pem]
+    dates = [date for date in dates if date < pki.NO_EXPIRY]
+    return min(dates) if dates else None
 
 
 @transaction.atomic
 def renew_node_certificates(lan: Lan, *, now=None) -> list[Node]:
-    """Re-issue the certificates of every node of `lan` with less than NODE_CERT_RENEW_DAYS left, and sync them.
+    """Re-issue, without a date, the certificates of every node of `lan` that still carry one (issued before node
+    certificates stopped expiring) with less than NODE_CERT_RENEW_DAYS left, and sync them.
 
     The old certificates are not revoked: they expire by themselves, and until the sync lands the node still
     presents them."""
     now = now or timezone.now()
     renewed = []
     for node in Node.objects.select_for_update().filter(lan=lan).select_related("lan"):
-        if not node.server_cert or (node_certificate_expiry(node) - now).days >= NODE_CERT_RENEW_DAYS:
+        expiry = node_certificate_expiry(node) if node.server_cert else None
+        if expiry is None or (expiry - now).days >= NODE_CERT_RENEW_DAYS:
             continue
         _issue_node_certificates(node)
         node.save(update_fields=["server_cert", "server_key_sealed", "link_cert", "link_key_sealed"])

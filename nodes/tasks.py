@@ -69,8 +69,9 @@ def check_all_drift() -> int:
 
 @shared_task
 def renew_crls() -> int:
-    """Renew what would expire: node certificates with less than a year left (the nodes themselves revoke through
-    a directory that never expires), and the LAN's signed CRL record."""
+    """Renew what would expire: node certificates of older LANs that still carry a date, with less than a year
+    left (new ones have none, and the nodes revoke through a directory that never expires), and the LAN's signed
+    CRL record."""
     renewed = 0
     for lan in Lan.objects.all():
         try:  # one broken LAN must not keep the others' certificates from being renewed

@@ -7,7 +7,7 @@ import re
 
 from django import forms
 
-from players.models import NICKNAME_RE
+from players.models import NICKNAME_MESSAGE, nickname_validator
 
 MAX_INVITE_HOURS = 720  # 30 days, players.services.INVITE_MAX_TTL
 MAX_RTT_MS = 10_000
@@ -23,10 +23,10 @@ class InviteForm(forms.Form):
 
 
 class JoinForm(forms.Form):
-    nickname = forms.RegexField(
-        regex=NICKNAME_RE, min_length=2, max_length=32,
-        error_messages={"invalid": "Use 2–32 letters, digits, '-' or '_'."},
-        help_text="What the others will see in the lobby: 2–32 letters, digits, '-' or '_'.",
+    nickname = forms.CharField(
+        max_length=32, validators=[nickname_validator],  # strips spaces at either end first
+        error_messages={"max_length": NICKNAME_MESSAGE},
+        help_text="What the others will see in the lobby: 2–32 characters, in any language.",
         widget=forms.TextInput(attrs={"autocomplete": "nickname", "autocapitalize": "off", "spellcheck": "false",
                                       "autofocus": True}),
     )

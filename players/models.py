@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
@@ -17,9 +18,23 @@ from django.utils import timezone
 from nodes.models import Lan, Node
 
 TOKEN_BYTES = 24  # 192 random bits, 32 URL-safe characters
-# \Z, not $: "$" also matches before a trailing newline, and a name with a newline must never pass.
-NICKNAME_RE = r"\A[A-Za-z0-9_-]{2,32}\Z"
-nickname_validator = RegexValidator(NICKNAME_RE, "Use 2–32 letters, digits, '-' or '_'.")
+NICKNAME_MESSAGE = "Use 2–32 characters: letters in any language, digits, spaces, '-' or '_' (“Bob”, “小明”)."
+
+
+def is_nickname(value) -> bool:
+    """What a friend may call themselves: 2–32 printable characters in any script ("Bob Smith", "小明", "Zoë_99"),
+    at least one of them a letter or a digit, no space at either end. One line of text: no newline or other control
+    character can pass (str.isprintable), so a nickname is safe in a profile's header comment and in logs. It is
+    only ever shown; certificates and file names use its ASCII slug (nodes/layout.py: player_cn)."""
+    return (isinstance(value, str) and 2 <= len(value) <= 32 and value == value.strip() and value.isprintable()
+            and any(ch.isalnum() for ch in value))
+
+
+def nickname_validator(value) -> None:
+    if not is_nickname(value):
+        raise ValidationError(NICKNAME_MESSAGE, code="invalid")
+
+
 # A device name is typed freely ("Anna's phone", "客厅电脑") and only ever shown or folded into a file name, so any
 # printable text will do; \Z again, and no control characters (they would garble the profile's header comment).
 DEVICE_NAME_RE = r"\A[^\x00-\x1f\x7f]{1,32}\Z"

@@ -10,10 +10,11 @@ PEM would otherwise let its author add directives (``up``, ``script-security``) 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from anyascii import anyascii
 
 from nodes import layout
 
@@ -96,7 +97,7 @@ def render_profile(
 def profile_filename(*, lan: str, nickname: str, node: str) -> str:
     """``<lan>-<nickname>-<node>.ovpn`` using only [A-Za-z0-9_.-]: safe in a path and a Content-Disposition header.
 
-    Non-ASCII letters are folded to ASCII where Unicode knows how ("Zoë" -> "Zoe"); other runs of unsafe characters
+    Other scripts are transliterated to ASCII ("Zoë" -> "Zoe", "小明" -> "XiaoMing"); other runs of unsafe characters
     become one '_'. Each part is trimmed of edge '.', '_', '-' and cut to 40 characters; a part with nothing left
     becomes a fixed word ("lan", "player", "node"), so the name is never empty, hidden or option-like.
     """
@@ -172,6 +173,6 @@ def _comment_text(text: str) -> str:
 
 
 def _filename_part(text: str, fallback: str) -> str:
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    ascii_text = anyascii(text)  # "Zoë" -> "Zoe", "小明" -> "XiaoMing"
     part = _FILENAME_UNSAFE.sub("_", ascii_text).strip("._-")[:40].strip("._-")
     return part or fallback

@@ -19,8 +19,8 @@ from nodes import layout
 from nodes import services as node_services
 from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
 from players import profiles
-from players.models import (FIRST_DEVICE_NAME, Device, Invite, Player, device_name_validator, new_token,
-                            nickname_validator)
+from players.models import (FIRST_DEVICE_NAME, NICKNAME_MESSAGE, Device, Invite, Player, device_name_validator,
+                            new_token, nickname_validator)
 
 INVITE_DEFAULT_TTL = dt.timedelta(hours=24)
 PROFILE_CACHE_SIZE = 512  # rendered profiles kept per process (about 5-15 KB each)
@@ -109,7 +109,7 @@ def validate_nickname(nickname: str) -> str:
     try:
         nickname_validator(nickname)
     except ValidationError:
-        raise ValidationError({"nickname": "Use 2–32 letters, digits, '-' or '_'."}) from None
+        raise ValidationError({"nickname": NICKNAME_MESSAGE}) from None
     return nickname
 
 

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 purpose="${1:-run}"
 packages=(redis-server openvpn openssh-client python3-venv iproute2 iputils-ping)
 if [ "$purpose" = test ]; then
-  packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium)
+  # fonts-wqy-microhei: the browser tests type names such as "杭州"; without a CJK font chromium draws boxes.
+  packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium fonts-wqy-microhei)
   packages+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs apt-cacher-ng)  # the lab's VM hosts (lab/vm.py)
 fi
 

@@ -50,7 +50,7 @@ the page.
 | URLs in the URL configuration that name a host's object, requested by another host | {f["cross_host_urls"]} walked, every one a 404 | `tests/test_url_walk.py` |
 | generated requests (every URL, generated path segments and form fields, GET and POST, anonymous / host / other host) | {f["generated_requests"]} tried, {f["server_errors"]} server errors | `tests/test_url_walk.py` (hypothesis) |
 | revoke request to "every node refuses", {rev["nodes"]} nodes | {rev["revoke_request_s"]} s (the request returns once every node has the revocation file); {rev["attempts_after_revoke"]} reconnect attempts after it, {rev["accepted_after_revoke"]} accepted; refusals logged by the servers: {refused} | `tests/e2e/test_revocation_window.py` |
-| days the LAN kept working with the portal stopped | {f["portal_down_days_tested"]} days on a real LAN of two nodes and their link (the outage is made by dating the certificates, which is what OpenVPN compares with its clock), with the CA and the players' certificates {f["portal_down_years_past_old_lifetime"]} years old (a year past the ten years they used to get): the link reconnects, players on both nodes reach each other, a revoked player is refused by both; {f["portal_down_days_guaranteed"]} days guaranteed by the node certificates' renewal margin (the old 30-day CRL would have refused everyone after 30) | `tests/e2e/test_portal_down.py`, `tests/nodes/test_revocation_without_expiry.py` |
+| days the LAN kept working with the portal stopped | {f["portal_down_days_tested"]} days tested on a real LAN of two nodes and their link (the outage is made by dating the certificates, which is what OpenVPN compares with its clock): the CA, the players' certificates and the nodes' server and link certificates all {f["portal_down_years_past_old_lifetime"]} years old, past every validity period LanHub sets or ever set (the old ten years, the old two years of node certificates, the old 30-day CRL): the link reconnects, players on both nodes reach each other, a revoked player is refused by both. Guaranteed: {f["portal_down_days_guaranteed"]}, since nothing on a node carries a date | `tests/e2e/test_portal_down.py`, `tests/nodes/test_revocation_without_expiry.py` |
 
 ## What is defended, and where
 
@@ -96,13 +96,29 @@ What a LAN holds that could expire, and what happens when the portal is down:
 | the LAN's CA | none (`notAfter` 99991231235959Z, RFC 5280's "no well-defined expiration date") | nothing to renew; every profile embeds the CA, so a dated CA would stop the whole LAN on one day |
 | a player's certificate | none | ends only by revocation |
 | revocations | none: one empty file per serial in the nodes' revocation directory | kept and enforced by every node |
-| a node's certificates (server and link) | two years, re-issued by the portal once less than one is left | the one date on a node: valid for at least a year after the portal's last renewal run |
+| a node's certificates (server and link) | none (those of LANs made before node certificates stopped expiring carry two years: the portal re-issues them without a date once less than one year is left) | nothing to renew |
 | the portal's own signed CRL | 30 days, re-signed with 15 left | a record on the portal only; no node reads it |
 
-So a LAN keeps working for at least a year with the portal stopped, and nothing on a node expires without the
-portal having had a year to renew it. Node certificates keep a date on purpose: a player's client cannot consult
-the LAN's revocations, so the date is what bounds how long a node key taken from a retired or broken-into server
-could pose as a LanHub server to players.
+So a LAN keeps working indefinitely with the portal stopped: nothing on a node expires.
+
+The trade-off, plainly: a player's OpenVPN client cannot consult the LAN's revocations (it has only the CA in its
+profile, and the profile accepts any node of the LAN as its server). So a node key taken from a retired or
+broken-into server can pose as a node of that LAN to players until it is revoked *and* the players' clients
+refuse it, and with no date on the certificate, time never ends that by itself. What refuses it at once are the
+nodes: deleting a node revokes its server and link certificates, the revocation is written into every other
+node's revocation directory before the request returns, and from then on no node accepts that certificate and no
+link connects to or from it. What remains open is a player's client being led (by the old server's address, or
+its DNS name, now in someone else's hands) to a server that presents the stolen key.
+
+If a node is compromised, or a server is retired without LanHub having cleaned it up, the host should:
+
+1. delete the node in LanHub at once: its certificates are revoked on every other node, and new profiles and
+   pages no longer list it;
+2. tell the players to download their profiles again (the new ones no longer name that server), and delete the
+   old ones;
+3. if the key may be in hostile hands and the old address or name could come under an attacker's control, make a
+   new LAN (a new CA) and invite the players again: that is the only thing that makes players' clients refuse the
+   old node key, since they trust the LAN's CA and cannot consult its revocations.
 """
 
 

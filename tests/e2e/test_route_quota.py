@@ -2,9 +2,9 @@
 
 Two real nodes in the lab, "p" and "d" (d's link client connects to p), and 302 registered nodes pinned behind d
 that exist only as rows (their pools sit in every other /21 slot, so nothing aggregates). LanHub writes p's ccd file
-for d with an iroute per prefix behind it (304) and raises p's `max-routes-per-client`. An address of the last
-prefix, put on d, answers a ping from p across the link. (Without the raised quota OpenVPN keeps 256 of them,
-"route quota (256) exceeded", and drops traffic to the rest: tests/nodes/test_forwarding.py's RouteLimitTests.)
+for d with an iroute per prefix behind it (302) and raises p's `max-routes-per-client`. An address of the last
+prefix and of the first (OpenVPN learns iroutes last line first, so past the quota the first lines are the ones it
+drops: "route quota (256) exceeded"), put on d, answer pings from p across the link.
 """
 
 from __future__ import annotations
@@ -74,10 +74,13 @@ def test_traffic_to_the_last_of_more_than_256_prefixes_behind_one_link_crosses(l
     assert len(iroutes) > 256
     quota = re.search(r"^max-routes-per-client (\d+)$", files[UDP_CONF].content, re.M)
     assert quota and int(quota.group(1)) > len(iroutes)
-    last = ipaddress.IPv4Network("/".join(iroutes[-1].split()[1:3]))
-    # OpenVPN learns iroutes in file order and ignores those past the quota: the last line is the one at stake.
-    target = str(last.broadcast_address - 2)  # where a player of that node would be
-    d_host.exec(["ip", "addr", "add", f"{target}/32", "dev", "lo"])
+    # Where a player of the first and of the last prefix would be. OpenVPN learns iroutes last line first (its log:
+    # "MULTI: Learn: <last prefix>" comes first), so without the raised quota the first lines are the ones lost.
+    targets = [str(ipaddress.IPv4Network("/".join(line.split()[1:3])).broadcast_address - 2)
+               for line in (iroutes[0], iroutes[-1])]
+    for target in targets:
+        d_host.exec(["ip", "addr", "add", f"{target}/32", "dev", "lo"])
 
-    # d's link comes up and p reaches the last prefix through it (p's route, p's iroute, d's answer back).
-    wait_for(lambda: lab.ping(p_host, target, timeout=1.0) is not None, f"p to reach {target} behind d", 60)
+    # d's link comes up and p reaches both ends through it (p's route, p's iroute, d's answer back).
+    for target in targets:
+        wait_for(lambda: lab.ping(p_host, target, timeout=1.0) is not None, f"p to reach {target} behind d", 60)

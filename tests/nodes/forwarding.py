@@ -116,8 +116,10 @@ class Network:
             if len(iroutes) + 1 > quota:
                 self.over_quota.append(f"{node} ccd {cn}: {len(iroutes)} iroutes, quota {quota}")
             # OpenVPN learns the client's own address and then iroutes up to the quota, and drops the rest
-            # ("route quota exceeded"): so does the simulator, and packets to those prefixes go nowhere.
-            for address, mask in iroutes[: quota - 1]:
+            # ("route quota exceeded"): so does the simulator, and packets to those prefixes go nowhere. It learns
+            # them last line first (its option list is built by prepending; seen in a real server's log), so the
+            # lines dropped are the first ones of the file.
+            for address, mask in iroutes[len(iroutes) - (quota - 1):] if len(iroutes) >= quota else iroutes:
                 clients.add(_net(address, mask), cn, where=f"{node} ccd")
 
     def _load_links(self, node: str, node_files: Mapping[str, str], texts) -> None:

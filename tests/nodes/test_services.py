@@ -7,7 +7,7 @@ from cryptography import x509
 from django.core.exceptions import ValidationError
 from django.test import override_settings
 
-from nodes import render, services, syncing
+from nodes import layout, render, services, syncing
 from nodes.files import desired_files
 from nodes.models import Link, Node, RevokedCertificate, SyncRun, SyncState, SyncStatus
 from players import services as player_services
@@ -196,27 +196,60 @@ class CertificateRenewalTests(BaseTestCase):
         self.assertTrue(services.renew_crl(self.lan))
         self.assertFalse(SyncRun.objects.filter(node__name="hangzhou", reason="CRL renewed").exists())
 
-    def test_node_certificates_with_less_than_a_year_left_are_reissued_and_synced(self):
+    def test_new_node_certificates_have_no_expiry_date(self):
         import datetime
 
         from django.utils import timezone
 
+        from lanhub import pki
+
+        node = self.add_node("hangzhou")
+        for pem in (node.server_cert, node.link_cert):
+            self.assertEqual(x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc, pki.NO_EXPIRY)
+        self.assertIsNone(services.node_certificate_expiry(node))
+        # However late the renewal task runs, a certificate without a date is never re-issued.
+        mark_synced(self.lan)
+        later = timezone.now() + datetime.timedelta(days=100 * 365)
+        self.assertEqual(services.renew_node_certificates(self.lan, now=later), [])
+        old = (node.server_cert, node.link_cert)
+        node.refresh_from_db()
+        self.assertEqual((node.server_cert, node.link_cert), old)
+        self.assertFalse(SyncRun.objects.filter(node=node, reason__contains="certificates renewed").exists())
+
+    def test_dated_node_certificates_of_an_older_lan_are_reissued_without_a_date_and_synced(self):
+        import datetime
+
+        from django.utils import timezone
+
+        from lanhub import pki
+        from lanhub.secrets import seal
+
+        # A node whose certificates were issued before node certificates stopped expiring: 730 days.
         node = self.add_node("hangzhou")
         mark_synced(self.lan)
-        now = timezone.now()
-        self.assertEqual(services.renew_node_certificates(self.lan, now=now), [])  # two years left
-        expiry = services.node_certificate_expiry(node)
-        self.assertEqual((expiry - now).days, services.NODE_CERT_DAYS - 1)
-        later = now + datetime.timedelta(days=services.NODE_CERT_DAYS - services.NODE_CERT_RENEW_DAYS + 1)
+        issued = timezone.now()
+        ca = services.lan_ca(self.lan)
+        server = pki.issue_server(ca=ca, common_name=layout.node_cn("hangzhou"), now=issued, days=730)
+        link = pki.issue_client(ca=ca, common_name=layout.link_cn("hangzhou"), now=issued, days=730)
+        node.server_cert, node.server_key_sealed = server.cert_pem, seal(server.key_pem)
+        node.link_cert, node.link_key_sealed = link.cert_pem, seal(link.key_pem)
+        node.save()
+        self.assertEqual((services.node_certificate_expiry(node) - issued).days, 729)
+        # More than NODE_CERT_RENEW_DAYS left: left alone.
+        self.assertEqual(services.renew_node_certificates(self.lan, now=issued), [])
+        node.refresh_from_db()
+        self.assertEqual(node.server_cert, server.cert_pem)
+        # Less than NODE_CERT_RENEW_DAYS left (a year before they expire): re-issued, with no date, and synced.
+        later = issued + datetime.timedelta(days=730 - services.NODE_CERT_RENEW_DAYS + 1)
         renewed = services.renew_node_certificates(self.lan, now=later)
         self.assertEqual([n.name for n in renewed], ["hangzhou"])
-        old_certs = (node.server_cert, node.link_cert)
         node.refresh_from_db()
-        self.assertNotEqual((node.server_cert, node.link_cert)[0], old_certs[0])
-        self.assertNotEqual((node.server_cert, node.link_cert)[1], old_certs[1])
-        # Issued now, for the full lifetime again (the decision used `later`; the certificate uses the real clock).
-        self.assertGreaterEqual((services.node_certificate_expiry(node) - now).days, services.NODE_CERT_DAYS - 1)
+        self.assertNotEqual(node.server_cert, server.cert_pem)
+        self.assertNotEqual(node.link_cert, link.cert_pem)
+        self.assertIsNone(services.node_certificate_expiry(node))
         self.assertTrue(SyncRun.objects.filter(node=node, reason__contains="certificates renewed").exists())
+        # And never again.
+        self.assertEqual(services.renew_node_certificates(self.lan, now=later + datetime.timedelta(days=3650)), [])
 
 
 class StaleClaimTests(BaseTestCase):

@@ -265,7 +265,8 @@ def test_a_node_with_a_crl_revoking_someone_else_still_admits_the_player(tmp_pat
         ("fridays", "bob", "hangzhou", "fridays-bob-hangzhou.ovpn"),
         ("Friday Night", "Zoë", "hong-kong", "Friday_Night-Zoe-hong-kong.ovpn"),
         ("../../etc", "a/b\\c", "x\ny", "etc-a_b_c-x_y.ovpn"),
-        ("周五", "..", "", "lan-player-node.ovpn"),
+        ("周五", "小明", "", "ZhouWu-XiaoMing-node.ovpn"),
+        ("...", "..", "", "lan-player-node.ovpn"),
         ('"; rm -rf', "<bob>", "-node", "rm_-rf-bob-node.ovpn"),
     ],
 )

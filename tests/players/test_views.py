@@ -206,9 +206,22 @@ class JoinTests(BaseTestCase):
 
     def test_an_invalid_nickname_is_a_form_error(self):
         before = self.counts()
-        response = self.client.post(join_url(self.invite.token), {"nickname": "no spaces please"})
-        self.assertContains(response, "Use 2–32 letters")
+        for nickname in ("x", "!!", "tab\there", "a" * 33):
+            with self.subTest(nickname=nickname):
+                response = self.client.post(join_url(self.invite.token), {"nickname": nickname})
+                self.assertContains(response, "Use 2–32 characters")
         self.assertEqual(self.counts(), before)
+
+    def test_a_nickname_is_typed_the_way_people_write_their_names(self):
+        for nickname in ("Bob Smith", "小明", "Zoë_99"):
+            with self.subTest(nickname=nickname):
+                response = self.client.post(join_url(self.invite.token), {"nickname": f"  {nickname} "})
+                self.assertEqual(response.status_code, 302)
+                player = Player.objects.get(lan=self.lan, nickname=nickname)  # stored without the outer spaces
+                device = player.devices.get()
+                self.assertRegex(device.common_name, r"\Aplayer-[a-z][a-z0-9-]*-[0-9a-f]{6}\Z")
+        self.assertTrue(Player.objects.get(nickname="小明").devices.get().common_name.startswith("player-xiaoming-"))
+        self.assertTrue(Player.objects.get(nickname="Bob Smith").devices.get().common_name.startswith("player-bob-smith-"))
 
     @override_settings(LANHUB_JOIN_RATE=2)
     def test_joins_past_the_rate_limit_get_429_and_create_nothing(self):
