@@ -908,6 +908,11 @@ class VmHost(_Host):
         raise LabError(f"VM {self.name} did not answer SSH on {self.address} within {timeout:.0f}s; console:\n"
                        f"{self.console()}")
 
+    def console_count(self, text: str) -> int:
+        """How often ``text`` is in the console log: each boot's lanhub-lab-init writes "ready for sshd (boot)"
+        there, so a reboot is seen when that count grows (an SSH banner that answers late is no proof of one)."""
+        return self.console_path.read_text(errors="replace").count(text) if self.console_path.exists() else 0
+
     def wait_for_ssh_down(self, timeout: float = 60.0) -> bool:
         """True once sshd stops answering (a reboot has begun)."""
         return _wait(lambda: not _ssh_banner(self.address, 1.0), timeout, 0.5)

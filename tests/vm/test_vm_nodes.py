@@ -51,6 +51,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.django_db(transaction=True)]
 UNITS = ("openvpn-server@lanhub-udp", "openvpn-server@lanhub-tcp")
 BOOT_WAIT = 420  # seconds; a cold boot under TCG takes 15-45 s on a 2-core machine, far more when it is busy
 APT_WAIT = 600
+BOOTED = "ready for sshd (boot)"  # what lanhub-lab-init writes on the console at each boot (not after a restore)
+RESTARTING = "Restarting system"  # the kernel's last words before a reboot
 SYNC_WAIT = 300
 
 
@@ -188,11 +190,20 @@ def test_two_vms_carry_players_across_both_servers_and_a_reboot_heals_by_itself(
         # 3. Reboot Hong Kong from inside; LanHub does nothing.
         rebooted, rebooted_at = time.monotonic(), timezone.now()
         runs_before = SyncRun.objects.filter(node=hk).count()
+        boots = hk_vm.console_count(BOOTED)
+        restarts = hk_vm.console_count(RESTARTING)
         root_sh(hk_vm, ssh_key, "systemctl reboot", timeout=15)
-        assert hk_vm.wait_for_ssh_down(120), "the VM did not go down"
-        down = time.monotonic()
+        down = {}
+
+        def booted_again():
+            if "at" not in down and hk_vm.console_count(RESTARTING) > restarts:
+                down["at"] = time.monotonic()
+            return hk_vm.console_count(BOOTED) > boots
+
+        wait_until(booted_again, timeout=BOOT_WAIT, interval=0.5,
+                   what=lambda: f"Hong Kong to boot again; console:\n{hk_vm.console()}")
         hk_vm.wait_for_ssh(BOOT_WAIT)
-        FIGURES["cold_boot_to_ssh_s"] = time.monotonic() - down
+        FIGURES["cold_boot_to_ssh_s"] = time.monotonic() - down.get("at", rebooted)
         hz = Node.objects.get(lan=lan, name="hangzhou")
         hz_gateway = str(ipaddress.ip_network(hz.udp_pool).network_address + 1)
         wait_until(lambda: root_sh(hk_vm, ssh_key, f"ping -n -c1 -W2 {hz_gateway}")[0] == 0, timeout=180,
