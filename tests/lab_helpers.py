@@ -15,6 +15,7 @@ import base64
 import io
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,15 @@ from lab.netns import Lab, NodeHost
 
 def lab_required() -> bool:
     return os.environ.get("CI", "").lower() == "true" or os.environ.get("LANHUB_REQUIRE_LAB") == "1"
+
+
+def require_openvpn() -> None:
+    """Skip (or fail under CI / LANHUB_REQUIRE_LAB=1) where the openvpn binary is missing."""
+    if shutil.which("openvpn"):
+        return
+    if lab_required():
+        pytest.fail("openvpn required but not installed", pytrace=False)
+    pytest.skip("needs openvpn")
 
 
 def require_lab() -> None:

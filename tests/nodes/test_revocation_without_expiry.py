@@ -9,7 +9,6 @@ a handshake with the node, a revoked player still does not, and a node with the 
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -23,8 +22,11 @@ from nodes import layout, render
 from nodes.services import CRL_DAYS, NODE_CERT_DAYS
 from players.profiles import Remote, render_profile
 from tests.figures import record
+from tests.lab_helpers import require_openvpn
 
-pytestmark = pytest.mark.skipif(shutil.which("openvpn") is None, reason="needs openvpn")
+@pytest.fixture(autouse=True)
+def _openvpn():
+    require_openvpn()  # a skip here, a failure under CI
 
 NOW = datetime.now(timezone.utc)
 # Everything was issued, and the portal stopped, a year past the longest lifetime LanHub ever gave (ten years).
