@@ -114,7 +114,7 @@ def plan_lan(
     links = _assign_addresses(builder.oriented(), pools, link_addresses or {})
     weights = {pair: rtt(*pair) for pair in builder.pairs}
     routes = plan_routes(
-        [n.name for n in healthy], links, pools, weights, primaries.get(""), supernet,
+        [n.name for n in healthy], links, pools, weights, primaries.get(""), supernet, region_blocks, primaries,
     )
     for node in nodes:
         routes.setdefault(node.name, ())
