@@ -11,11 +11,16 @@ How a packet travels:
    broadcast or multicast addresses reach Python). It keeps the packet only if it arrived from the instance's
    players (incoming, source in the instance's own pool) and goes to a listed port.
 2. A per-player token bucket (packets and bytes per second) drops floods.
-3. The relays tell each other which players are local to them (PLAYERS messages, on change and every few
-   seconds). The origin relay writes one copy straight to each player of every other node whose list it holds (the
-   LAN routes it like unicast from the sender: no relay on the far side wakes up), one copy to the relay of a node
-   whose list it does not hold (that relay delivers it and never forwards it), and one to each local player except
-   the sender. With exactly one origin per packet, every player gets each packet once whatever the links' shape.
+3. A relay knows only its neighbours on the LAN's relay tree (relay.json "peers": the node its routes to the LAN
+   primary go through, and the nodes whose routes to the primary go through it; nodes/render.py), so a node joining
+   changes relay.json on its tree neighbour only. Each relay tells each neighbour which players lie on its own side
+   of the tree (its own players plus those its other neighbours reported: PLAYERS messages, on change and every few
+   seconds). The origin relay, for each neighbour, writes one copy straight to each player on that neighbour's side
+   when it holds the list (the LAN routes it like unicast from the sender: no relay on the far side wakes up), else
+   one copy to that neighbour's relay, which delivers it to its players and spreads it the same way to its other
+   neighbours (split horizon); and one copy to each local player except the sender. A tree has one path between any
+   two nodes, so every player gets each packet once, whatever cycles the links themselves have. A hop limit bounds a
+   copy's travel while two nodes' configs disagree during a re-plan.
 4. Each copy is a UDP packet with the ORIGINAL source address and ports, addressed to the player's VPN address,
    written through a raw socket into the node's routing: OpenVPN routes it to the player by destination. Games
    listen on 0.0.0.0:port, so they accept it, and their unicast reply goes straight to the sender.
@@ -39,8 +44,10 @@ import struct
 import sys
 import time
 
-MAGIC = b"LHR1"  # relay-to-relay message: MAGIC + src(4) + dst(4) + sport(2) + dport(2) + payload
-PLAYERS = b"LHP1"  # a relay's local players, to every peer: PLAYERS + one address (4 bytes) per player
+MAGIC = b"LHR2"  # relay-to-relay message: MAGIC + src(4) + dst(4) + sport(2) + dport(2) + hops left(1) + payload
+PLAYERS = b"LHP2"  # the players on the sender's side of the tree, to a neighbour: PLAYERS + 4 bytes per player
+MAX_HOPS = 32  # a relayed copy crosses at most this many relays (deeper than any planned tree)
+MAX_LIST = 16_000  # players in one PLAYERS message (64 kB); a side with more is reached through its relay
 PLAYERS_EVERY_S = 5.0  # a relay re-sends its list this often (and at once when it changes)
 PLAYERS_VALID_S = 3 * PLAYERS_EVERY_S  # a peer's list not refreshed for this long is forgotten
 ETH_P_IP = 0x0800
@@ -249,7 +256,7 @@ class Bucket:
 
 _IP = struct.Struct("!BxHxxHxBxxII")   # version+ihl, total length, flags+fragment, protocol, source, destination
 _UDP = struct.Struct("!HHH")            # source port, destination port, length
-_PEER = struct.Struct("!4sIIHH")        # MAGIC, source, destination, source port, destination port
+_PEER = struct.Struct("!4sIIHHB")       # MAGIC, source, destination, source port, destination port, hops left
 _RAW_IP = struct.Struct("!BBHHHBBH4s")  # an IPv4 header up to its source address (the destination follows)
 
 
@@ -307,7 +314,7 @@ class Relay:
         self.tunnel_indexes: dict[int, bool] = {}  # ifindex -> is a LanHub tunnel (cleared on every rescan)
         # Each peer's players, from its PLAYERS messages: peer address -> (valid until, players ready to send to).
         self.remote: dict[str, tuple[float, tuple[Target, ...]]] = {}
-        self.local_list = b""  # the PLAYERS message last sent
+        self.sent_lists: dict[str, bytes] = {}  # the PLAYERS message last sent to each neighbour
         self.next_players = 0.0
         self.counters = {"relayed": 0, "delivered": 0, "direct": 0, "via_peer": 0, "limited": 0, "ignored": 0,
                          "peer_refused": 0, "reloaded": 0}
@@ -446,30 +453,42 @@ class Relay:
                 del self.remote[peer]  # that node is gone or its relay stopped: back to copies through its relay
         self.next_scan = now + RESCAN_S
 
-    def share_players(self, now: float, *, to: tuple | None = None) -> None:
-        """Tell the peers which players are local here (at once when that changed, else every few seconds), so
-        that their relays can send announcements straight to them."""
-        message = PLAYERS + b"".join(t.raw for inst in self.config.instances for t in inst.targets)
-        if to is None:
-            if message == self.local_list and now < self.next_players:
-                return
-            self.local_list, self.next_players = message, now + PLAYERS_EVERY_S
-        for peer in (to,) if to else self.config.peer_sockaddrs:
+    def share_players(self, now: float, *, force: str | None = None) -> None:
+        """Tell each neighbour which players lie on this side of the tree: this node's own and those the other
+        neighbours reported (at once when that changed, else every few seconds), so that relays can send
+        announcements straight to them. ``force``: a neighbour that gets its list now, changed or not."""
+        periodic = now >= self.next_players
+        if periodic:
+            self.next_players = now + PLAYERS_EVERY_S
+        own = [t.raw for inst in self.config.instances for t in inst.targets]
+        for peer in self.config.peer_sockaddrs:
+            players = set(own)
+            for other, (valid_until, targets) in self.remote.items():
+                if other != peer[0] and valid_until >= now:
+                    players.update(t.raw for t in targets)
+            if len(players) > MAX_LIST:
+                continue  # too many to list: the neighbour's copy of this side expires and it sends through here
+            message = PLAYERS + b"".join(sorted(players))
+            if not periodic and peer[0] != force and message == self.sent_lists.get(peer[0]):
+                continue
+            self.sent_lists[peer[0]] = message
             try:
                 self.listener.sendto(message, peer)
             except OSError as exc:
                 log.debug("players to %s failed: %s", peer[0], exc)
 
     def learn_players(self, peer: str, data: bytes, now: float) -> None:
-        """A peer's list of its players. Addresses inside this node's own pools are not taken from anyone."""
+        """The players on a neighbour's side of the tree. Addresses inside this node's own pools are not taken from
+        anyone. A change goes on to the other neighbours at once."""
         addresses = [int.from_bytes(data[i:i + 4], "big") for i in range(4, len(data) - 3, 4)]
         own = [(inst.low, inst.high) for inst in self.config.instances]
         targets = tuple(Target(a) for a in sorted(set(addresses))
                         if not any(low <= a <= high for low, high in own))
-        first = peer not in self.remote
+        before = self.remote.get(peer)
         self.remote[peer] = (now + PLAYERS_VALID_S, targets)
-        if first:  # a relay that (re)started learns this node's players at once, not a few seconds later
-            self.share_players(now, to=(peer, self.config.port))
+        if before is None or [t.address for t in before[1]] != [t.address for t in targets]:
+            # A relay that (re)started learns this side's players at once, not a few seconds later.
+            self.share_players(now, force=peer if before is None else None)
 
     def _open(self, inst: Instance, index: int) -> None:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
@@ -538,23 +557,31 @@ class Relay:
         self.counters["relayed"] += 1
         payload = packet[ihl + 8: ihl + length]
         copies = _Copies(self.raw, src, sport, dport, payload)
+        self._spread(copies, src, dst, sport, dport, payload, MAX_HOPS, now, None)
+        self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
+
+    def _spread(self, copies, src, dst, sport, dport, payload, hops, now, came_from) -> None:
+        """One announcement to every neighbour's side of the tree but the one it came from (split horizon):
+        straight to the players there when their list is known, else one copy to that neighbour's relay, which may
+        send it on across ``hops - 1`` more relays."""
         message = None
         remote = self.remote
-        for peer in cfg.peer_sockaddrs:
+        for peer in self.config.peer_sockaddrs:
+            if peer[0] == came_from:
+                continue
             known = remote.get(peer[0])
             if known is not None and known[0] >= now:
-                # Straight to each of that node's players, as if the sender were there: the LAN routes it like
-                # any unicast, and no relay on the far side has to wake up for it.
+                # Straight to each of those players, as if the sender were there: the LAN routes it like any
+                # unicast, and no relay on the far side has to wake up for it.
                 self.counters["direct"] += copies.send(known[1])
                 continue
             if message is None:
-                message = _PEER.pack(MAGIC, src, dst, sport, dport) + payload
-            try:  # that node's players are not known (yet): its relay delivers them
+                message = _PEER.pack(MAGIC, src, dst, sport, dport, hops - 1) + payload
+            try:  # that side's players are not known (yet): the neighbour's relay delivers and spreads it
                 self.listener.sendto(message, peer)
                 self.counters["via_peer"] += 1
             except OSError as exc:  # no route yet (a link reconnecting): discovery is best effort, like a LAN
                 log.debug("send to %s failed: %s", peer[0], exc)
-        self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
 
     def _from_peer(self) -> None:
         recv = self.listener.recvmsg
@@ -570,12 +597,12 @@ class Relay:
             if data[:4] == PLAYERS:
                 self.learn_players(address[0], data, time.monotonic())
                 continue
-            if len(data) < 16 or data[:4] != MAGIC:
+            if len(data) < _PEER.size or data[:4] != MAGIC:
                 self.counters["peer_refused"] += 1
                 continue
-            _, src, _dst, sport, dport = _PEER.unpack_from(data)
+            _, src, dst, sport, dport, hops = _PEER.unpack_from(data)
             if dport in self.config.ports:  # a peer rendered from an older game list must not widen ours
-                self.deliver(src, sport, dport, data[16:])
+                self.deliver(src, sport, dport, data[_PEER.size:], dst=dst, hops=hops, came_from=address[0])
 
     def _trusted(self, source: str, ancillary) -> bool:
         """A peer node's relay address, arriving on a LanHub tunnel (OpenVPN's iroute check stops players from
@@ -595,9 +622,13 @@ class Relay:
                 return known
         return False
 
-    def deliver(self, src: int, sport: int, dport: int, payload: bytes) -> None:
-        """One unicast copy to every local player but the sender, with the sender's address as source."""
+    def deliver(self, src: int, sport: int, dport: int, payload: bytes, *, dst: int = 0xFFFFFFFF, hops: int = 0,
+                came_from: str | None = None) -> None:
+        """A copy from a neighbour's relay: one unicast copy to every local player but the sender, with the sender's
+        address as source, and on to the other neighbours' sides of the tree."""
         copies = _Copies(self.raw, src, sport, dport, payload)
+        if hops:
+            self._spread(copies, src, dst, sport, dport, payload, hops, time.monotonic(), came_from)
         self.counters["delivered"] += copies.send(t for inst in self.config.instances for t in inst.targets)
 
     def run(self, *, until: float | None = None) -> None:

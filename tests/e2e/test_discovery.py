@@ -85,7 +85,8 @@ def relay_log(node_host) -> str:
 @override_settings(LANHUB_JOIN_RATE=10_000)
 def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab):  # noqa: C901
     host_user = get_user_model().objects.create_user("host", password="host-password")
-    # Mesh: three links in a triangle, so a relay that forwarded along links would deliver twice.
+    # Mesh: three links in a triangle, so a relay that forwarded along every link would deliver twice; the relays
+    # spread over the relay tree instead (here a star around the primary, Hangzhou), each player once.
     lan = services.create_lan(owner=host_user, name="Discovery night", slug="discovery", topology_mode="mesh")
     with real_worker(concurrency=2):
         hosts = {name: register(lab, lan, name)[0] for name in ("hangzhou", "hongkong", "singapore")}

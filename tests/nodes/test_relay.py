@@ -226,7 +226,7 @@ class HotPathTests(SimpleTestCase):
             message, source = peer.recvfrom(2048)
             self.assertEqual(source, ("127.0.0.1", self.port))
             self.assertEqual(message, relay.MAGIC + bytes([127, 0, 0, 5, 255, 255, 255, 255])
-                             + struct.pack("!HH", 50000, 6112) + payload)
+                             + struct.pack("!HHB", 50000, 6112, relay.MAX_HOPS - 1) + payload)
             for address in ("127.0.0.6", "127.0.0.8"):  # a bad checksum would be dropped by the kernel
                 self.assertEqual(players[address].recvfrom(2048), (payload, ("127.0.0.5", 50000)), (address, size))
         with self.assertRaises(self.socket.timeout):
@@ -251,9 +251,10 @@ class HotPathTests(SimpleTestCase):
         running.learn_players("127.0.0.7", relay.PLAYERS + listed, now)
         reply, _ = peer.recvfrom(2048)  # first contact: this node's list goes back at once
         self.assertEqual(reply, relay.PLAYERS + socket.inet_aton("127.0.0.5") + socket.inet_aton("127.0.0.6"))
-        # ... and the reply to one peer does not count as telling every peer: the next scan still sends the list.
+        # ... once: an unchanged list waits for the periodic refresh.
         running.scan(now)
-        self.assertEqual(peer.recvfrom(2048)[0], reply)
+        with self.assertRaises(socket.timeout):
+            peer.recvfrom(2048)
         running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"direct"), now)
         for address, sock in players.items():  # each exactly once, with the sender's address and port
             self.assertEqual(sock.recvfrom(2048), (b"direct", ("127.0.0.5", 50000)), address)
@@ -272,7 +273,52 @@ class HotPathTests(SimpleTestCase):
             message, _ = peer.recvfrom(2048)
             if message[:4] == relay.MAGIC:
                 break
-        self.assertEqual(message[16:], b"via relay")
+        self.assertEqual(message[relay._PEER.size:], b"via relay")
+
+    def test_a_copy_from_one_neighbour_reaches_the_local_players_and_every_other_side_of_the_tree_once(self):
+        import socket
+        import time
+
+        # This relay has three tree neighbours: .7 (the copy comes from there), .9 (players unknown) and .10 (its
+        # side's players listed).
+        path, data = self.write_config(peers=["127.0.0.7", "127.0.0.9", "127.0.0.10"],
+                                       instances=[{"device": "lh-absent0", "pool": "127.0.0.0/28",
+                                                   "status": f"{self.tmp}/s"}])
+        running = relay.Relay(relay.Config(data), config_path=path)
+        self.addCleanup(running.listener.close)
+        running.config.instances[0].set_players({ip("127.0.0.5")})
+        peers = {a: self.listen(a, self.port) for a in ("127.0.0.7", "127.0.0.9", "127.0.0.10")}
+        players = {a: self.listen(a, 6112) for a in ("127.0.0.5", "127.0.1.30", "127.0.2.40")}
+        now = time.monotonic()
+        running.learn_players("127.0.0.10", relay.PLAYERS + socket.inet_aton("127.0.1.30"), now)
+        running.learn_players("127.0.0.7", relay.PLAYERS + socket.inet_aton("127.0.2.40"), now)
+        # Each neighbour hears of the players on the other sides, never of its own side's (split horizon).
+        lists = {}
+        for address, sock in peers.items():
+            while True:
+                try:
+                    message = sock.recvfrom(2048)[0]
+                except socket.timeout:
+                    break
+                lists[address] = {socket.inet_ntoa(message[i:i + 4]) for i in range(4, len(message), 4)}
+        self.assertEqual(lists, {"127.0.0.7": {"127.0.0.5", "127.0.1.30"},
+                                 "127.0.0.9": {"127.0.0.5", "127.0.1.30", "127.0.2.40"},
+                                 "127.0.0.10": {"127.0.0.5", "127.0.2.40"}})
+        running.deliver(ip("127.0.0.99"), 50000, 6112, b"spread", hops=3, came_from="127.0.0.7")
+        self.assertEqual(players["127.0.0.5"].recvfrom(2048), (b"spread", ("127.0.0.99", 50000)))  # local
+        self.assertEqual(players["127.0.1.30"].recvfrom(2048), (b"spread", ("127.0.0.99", 50000)))  # .10's side
+        message = peers["127.0.0.9"].recvfrom(2048)[0]  # .9's side through its relay, one relay fewer to go
+        self.assertEqual((message[:4], message[-1 - len(b"spread")], message[relay._PEER.size:]),
+                         (relay.MAGIC, 2, b"spread"))
+        for address, sock in [*peers.items(), ("127.0.2.40", players["127.0.2.40"])]:
+            with self.assertRaises(socket.timeout):
+                sock.recvfrom(2048)  # nothing back to where it came from, nothing twice
+        # A copy with no hops left is delivered here and goes no further (a loop while configs disagree ends).
+        running.deliver(ip("127.0.0.99"), 50000, 6112, b"last hop", hops=0, came_from="127.0.0.7")
+        self.assertEqual(players["127.0.0.5"].recvfrom(2048)[0], b"last hop")
+        for sock in (peers["127.0.0.9"], players["127.0.1.30"]):
+            with self.assertRaises(socket.timeout):
+                sock.recvfrom(2048)
 
     def test_a_changed_config_is_reloaded_in_place_without_a_restart(self):
         import os
@@ -293,7 +339,7 @@ class HotPathTests(SimpleTestCase):
         peer = self.listen("127.0.0.7", self.port)
         running.originate(running.config.instances[0],
                           relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6113, b"new port"), 0.0)
-        self.assertEqual(peer.recvfrom(2048)[0][16:], b"new port")
+        self.assertEqual(peer.recvfrom(2048)[0][relay._PEER.size:], b"new port")
         # SIGHUP's path: a reload is forced whatever the mtime says; a broken file keeps the running config.
         with open(path, "w") as handle:
             handle.write("{not json")
