@@ -12,9 +12,9 @@ One JSON line per size, with:
 - ``max_tunnels`` (target 2*sqrt(n)), ``max_routes`` (the most route lines in one node's files), ``max_iroutes``
   (the most iroute lines in one ccd file; OpenVPN's per-client limit is 256);
 - ``stretch_mean`` / ``stretch_p99``: RTT along the planned path over the direct RTT, 2,000 seeded pairs;
-- ``nodes_touched_on_add``: one more node joins (a seeded region), planned the way LanHub re-plans (pools and link
-  addresses kept): how many nodes' files differ, the new node included; ``nodes_touched_on_add_but_relay_peers``
-  the same without the discovery relay's relay.json, which lists every node and so changes everywhere.
+- ``nodes_touched_on_add``: one more node joins (a seeded region), planned the way LanHub re-plans (pools, link
+  addresses and region blocks kept): how many nodes' files differ, every file counted (the discovery relay's
+  relay.json included: it names the node's relay-tree neighbours), the new node included.
 Targets (issue #11): 1,000 nodes under 1 s and 5,000 under 5 s (plan + render), under 1 GB, max_iroutes <= 256,
 max_tunnels <= 2*sqrt(n), stretch_p99 <= 2.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nodes.render import RELAY_CONFIG, render_lan  # noqa: E402
+from nodes.render import render_lan  # noqa: E402
 from nodes.topology import LanSpec, NodeSpec, check_lan, plan_lan  # noqa: E402
 from nodes.topology.links import _radians, estimated_rtt_ms  # noqa: E402
 
@@ -117,13 +117,6 @@ def measure(count: int, mode: str) -> dict:
                        grown)
     row["nodes_touched_on_add"] = sum(
         {p: f.sha256 for p, f in after[n].items()} != before.get(n, {})
-        for n in after
-    )
-    # The discovery relay's config lists every other node (docs/discovery.md says why), so every node's relay.json
-    # changes when one is added: the same count without that file shows what the plan itself touches.
-    row["nodes_touched_on_add_but_relay_peers"] = sum(
-        {p: f.sha256 for p, f in after[n].items() if p != RELAY_CONFIG}
-        != {p: h for p, h in before.get(n, {}).items() if p != RELAY_CONFIG}
         for n in after
     )
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -294,47 +294,15 @@ def relay_address(plan: Plan, name: str) -> ipaddress.IPv4Address:
     return plan.pools[name].udp.network_address + 1
 
 
-class _PeerList:
-    """Every node's relay address as the "peers" lines of relay.json, rendered once per plan: each node's list is the
-    whole text with its own line cut out (two slices), not a new list of n addresses, so rendering a LAN's relay
-    files costs O(n) formatting plus copying instead of n^2 address formatting and JSON encoding."""
-
-    _last: tuple[Plan, "_PeerList"] | None = None
-
-    def __init__(self, plan: Plan):
-        lines = [f'  "{relay_address(plan, name)}"' for name in sorted(plan.pools)]
-        self.text = ",\n".join(lines)
-        self.spans, at = {}, 0
-        for name, line in zip(sorted(plan.pools), lines):
-            self.spans[name] = (at, at + len(line))
-            at += len(line) + 2
-
-    @classmethod
-    def of(cls, plan: Plan) -> "_PeerList":
-        last = cls._last
-        if last is None or last[0] is not plan:  # identity: the same plan object renders all its nodes in a row
-            last = cls._last = (plan, cls(plan))
-        return last[1]
-
-    def without(self, name: str) -> str:
-        """The JSON array of every peer but ``name``, formatted as json.dumps(indent=1) formats it one level in."""
-        start, end = self.spans.get(name, (None, None))
-        text = self.text if start is None else (
-            self.text[:max(0, start - 2)] if end == len(self.text) else self.text[:start] + self.text[end + 2:])
-        return f"[\n{text}\n ]" if text else "[]"
-
-
-_PEERS_MARK = r"\u0000peers\u0000"  # what json.dumps makes of the placeholder below
-
-
 def render_relay_config(plan: Plan, node: NodeSpec, discovery: games.DiscoverySpec) -> RenderedFile:
-    """The discovery relay's JSON config: its address, its peers, its instances, the relayed ports and groups."""
+    """The discovery relay's JSON config: its address, its peers (its neighbours on the plan's relay tree, so a node
+    joining changes this file on its tree neighbour only), its instances, the relayed ports and groups."""
     pools = plan.pools[node.name]
     config = {
         "node": node.name,
         "address": str(relay_address(plan, node.name)),
         "port": layout.RELAY_PORT,
-        "peers": "\0peers\0",  # replaced by the list (the same text json.dumps would write, built faster)
+        "peers": [str(relay_address(plan, other)) for other in plan.relay_neighbours(node.name)],
         "instances": [
             {"device": layout.UDP_DEVICE, "pool": str(pools.udp),
              "status": layout.instance_paths(UDP_INSTANCE)["status"]},
@@ -347,8 +315,7 @@ def render_relay_config(plan: Plan, node: NodeSpec, discovery: games.DiscoverySp
         "rate": {"packets": games.RATE_PACKETS, "bytes": games.RATE_BYTES,
                  "burst_packets": games.BURST_PACKETS, "burst_bytes": games.BURST_BYTES},
     }
-    text = json.dumps(config, indent=1, sort_keys=True).replace(f'"{_PEERS_MARK}"', _PeerList.of(plan).without(node.name), 1)
-    return RenderedFile(RELAY_CONFIG, text + "\n")
+    return RenderedFile(RELAY_CONFIG, json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
 def render_relay_program() -> RenderedFile:

@@ -7,18 +7,25 @@ no LanHub imports. Its config (JSON) is rendered by nodes/render.py; docs/discov
 How a packet travels:
 1. A player sends UDP to 255.255.255.255, to its subnet's broadcast address, or to a listed multicast group
    (the profile routes those into the tunnel). OpenVPN cannot route it to a client, so it writes it into its tun
-   device (lh-udp / lh-tcp), where this relay reads it with a packet socket (a BPF filter lets only UDP to
-   broadcast or multicast addresses reach Python). It keeps the packet only if it arrived from the instance's
-   players (incoming, source in the instance's own pool) and goes to a listed port.
-2. A per-player token bucket (packets and bytes per second) drops floods.
-3. The relays tell each other which players are local to them (PLAYERS messages, on change and every few
-   seconds). The origin relay writes one copy straight to each player of every other node whose list it holds (the
-   LAN routes it like unicast from the sender: no relay on the far side wakes up), one copy to the relay of a node
-   whose list it does not hold (that relay delivers it and never forwards it), and one to each local player except
-   the sender. With exactly one origin per packet, every player gets each packet once whatever the links' shape.
-4. Each copy is a UDP packet with the ORIGINAL source address and ports, addressed to the player's VPN address,
-   written through a raw socket into the node's routing: OpenVPN routes it to the player by destination. Games
-   listen on 0.0.0.0:port, so they accept it, and their unicast reply goes straight to the sender.
+   device (lh-udp / lh-tcp).
+2. The kernel's fan-out, an nftables table this relay writes (nft_rules): a packet from the instance's own players
+   to a listed port passes a per-player rate limit and is copied once to each other player this relay knows of,
+   with the sender's address as source, while OpenVPN's write is still being processed (no process wakes up).
+3. A relay knows only its neighbours on the LAN's relay tree (relay.json "peers": the node its routes to the LAN
+   primary go through, and the nodes whose routes to the primary go through it; nodes/render.py), so a node joining
+   changes relay.json on its tree neighbour only. Each relay tells each neighbour which players lie on its own side
+   of the tree (its own players plus those its other neighbours reported: PLAYERS messages, on change and every few
+   seconds). A neighbour's side is in the kernel's table once its list is here (the LAN routes each copy like
+   unicast from the sender: no relay anywhere wakes up). For a neighbour whose list it does not hold, the relay
+   itself reads the announcements (a packet socket; a BPF filter lets only UDP to broadcast or multicast addresses
+   reach Python) and sends one copy to that neighbour's relay, which delivers it to its players and spreads it the
+   same way to its other neighbours (split horizon). A tree has one path between any two nodes, so every player
+   gets each packet once, whatever cycles the links themselves have. A hop limit bounds a copy's travel while two
+   nodes' configs disagree during a re-plan.
+4. Without nftables the relay does it all itself, the same way: the checks, a token bucket per player, and each
+   copy (the ORIGINAL source address and ports, addressed to the player's VPN address) written through a raw
+   socket into the node's routing. Games listen on 0.0.0.0:port, so they accept copies, and their unicast reply
+   goes straight to the sender.
 
 Which players are local is read from the instances' status files (rewritten every few seconds).
 """
@@ -36,11 +43,14 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 
-MAGIC = b"LHR1"  # relay-to-relay message: MAGIC + src(4) + dst(4) + sport(2) + dport(2) + payload
-PLAYERS = b"LHP1"  # a relay's local players, to every peer: PLAYERS + one address (4 bytes) per player
+MAGIC = b"LHR2"  # relay-to-relay message: MAGIC + src(4) + dst(4) + sport(2) + dport(2) + hops left(1) + payload
+PLAYERS = b"LHP2"  # the players on the sender's side of the tree, to a neighbour: PLAYERS + 4 bytes per player
+MAX_HOPS = 32  # a relayed copy crosses at most this many relays (deeper than any planned tree)
+MAX_LIST = 16_000  # players in one PLAYERS message (64 kB); a side with more is reached through its relay
 PLAYERS_EVERY_S = 5.0  # a relay re-sends its list this often (and at once when it changes)
 PLAYERS_VALID_S = 3 * PLAYERS_EVERY_S  # a peer's list not refreshed for this long is forgotten
 ETH_P_IP = 0x0800
@@ -106,11 +116,23 @@ class Config:
         for low, high in data["ports"]:
             ports.update(range(int(low), int(high) + 1))
         self.ports = frozenset(ports)
+        self.port_ranges = _ranges(self.ports)  # merged: nftables refuses overlapping intervals in one set
         self.groups = frozenset(int(ipaddress.IPv4Address(g)) for g in data["groups"])
         rate = data["rate"]
         self.rate_packets, self.rate_bytes = float(rate["packets"]), float(rate["bytes"])
         self.burst_packets = float(rate.get("burst_packets", self.rate_packets))
         self.burst_bytes = float(rate.get("burst_bytes", self.rate_bytes))
+
+
+def _ranges(values) -> tuple[tuple[int, int], ...]:
+    """Sorted integers as (low, high) runs."""
+    runs: list[list[int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return tuple((low, high) for low, high in runs)
 
 
 # --- the filter in the kernel: only UDP to 255.255.255.255, a subnet broadcast (x.x.255.255-style: any address
@@ -245,11 +267,87 @@ class Bucket:
         return True
 
 
+# --- the fan-out in the kernel (nftables) ------------------------------------------------------------------------
+# The relay is the control plane: it knows the players (status files, its peers' lists) and writes them into one
+# nftables table; the kernel copies each announcement while OpenVPN's write into the tun device is still being
+# processed, so no process wakes up for it. docs/discovery.md ("Where the time went") has the measurements.
+
+NFT_TABLE = "lanhub_relay"
+NFT_SET_TIMEOUT = "1m"  # a player's rate-limit state is kept this long after its last announcement
+
+
+def _ip(address: int) -> str:
+    return socket.inet_ntoa(address.to_bytes(4, "big"))
+
+
+def nft_rules(config: Config, targets) -> str:
+    """``nft -f`` input that replaces both chains' rules in one transaction (the rate-limit sets are kept).
+
+    prerouting: what the Python path's checks accept (an instance's own players, sending to 255.255.255.255, to
+    that instance's subnet broadcast or to a listed group, on a listed port, unfragmented) jumps to ``announce``.
+    announce: the per-player limits (packets, then IP-packet bytes), a fresh TTL, then one rule per player: the packet's
+    destination becomes that player (the kernel fixes the IP and UDP checksums), and ``dup`` sends a copy of it
+    through the node's routing, as the relay's raw socket did; the source (the sender) is kept, and the sender is
+    skipped. The original is dropped at the end: every player got a copy, and nothing on the node listens."""
+    table = f"ip {NFT_TABLE}"
+    lines = [f"flush chain {table} prerouting", f"flush chain {table} announce"]
+    ports = ", ".join(f"{low}" if low == high else f"{low}-{high}" for low, high in config.port_ranges)
+    groups = "".join(f", {_ip(g)}" for g in sorted(config.groups))
+    for inst in config.instances if ports else ():
+        lines.append(f'add rule {table} prerouting iifname "{inst.device}" ip saddr {_ip(inst.low + 1)}-'
+                     f"{_ip(inst.high - 1)} ip daddr {{ 255.255.255.255, {_ip(inst.broadcast)}{groups} }} "
+                     f"udp dport {{ {ports} }} ip frag-off & 0x3fff == 0 jump announce")
+    rate = [max(1, round(v)) for v in (config.rate_packets, config.burst_packets, config.rate_bytes,
+                                       config.burst_bytes)]
+    lines += [f"add rule {table} announce udp length > {MAX_PAYLOAD + 8} drop",
+              # Games send multicast with a TTL of 1 (Java's MulticastSocket, Minecraft): kept, the copy would die
+              # at the first router on its way to another node. The relay's own copies leave with 64 too.
+              f"add rule {table} announce ip ttl set 64",
+              f"add rule {table} announce update @rate_packets {{ ip saddr limit rate over {rate[0]}/second burst "
+              f"{rate[1]} packets }} drop",
+              f"add rule {table} announce update @rate_bytes {{ ip saddr limit rate over {rate[2]} bytes/second burst "
+              f"{rate[3]} bytes }} drop"]
+    for address in sorted(set(targets)):
+        player = _ip(address)
+        lines.append(f"add rule {table} announce ip saddr != {player} ip daddr set {player} dup to {player}")
+    lines.append(f"add rule {table} announce drop")
+    return "\n".join(lines) + "\n"
+
+
+class KernelFanout:
+    """Writes and removes the relay's nftables table with the ``nft`` command (a few times a minute at most: when
+    players come and go). ``start()`` creates an empty table, replacing one a crashed relay left behind."""
+
+    def __init__(self, nft: str = "nft"):
+        self.nft = nft
+
+    def start(self) -> bool:
+        table = f"ip {NFT_TABLE}"
+        sets = "".join(f"  set {name} {{ type ipv4_addr; size 65535; flags dynamic,timeout; "
+                       f"timeout {NFT_SET_TIMEOUT}; }}\n" for name in ("rate_packets", "rate_bytes"))
+        return self.apply(f"table {table}\ndelete table {table}\ntable {table} {{\n{sets}"
+                          "  chain prerouting { type filter hook prerouting priority raw; policy accept; }\n"
+                          "  chain announce { }\n}\n")
+
+    def apply(self, text: str) -> bool:
+        try:
+            done = subprocess.run([self.nft, "-f", "-"], input=text, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("nft failed: %s", exc)
+            return False
+        if done.returncode != 0:
+            log.warning("nft refused the rules: %s", done.stderr.strip()[-500:])
+        return done.returncode == 0
+
+    def stop(self) -> None:
+        self.apply(f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n")
+
+
 # --- the relay -----------------------------------------------------------------------------------------------
 
 _IP = struct.Struct("!BxHxxHxBxxII")   # version+ihl, total length, flags+fragment, protocol, source, destination
 _UDP = struct.Struct("!HHH")            # source port, destination port, length
-_PEER = struct.Struct("!4sIIHH")        # MAGIC, source, destination, source port, destination port
+_PEER = struct.Struct("!4sIIHHB")       # MAGIC, source, destination, source port, destination port, hops left
 _RAW_IP = struct.Struct("!BBHHHBBH4s")  # an IPv4 header up to its source address (the destination follows)
 
 
@@ -295,8 +393,14 @@ class Relay:
     builds the header and checksum), and the UDP checksum of a local copy derived from the payload's sum, taken
     once per packet, plus that player's share."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None):
+    def __init__(self, config: Config, *, config_path: str | None = None, fanout: KernelFanout | None = None):
         self.config, self.config_path = config, config_path
+        # The kernel's fan-out (nftables), when the node has it: it then copies every announcement to every player
+        # whose address this relay has written into it, and the relay itself only sends copies through the relays
+        # of peers whose players it does not know (kernel_peers: the peers whose players are in the kernel now).
+        self.fanout, self.kernel_active = fanout, bool(fanout and fanout.start())
+        self.kernel_text: str | None = None
+        self.kernel_peers: frozenset[str] = frozenset()
         self.epoll = select.epoll()
         self.handlers: dict[int, object] = {}
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -307,10 +411,10 @@ class Relay:
         self.tunnel_indexes: dict[int, bool] = {}  # ifindex -> is a LanHub tunnel (cleared on every rescan)
         # Each peer's players, from its PLAYERS messages: peer address -> (valid until, players ready to send to).
         self.remote: dict[str, tuple[float, tuple[Target, ...]]] = {}
-        self.local_list = b""  # the PLAYERS message last sent
+        self.sent_lists: dict[str, bytes] = {}  # the PLAYERS message last sent to each neighbour
         self.next_players = 0.0
         self.counters = {"relayed": 0, "delivered": 0, "direct": 0, "via_peer": 0, "limited": 0, "ignored": 0,
-                         "peer_refused": 0, "reloaded": 0}
+                         "peer_refused": 0, "reloaded": 0, "kernel_updates": 0}
         self.config_mtime = self._config_mtime()
         self.next_scan = 0.0
         self.running = True
@@ -426,14 +530,6 @@ class Relay:
         self.tunnel_indexes.clear()
         for inst in self.config.instances:
             try:
-                index = socket.if_nametoindex(inst.device)
-            except OSError:
-                index = 0
-            if index != inst.ifindex:
-                self._close(inst)
-                if index:
-                    self._open(inst, index)
-            try:
                 mtime = os.stat(inst.status).st_mtime
             except OSError:
                 mtime = -1.0
@@ -444,32 +540,87 @@ class Relay:
         for peer, (valid_until, _) in list(self.remote.items()):
             if valid_until < now or peer not in self.config.peer_names:
                 del self.remote[peer]  # that node is gone or its relay stopped: back to copies through its relay
+        self.sync_kernel(now)
+        self.watch_devices()
         self.next_scan = now + RESCAN_S
 
-    def share_players(self, now: float, *, to: tuple | None = None) -> None:
-        """Tell the peers which players are local here (at once when that changed, else every few seconds), so
-        that their relays can send announcements straight to them."""
-        message = PLAYERS + b"".join(t.raw for inst in self.config.instances for t in inst.targets)
-        if to is None:
-            if message == self.local_list and now < self.next_players:
-                return
-            self.local_list, self.next_players = message, now + PLAYERS_EVERY_S
-        for peer in (to,) if to else self.config.peer_sockaddrs:
+    def watch_devices(self) -> None:
+        """Open the packet socket of every device that (re)appeared. With the kernel's fan-out covering every peer
+        the relay has nothing to do with an announcement, so it reads none (no wake-ups, no CPU at any rate)."""
+        wanted = not self.kernel_active or not self.config.peer_names <= self.kernel_peers
+        for inst in self.config.instances:
+            try:
+                index = socket.if_nametoindex(inst.device) if wanted else 0
+            except OSError:
+                index = 0
+            if index != inst.ifindex:
+                self._close(inst)
+                if index:
+                    self._open(inst, index)
+
+    def sync_kernel(self, now: float) -> None:
+        """Write this node's players and the players of every peer whose list is valid into the kernel's fan-out,
+        when they changed. One player gets each announcement once: from the kernel if its node's list is in the
+        kernel, else through its node's relay (originate), never both."""
+        if not self.kernel_active:
+            return
+        covered = frozenset(p for p, (valid, _) in self.remote.items() if valid >= now and p in self.config.peer_names)
+        targets = [t.address for inst in self.config.instances for t in inst.targets]
+        targets += [t.address for peer in covered for t in self.remote[peer][1]]
+        text = nft_rules(self.config, targets)
+        if text == self.kernel_text and covered == self.kernel_peers:
+            return
+        if covered != self.kernel_peers:
+            # What is queued was copied by the rules in place now: handle it with the peers they cover (a packet
+            # the kernel copies while the new rules are being committed can be missed, never doubled).
+            for inst in self.config.instances:
+                if inst.sock is not None:
+                    self._from_device(inst.sock, inst)
+        if self.fanout.apply(text):
+            self.kernel_text, self.kernel_peers = text, covered
+            self.counters["kernel_updates"] += 1
+            return
+        log.error("the kernel's fan-out could not be updated: removed, the relay sends every copy itself")
+        self.fanout.stop()
+        self.kernel_active, self.kernel_text, self.kernel_peers = False, None, frozenset()
+
+    def share_players(self, now: float, *, force: str | None = None) -> None:
+        """Tell each neighbour which players lie on this side of the tree: this node's own and those the other
+        neighbours reported (at once when that changed, else every few seconds), so that relays can send
+        announcements straight to them. ``force``: a neighbour that gets its list now, changed or not."""
+        periodic = now >= self.next_players
+        if periodic:
+            self.next_players = now + PLAYERS_EVERY_S
+        own = [t.raw for inst in self.config.instances for t in inst.targets]
+        for peer in self.config.peer_sockaddrs:
+            players = set(own)
+            for other, (valid_until, targets) in self.remote.items():
+                if other != peer[0] and valid_until >= now:
+                    players.update(t.raw for t in targets)
+            if len(players) > MAX_LIST:
+                continue  # too many to list: the neighbour's copy of this side expires and it sends through here
+            message = PLAYERS + b"".join(sorted(players))
+            if not periodic and peer[0] != force and message == self.sent_lists.get(peer[0]):
+                continue
+            self.sent_lists[peer[0]] = message
             try:
                 self.listener.sendto(message, peer)
             except OSError as exc:
                 log.debug("players to %s failed: %s", peer[0], exc)
 
     def learn_players(self, peer: str, data: bytes, now: float) -> None:
-        """A peer's list of its players. Addresses inside this node's own pools are not taken from anyone."""
+        """The players on a neighbour's side of the tree. Addresses inside this node's own pools are not taken from
+        anyone. A change goes on to the other neighbours at once."""
         addresses = [int.from_bytes(data[i:i + 4], "big") for i in range(4, len(data) - 3, 4)]
         own = [(inst.low, inst.high) for inst in self.config.instances]
         targets = tuple(Target(a) for a in sorted(set(addresses))
                         if not any(low <= a <= high for low, high in own))
-        first = peer not in self.remote
+        before = self.remote.get(peer)
         self.remote[peer] = (now + PLAYERS_VALID_S, targets)
-        if first:  # a relay that (re)started learns this node's players at once, not a few seconds later
-            self.share_players(now, to=(peer, self.config.port))
+        if before is None or [t.address for t in before[1]] != [t.address for t in targets]:
+            self.sync_kernel(now)
+            # A relay that (re)started learns this side's players at once, not a few seconds later.
+            self.share_players(now, force=peer if before is None else None)
 
     def _open(self, inst: Instance, index: int) -> None:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
@@ -538,23 +689,35 @@ class Relay:
         self.counters["relayed"] += 1
         payload = packet[ihl + 8: ihl + length]
         copies = _Copies(self.raw, src, sport, dport, payload)
+        # With the kernel's fan-out, what reaches this point was copied by the kernel to this node's players and to
+        # the sides whose lists it holds: only the other sides are left (through their relays).
+        kernel = self.kernel_peers if self.kernel_active else None
+        self._spread(copies, src, dst, sport, dport, payload, MAX_HOPS, now, None, skip=kernel or frozenset())
+        if kernel is None:
+            self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
+
+    def _spread(self, copies, src, dst, sport, dport, payload, hops, now, came_from, skip=frozenset()) -> None:
+        """One announcement to every neighbour's side of the tree but the one it came from (split horizon) and
+        those in ``skip`` (the kernel has served them): straight to the players there when their list is known,
+        else one copy to that neighbour's relay, which may send it on across ``hops - 1`` more relays."""
         message = None
         remote = self.remote
-        for peer in cfg.peer_sockaddrs:
+        for peer in self.config.peer_sockaddrs:
+            if peer[0] == came_from or peer[0] in skip:
+                continue
             known = remote.get(peer[0])
             if known is not None and known[0] >= now:
-                # Straight to each of that node's players, as if the sender were there: the LAN routes it like
-                # any unicast, and no relay on the far side has to wake up for it.
+                # Straight to each of those players, as if the sender were there: the LAN routes it like any
+                # unicast, and no relay on the far side has to wake up for it.
                 self.counters["direct"] += copies.send(known[1])
                 continue
             if message is None:
-                message = _PEER.pack(MAGIC, src, dst, sport, dport) + payload
-            try:  # that node's players are not known (yet): its relay delivers them
+                message = _PEER.pack(MAGIC, src, dst, sport, dport, hops - 1) + payload
+            try:  # that side's players are not known (yet): the neighbour's relay delivers and spreads it
                 self.listener.sendto(message, peer)
                 self.counters["via_peer"] += 1
             except OSError as exc:  # no route yet (a link reconnecting): discovery is best effort, like a LAN
                 log.debug("send to %s failed: %s", peer[0], exc)
-        self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
 
     def _from_peer(self) -> None:
         recv = self.listener.recvmsg
@@ -570,12 +733,12 @@ class Relay:
             if data[:4] == PLAYERS:
                 self.learn_players(address[0], data, time.monotonic())
                 continue
-            if len(data) < 16 or data[:4] != MAGIC:
+            if len(data) < _PEER.size or data[:4] != MAGIC:
                 self.counters["peer_refused"] += 1
                 continue
-            _, src, _dst, sport, dport = _PEER.unpack_from(data)
+            _, src, dst, sport, dport, hops = _PEER.unpack_from(data)
             if dport in self.config.ports:  # a peer rendered from an older game list must not widen ours
-                self.deliver(src, sport, dport, data[16:])
+                self.deliver(src, sport, dport, data[_PEER.size:], dst=dst, hops=hops, came_from=address[0])
 
     def _trusted(self, source: str, ancillary) -> bool:
         """A peer node's relay address, arriving on a LanHub tunnel (OpenVPN's iroute check stops players from
@@ -595,9 +758,13 @@ class Relay:
                 return known
         return False
 
-    def deliver(self, src: int, sport: int, dport: int, payload: bytes) -> None:
-        """One unicast copy to every local player but the sender, with the sender's address as source."""
+    def deliver(self, src: int, sport: int, dport: int, payload: bytes, *, dst: int = 0xFFFFFFFF, hops: int = 0,
+                came_from: str | None = None) -> None:
+        """A copy from a neighbour's relay: one unicast copy to every local player but the sender, with the sender's
+        address as source, and on to the other neighbours' sides of the tree."""
         copies = _Copies(self.raw, src, sport, dport, payload)
+        if hops:
+            self._spread(copies, src, dst, sport, dport, payload, hops, time.monotonic(), came_from)
         self.counters["delivered"] += copies.send(t for inst in self.config.instances for t in inst.targets)
 
     def run(self, *, until: float | None = None) -> None:
@@ -624,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log")
     parser.add_argument("--daemon", action="store_true", help="detach (hosts without systemd)")
     parser.add_argument("--check", action="store_true", help="read the config, print a summary and exit")
+    parser.add_argument("--no-kernel", action="store_true",
+                        help="send every copy from the relay (no nftables fan-out): for comparing the two")
     args = parser.parse_args(argv)
     try:
         with open(args.config, encoding="utf-8") as handle:
@@ -643,10 +812,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.pidfile, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
     try:
-        relay = Relay(config, config_path=args.config)
+        relay = Relay(config, config_path=args.config, fanout=None if args.no_kernel else KernelFanout())
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if not relay.kernel_active:
+        log.info("no fan-out in the kernel (nftables missing or refused): the relay sends every copy itself")
     if not request_short_slice():
         log.info("running with the scheduler's default time slice (sched_setattr refused a %d ns slice)", SLICE_NS)
     signal.signal(signal.SIGTERM, relay.stop)
@@ -655,7 +826,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s", json.dumps(relay.counters)))
     signal.set_wakeup_fd(relay.wake_w.fileno(), warn_on_full_buffer=False)
     log.info("relay of %s on %s:%d, %d peers", config.node, config.address, config.port, len(config.peers))
-    relay.run()
+    try:
+        relay.run()
+    finally:
+        if relay.kernel_active:
+            relay.fanout.stop()  # no copies to players this relay no longer keeps track of
     log.info("stopped; counters %s", json.dumps(relay.counters))
     return 0
 

@@ -81,6 +81,27 @@ class Plan:
                 by_via.setdefault(route.via, []).append(route)
         return index
 
+    @cached_property
+    def _relay_tree(self) -> dict[str, tuple[str, ...]]:
+        """The tree LAN discovery's relays spread announcements over: each healthy node's parent is the next hop of
+        its route to the LAN primary. Routes are loop-free, so the parents form one tree; it changes only where
+        routes to the primary change (a joining node hangs off the node it links to)."""
+        tree: dict[str, set[str]] = {name: set() for name in self.pools}
+        root = self.primaries.get("")
+        if root is None or root not in self.pools:
+            return {}
+        target = self.pools[root].udp.network_address + 1
+        for name in self.healthy:
+            parent = None if name == root else self.next_hop(name, target)
+            if parent is not None and parent in tree:
+                tree[name].add(parent)
+                tree[parent].add(name)
+        return {name: tuple(sorted(nbrs)) for name, nbrs in tree.items()}
+
+    def relay_neighbours(self, name: str) -> tuple[str, ...]:
+        """The node's neighbours on the relay tree (``_relay_tree``)."""
+        return self._relay_tree.get(name, ())
+
     def player_routes(self, supernet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ...]:
         """The prefixes every server pushes to its players (routing.player_routes): computed once per plan, not
         once per node rendered."""

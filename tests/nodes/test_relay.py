@@ -226,7 +226,7 @@ class HotPathTests(SimpleTestCase):
             message, source = peer.recvfrom(2048)
             self.assertEqual(source, ("127.0.0.1", self.port))
             self.assertEqual(message, relay.MAGIC + bytes([127, 0, 0, 5, 255, 255, 255, 255])
-                             + struct.pack("!HH", 50000, 6112) + payload)
+                             + struct.pack("!HHB", 50000, 6112, relay.MAX_HOPS - 1) + payload)
             for address in ("127.0.0.6", "127.0.0.8"):  # a bad checksum would be dropped by the kernel
                 self.assertEqual(players[address].recvfrom(2048), (payload, ("127.0.0.5", 50000)), (address, size))
         with self.assertRaises(self.socket.timeout):
@@ -251,9 +251,10 @@ class HotPathTests(SimpleTestCase):
         running.learn_players("127.0.0.7", relay.PLAYERS + listed, now)
         reply, _ = peer.recvfrom(2048)  # first contact: this node's list goes back at once
         self.assertEqual(reply, relay.PLAYERS + socket.inet_aton("127.0.0.5") + socket.inet_aton("127.0.0.6"))
-        # ... and the reply to one peer does not count as telling every peer: the next scan still sends the list.
+        # ... once: an unchanged list waits for the periodic refresh.
         running.scan(now)
-        self.assertEqual(peer.recvfrom(2048)[0], reply)
+        with self.assertRaises(socket.timeout):
+            peer.recvfrom(2048)
         running.originate(inst, relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6112, b"direct"), now)
         for address, sock in players.items():  # each exactly once, with the sender's address and port
             self.assertEqual(sock.recvfrom(2048), (b"direct", ("127.0.0.5", 50000)), address)
@@ -272,7 +273,52 @@ class HotPathTests(SimpleTestCase):
             message, _ = peer.recvfrom(2048)
             if message[:4] == relay.MAGIC:
                 break
-        self.assertEqual(message[16:], b"via relay")
+        self.assertEqual(message[relay._PEER.size:], b"via relay")
+
+    def test_a_copy_from_one_neighbour_reaches_the_local_players_and_every_other_side_of_the_tree_once(self):
+        import socket
+        import time
+
+        # This relay has three tree neighbours: .7 (the copy comes from there), .9 (players unknown) and .10 (its
+        # side's players listed).
+        path, data = self.write_config(peers=["127.0.0.7", "127.0.0.9", "127.0.0.10"],
+                                       instances=[{"device": "lh-absent0", "pool": "127.0.0.0/28",
+                                                   "status": f"{self.tmp}/s"}])
+        running = relay.Relay(relay.Config(data), config_path=path)
+        self.addCleanup(running.listener.close)
+        running.config.instances[0].set_players({ip("127.0.0.5")})
+        peers = {a: self.listen(a, self.port) for a in ("127.0.0.7", "127.0.0.9", "127.0.0.10")}
+        players = {a: self.listen(a, 6112) for a in ("127.0.0.5", "127.0.1.30", "127.0.2.40")}
+        now = time.monotonic()
+        running.learn_players("127.0.0.10", relay.PLAYERS + socket.inet_aton("127.0.1.30"), now)
+        running.learn_players("127.0.0.7", relay.PLAYERS + socket.inet_aton("127.0.2.40"), now)
+        # Each neighbour hears of the players on the other sides, never of its own side's (split horizon).
+        lists = {}
+        for address, sock in peers.items():
+            while True:
+                try:
+                    message = sock.recvfrom(2048)[0]
+                except socket.timeout:
+                    break
+                lists[address] = {socket.inet_ntoa(message[i:i + 4]) for i in range(4, len(message), 4)}
+        self.assertEqual(lists, {"127.0.0.7": {"127.0.0.5", "127.0.1.30"},
+                                 "127.0.0.9": {"127.0.0.5", "127.0.1.30", "127.0.2.40"},
+                                 "127.0.0.10": {"127.0.0.5", "127.0.2.40"}})
+        running.deliver(ip("127.0.0.99"), 50000, 6112, b"spread", hops=3, came_from="127.0.0.7")
+        self.assertEqual(players["127.0.0.5"].recvfrom(2048), (b"spread", ("127.0.0.99", 50000)))  # local
+        self.assertEqual(players["127.0.1.30"].recvfrom(2048), (b"spread", ("127.0.0.99", 50000)))  # .10's side
+        message = peers["127.0.0.9"].recvfrom(2048)[0]  # .9's side through its relay, one relay fewer to go
+        self.assertEqual((message[:4], message[-1 - len(b"spread")], message[relay._PEER.size:]),
+                         (relay.MAGIC, 2, b"spread"))
+        for address, sock in [*peers.items(), ("127.0.2.40", players["127.0.2.40"])]:
+            with self.assertRaises(socket.timeout):
+                sock.recvfrom(2048)  # nothing back to where it came from, nothing twice
+        # A copy with no hops left is delivered here and goes no further (a loop while configs disagree ends).
+        running.deliver(ip("127.0.0.99"), 50000, 6112, b"last hop", hops=0, came_from="127.0.0.7")
+        self.assertEqual(players["127.0.0.5"].recvfrom(2048)[0], b"last hop")
+        for sock in (peers["127.0.0.9"], players["127.0.1.30"]):
+            with self.assertRaises(socket.timeout):
+                sock.recvfrom(2048)
 
     def test_a_changed_config_is_reloaded_in_place_without_a_restart(self):
         import os
@@ -293,7 +339,7 @@ class HotPathTests(SimpleTestCase):
         peer = self.listen("127.0.0.7", self.port)
         running.originate(running.config.instances[0],
                           relay.build_udp(ip("127.0.0.5"), 0xFFFFFFFF, 50000, 6113, b"new port"), 0.0)
-        self.assertEqual(peer.recvfrom(2048)[0][16:], b"new port")
+        self.assertEqual(peer.recvfrom(2048)[0][relay._PEER.size:], b"new port")
         # SIGHUP's path: a reload is forced whatever the mtime says; a broken file keeps the running config.
         with open(path, "w") as handle:
             handle.write("{not json")
@@ -347,3 +393,71 @@ class SchedulerTests(SimpleTestCase):
             self.skipTest(f"this kernel refuses a custom slice: {out.stdout} {out.stderr}")
         if slices.strip() != "[]":  # /proc/<pid>/sched shows se.slice on kernels with EEVDF custom slices
             self.assertEqual(slices.strip(), f"['{relay.SLICE_NS}']")
+
+
+class KernelFanoutTests(SimpleTestCase):
+    """The fan-out in the kernel (nftables), for real: tests/nodes/kernel_fanout_probe.py writes announcements into a
+    tun device as OpenVPN would, inside a throwaway network namespace, and reads the copies the kernel writes out."""
+
+    def test_the_kernel_copies_each_announcement_once_to_each_other_player_with_the_senders_address(self):
+        import json
+        import os
+        import secrets
+        import shutil
+        import subprocess
+        from pathlib import Path
+
+        from tests.lab_helpers import lab_required
+
+        missing = [tool for tool in ("ip", "nft") if not shutil.which(tool)]
+        if os.geteuid() != 0 or missing:
+            reason = f"needs root and {', '.join(missing) or 'ip, nft'} (network namespaces, nftables)"
+            if lab_required():  # CI: the nodes' fan-out must be proven, not skipped
+                self.fail(reason)
+            self.skipTest(reason)
+        ns = f"lhkf{secrets.token_hex(3)}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns], check=False)
+        probe = Path(__file__).with_name("kernel_fanout_probe.py")
+        done = subprocess.run(["ip", "netns", "exec", ns, "python3", str(probe), relay.__file__], capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        r = json.loads(done.stdout)
+        self.assertTrue(r["kernel_active"], done.stderr)
+
+        def copies(key):
+            return sorted((c["device"], c["src"], c["dst"], c["dport"], c["payload"]) for c in r[key])
+
+        self.assertTrue(all(c["checksum_ok"] for key in r if isinstance(r[key], list) for c in r[key]))
+        # The peer's players are not known yet: the kernel serves this node's players, the relay sends one copy
+        # through the peer's relay (it reads the device for that).
+        self.assertTrue(r["reads_devices_before_the_peer_is_known"])
+        local = [("lh-udp", "10.251.1.1", "10.251.1.2", 6112, "unknown-peer"),
+                 ("lh-udp", "10.251.1.1", "10.251.1.3", 6112, "unknown-peer")]
+        self.assertEqual([c for c in copies("peer_unknown") if c[0] == "lh-udp"], local)
+        via_relay = [c for c in r["peer_unknown"]
+                     if c["device"] == "lhl-peer" and c["payload"].startswith(relay.MAGIC.decode())]
+        self.assertEqual([(c["src"], c["dst"], c["dport"]) for c in via_relay], [("10.251.0.1", "10.249.0.1", 7400)])
+        self.assertEqual([c for c in copies("peer_unknown") if c[0] == "lhl-peer" and c[2] != "10.249.0.1"], [])
+        # Its list arrived: the kernel sends straight to its player too, and the relay stops reading the device.
+        self.assertFalse(r["reads_devices_once_every_peer_is_in_the_kernel"], r["rules"])
+        for kind, port in (("limited", 6112), ("directed", 6112), ("group", 6113)):
+            self.assertEqual(copies(kind), [("lh-udp", "10.251.1.1", "10.251.1.2", port, kind),
+                                            ("lh-udp", "10.251.1.1", "10.251.1.3", port, kind),
+                                            ("lhl-peer", "10.251.1.1", "10.249.1.2", port, kind)], r["rules"])
+        # A game's multicast leaves with TTL 1; the copies must cross routers (the LAN's nodes) to other nodes.
+        self.assertTrue(all(c["ttl"] > 8 for c in r["group"]), r["group"])
+        for kind in ("unlisted", "other-group", "from-a-stranger"):
+            self.assertEqual(r[kind], [], kind)
+        # The flood: 200 packets at once; each player gets what the burst allows (40 tokens, 4 of them used above
+        # and refilled at 20/s while the probe waited for copies), plus what 20/s refills during the flood, each once.
+        allowed = 40 + int(20 * r["flood_seconds"]) + 1
+        per_player = {}
+        for c in r["flood"]:
+            per_player.setdefault(c["dst"], []).append(c["payload"])
+        self.assertEqual(set(per_player), {"10.251.1.2", "10.251.1.3", "10.249.1.2"})
+        for got in per_player.values():
+            self.assertEqual(len(got), len(set(got)))
+            self.assertTrue(30 <= len(got) <= allowed, (len(got), allowed))
+        self.assertTrue(r["relay_sent_nothing_itself"])
+        self.assertNotEqual(r["table_after_stop"], 0)  # the relay's table is gone once it stops

@@ -20,20 +20,37 @@ def lan_of(count: int):
 
 
 class RelayConfigTests(SimpleTestCase):
-    def test_every_relay_lists_every_other_peer_exactly_as_json_writes_it(self):
-        for count in (1, 2, 3, 9):
+    def test_every_relay_lists_its_tree_neighbours_and_the_lists_form_one_tree_over_the_links(self):
+        for count in (1, 2, 3, 9, 40):
             lan, nodes, plan = lan_of(count)
             files = render_lan(plan, lan, nodes)
+            address = {str(relay_address(plan, n.name)): n.name for n in nodes}
+            edges = set()
             for node in nodes:
                 text = files[node.name][RELAY_CONFIG].content
                 config = json.loads(text)
-                self.assertEqual(config["peers"], [str(relay_address(plan, other)) for other in sorted(plan.pools)
-                                                   if other != node.name])
                 self.assertEqual(text, json.dumps(config, indent=1, sort_keys=True) + "\n")
+                for peer in config["peers"]:
+                    other = address[peer]
+                    self.assertIn(other, plan.neighbours(node.name))  # one tunnel away: a link of the plan
+                    self.assertIn(str(relay_address(plan, node.name)),
+                                  json.loads(files[other][RELAY_CONFIG].content)["peers"])  # both ways
+                    edges.add(frozenset((node.name, other)))
+            # A tree: n - 1 edges that connect every node (one path between any two: each copy arrives once).
+            self.assertEqual(len(edges), count - 1, count)
+            reached, queue = {nodes[0].name}, [nodes[0].name]
+            while queue:
+                here = queue.pop()
+                for edge in edges:
+                    if here in edge:
+                        (other,) = edge - {here}
+                        if other not in reached:
+                            reached.add(other)
+                            queue.append(other)
+            self.assertEqual(reached, {n.name for n in nodes}, count)
 
     def test_rendering_every_relay_config_grows_about_linearly_not_quadratically(self):
-        # Each file names n-1 peers, so the bytes grow as n^2; formatting the addresses once per LAN keeps the time
-        # near linear (copying is cheap). Formatting n-1 addresses per file made 4x the nodes cost ~16x the time.
+        # Each file names its tree neighbours only; the tree is computed once per plan, not once per file.
         def seconds(count: int) -> float:
             lan, nodes, plan = lan_of(count)
             best = float("inf")
