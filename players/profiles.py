@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from anyascii import anyascii
@@ -87,10 +88,10 @@ def render_profile(
         raise ValueError("a profile needs at least one remote")
     lines = _header(lan_name=lan_name, nickname=nickname, remotes=remotes)
     lines += _options(remotes)
-    lines += _inline("ca", _pem(ca_pem, what="ca_pem", labels=CERTIFICATE, single=False))
+    lines += _inline("ca", _lan_pem(ca_pem))
     lines += _inline("cert", _pem(cert_pem, what="cert_pem", labels=CERTIFICATE, single=True))
     lines += _inline("key", _pem(key_pem, what="key_pem", labels=PRIVATE_KEY, single=True))
-    lines += _inline("tls-crypt", _tls_crypt(tls_crypt))
+    lines += _inline("tls-crypt", _lan_tls_crypt(tls_crypt))
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +159,18 @@ def _pem(text: str, *, what: str, labels: Sequence[str], single: bool) -> str:
     if any(b.group(1) not in labels for b in blocks) or (single and len(blocks) != 1):
         raise ValueError(f"{what} must hold {'one' if single else 'only'} {' or '.join(labels)} PEM")
     return normalised
+
+
+@lru_cache(maxsize=64)
+def _lan_pem(text: str) -> str:
+    """The LAN's CA certificate, checked once per process: every profile of the LAN holds the same one."""
+    return _pem(text, what="ca_pem", labels=CERTIFICATE, single=False)
+
+
+@lru_cache(maxsize=64)
+def _lan_tls_crypt(text: str) -> str:
+    """The LAN's tls-crypt key (as _lan_pem)."""
+    return _tls_crypt(text)
 
 
 def _tls_crypt(text: str) -> str:

@@ -7,13 +7,16 @@ import functools
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
-from lanhub import pki
+from lanhub import pki, prepared
+from lanhub.prepared import PreparedSelect, PreparedUpdate
 from lanhub.secrets import seal, unseal
 from nodes import layout
 from nodes import services as node_services
@@ -125,33 +128,44 @@ def redeem_invite(*, token: str, nickname: str, client_address: str | None = Non
         return _redeem(token=token, nickname=nickname, client_address=client_address)
 
 
+INVITE_FIELDS = ("id", "lan_id", "expires_at", "max_uses", "uses", "revoked_at")
+REDEEM_LAN_FIELDS = ("id", "name", "slug", "ca_cert", "ca_key_sealed", "tls_crypt_sealed")
+# The join path's statements, compiled once (lanhub/prepared.py): the invite with the parts of its LAN that issuing
+# and the first profile read; of=("self",): on PostgreSQL only the invite row is locked, not its LAN.
+_INVITE_FOR_REDEEM = PreparedSelect(
+    lambda token: Invite.objects.select_for_update(of=("self",)).filter(token=token).values_list(
+        *INVITE_FIELDS, *(f"lan__{f}" for f in REDEEM_LAN_FIELDS))[:1], token=str)
+_COUNT_USE = PreparedUpdate(lambda pk: Invite.objects.filter(pk=pk), {"uses": F("uses") + 1}, pk=int)
+
+
 @transaction.atomic
 def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
     nickname = validate_nickname(nickname)
-    # of=("self",): on PostgreSQL only the invite row is locked, not its LAN (loaded in the same query).
-    invite = Invite.objects.select_for_update(of=("self",)).select_related("lan").filter(token=token).first()
-    if invite is None:
+    row = _INVITE_FOR_REDEEM.run(token=token)  # locked until the end of the transaction
+    if not row:
         raise InviteUnusable("not_found")
+    invite = Invite.from_db(DEFAULT_DB_ALIAS, INVITE_FIELDS, row[0][: len(INVITE_FIELDS)])
     problem = invite.problem()
     if problem:
         raise InviteUnusable(problem)
-    if Player.objects.filter(lan_id=invite.lan_id, nickname__iexact=nickname).exists():
-        raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."})
-    player = Player(lan=invite.lan, nickname=nickname, invite=invite, joined_from=client_address)
-    # The LAN and the invite are the rows just read under the lock, so their foreign keys need no lookup; the
-    # nickname's uniqueness was checked above and is enforced by its constraint (the IntegrityError below), and
-    # the token is 192 random bits under a unique index: no query of its own for either.
-    player.full_clean(exclude=["lan", "invite"], validate_unique=False, validate_constraints=False)
+    lan = Lan.from_db(DEFAULT_DB_ALIAS, REDEEM_LAN_FIELDS, row[0][len(INVITE_FIELDS):])
+    invite.lan = lan
+    # The nickname was validated above, the token is 192 random bits under a unique index, the address comes from
+    # lanhub.clientip (a parsed IP address), and the LAN and the invite are the rows just read under the lock: no
+    # field is left for full_clean to check. Uniqueness of the nickname per LAN (case-insensitive) is the
+    # constraint's: one INSERT both checks and claims it, also against a friend taking it through another invite at
+    # the same moment. No savepoint: the error leaves this transaction, which rolls back whole.
+    player = Player(lan=lan, nickname=nickname, invite=invite, joined_from=client_address)
     try:
-        with transaction.atomic():  # two friends taking one nickname through two invites at the same moment
-            player.save()
+        prepared.insert(player)
     except IntegrityError:
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."}) from None
     # The device they join on; the player page adds the others, each with its own certificate.
     device = Device(player=player, name=FIRST_DEVICE_NAME)
-    _issue_certificate(device, player=player, lan=invite.lan)
-    device.save()
-    Invite.objects.filter(pk=invite.pk).update(uses=invite.uses + 1)
+    _issue_certificate(device, player=player, lan=lan)
+    prepared.insert(device)
+    _COUNT_USE.run(pk=invite.pk)  # under the lock, and the table's check keeps uses <= max_uses
+    player.joined_device = device  # what build_profile needs next, without reading back the row just written
     return player
 
 
@@ -289,13 +303,39 @@ def ready_nodes(lan: Lan) -> list[Node]:
                 .defer(*NODE_BULK_FIELDS))
 
 
+class ReadyNode(NamedTuple):
+    """What a profile and its ranking need of a ready node (players/profiles.py, players/ranking.py: NodeLike), for
+    the paths that do not show the node: a download, the profile handed over at joining."""
+
+    pk: int
+    lan_id: int
+    name: str
+    public_address: str
+    public_ipv6: str
+    udp_port: int | None
+    tcp_port: int | None
+    country: str
+    latitude: float | None
+    longitude: float | None
+
+
+_READY_NODES = PreparedSelect(
+    lambda lan_id: Node.objects.filter(lan_id=lan_id, state=NodeState.READY, healthy=True)
+    .order_by("created_at", "pk").values_list(*ReadyNode._fields), lan_id=int)
+
+
+def ready_node_rows(lan_id: int) -> list[ReadyNode]:
+    """The LAN's ready nodes in the order the host added them, as ReadyNode rows: one query, compiled once."""
+    return [ReadyNode(*row) for row in _READY_NODES.run(lan_id=lan_id)]
+
+
 def active_devices(player: Player) -> list[Device]:
     return list(player.devices.filter(revoked_at__isnull=True).defer("cert_pem", "key_sealed"))
 
 
-def build_profile(player: Player, *, node: Node, ranked: list[Node], device: Device | None = None) -> Profile:
+def build_profile(player: Player, *, node: profiles.NodeLike, ranked: list, device: Device | None = None) -> Profile:
     """The .ovpn of one of the player's devices (by default the first one in use) for `node`, with the other
-    nodes, in ranked order, as fallbacks."""
+    nodes, in ranked order, as fallbacks. Nodes are Node models or ReadyNode rows."""
     if player.revoked_at:
         raise ValidationError("This player was revoked.")
     if device is None:
@@ -303,10 +343,19 @@ def build_profile(player: Player, *, node: Node, ranked: list[Node], device: Dev
     if device is None or device.player_id != player.pk or device.revoked_at:
         raise ValidationError("This device was switched off.")
     lan = player.lan
-    others = [n for n in ranked if n.pk != node.pk]
-    content = _render_profile(lan.name, player.nickname, tuple(profiles.profile_remotes(chosen=node, others=others)),
-                              lan.ca_cert, device.cert_pem, device.key_sealed, lan.tls_crypt_sealed)
+    # The remotes depend on these four fields of each node, in this order, and on nothing else.
+    endpoints = tuple(_Endpoint(n.public_address, n.public_ipv6, n.udp_port, n.tcp_port)
+                      for n in (node, *(n for n in ranked if n.pk != node.pk)))
+    content = _render_profile(lan.name, player.nickname, endpoints, lan.ca_cert, device.cert_pem, device.key_sealed,
+                              lan.tls_crypt_sealed)
     return Profile(filename=profile_filename(player, node=node, device=device), content=content)
+
+
+class _Endpoint(NamedTuple):
+    public_address: str
+    public_ipv6: str
+    udp_port: int | None
+    tcp_port: int | None
 
 
 def profile_filename(player: Player, *, node: Node, device: Device) -> str:
@@ -317,11 +366,22 @@ def profile_filename(player: Player, *, node: Node, device: Device) -> str:
 
 
 @functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)
-def _render_profile(lan_name: str, nickname: str, remotes: tuple[profiles.Remote, ...], ca_pem: str, cert_pem: str,
+def _render_profile(lan_name: str, nickname: str, endpoints: tuple[_Endpoint, ...], ca_pem: str, cert_pem: str,
                     key_sealed: str, tls_crypt_sealed: str) -> str:
     """The rendered profile, cached per process and keyed by every input as stored: the private halves sealed, so
-    a new certificate, a re-sealed key, a renamed LAN or another order of servers is simply another key, and
-    nothing needs invalidating. In process memory only, never in Redis: the text holds the player's private key.
-    A hit skips two unseals and the PEM checks; the key (seven strings) is hashed in microseconds."""
+    a new certificate, a re-sealed key, a renamed LAN, a node's new address or port, a node gone or added or another
+    order of servers is simply another key, and nothing needs invalidating. A revoked device or player never gets
+    here (build_profile and the download's lookup refuse it first). In process memory only, never in Redis: the
+    text holds the player's private key. A hit skips two unseals, the PEM checks and the remotes' validation; the
+    key (seven values, the nodes as plain tuples) hashes in microseconds even at 100 nodes."""
+    remotes = profiles.profile_remotes(chosen=endpoints[0], others=endpoints[1:])
     return profiles.render_profile(lan_name=lan_name, nickname=nickname, remotes=remotes, ca_pem=ca_pem,
-                                   cert_pem=cert_pem, key_pem=unseal(key_sealed), tls_crypt=unseal(tls_crypt_sealed))
+                                   cert_pem=cert_pem, key_pem=unseal(key_sealed),
+                                   tls_crypt=_unsealed_tls_crypt(tls_crypt_sealed))
+
+
+@functools.lru_cache(maxsize=64)
+def _unsealed_tls_crypt(sealed: str) -> str:
+    """The LAN's tls-crypt key, opened once per process like its CA key (nodes/services.py: _unsealed_ca_key): every
+    profile of the LAN holds the same one."""
+    return unseal(sealed)
