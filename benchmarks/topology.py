@@ -11,10 +11,13 @@ One JSON line per size, with:
   plan needs), so a slow machine shows in both;
 - ``max_tunnels`` (target 2*sqrt(n)), ``max_routes`` (the most route lines in one node's files), ``max_iroutes``
   (the most iroute lines in one ccd file; OpenVPN's per-client limit is 256);
-- ``stretch_mean`` / ``stretch_p99``: RTT along the planned path over the direct RTT, 2,000 seeded pairs;
+- ``stretch_mean`` / ``stretch_p99``: RTT along the planned path over the direct RTT, 2,000 seeded pairs (both RTTs
+  estimated the way the planner estimates them: 1 ms plus 1 ms per 100 km of great-circle distance, per hop);
+  ``stretch_p99_same_region`` / ``stretch_p99_across_regions``: the p99 of the same pairs split by whether both
+  nodes are in one region (``pairs_same_region`` of them);
 - ``nodes_touched_on_add``: one more node joins (a seeded region), planned the way LanHub re-plans (pools, link
-  addresses and region blocks kept): how many nodes' files differ, every file counted (the discovery relay's
-  relay.json included: it names the node's relay-tree neighbours), the new node included.
+  addresses, region blocks and primaries passed back): how many nodes' files differ, every file counted (the
+  discovery relay's relay.json included: it names the node's relay-tree neighbours), the new node included.
 Targets (issue #11): 1,000 nodes under 1 s and 5,000 under 5 s (plan + render), under 1 GB, max_iroutes <= 256,
 max_tunnels <= 2*sqrt(n), stretch_p99 <= 2.
 """
@@ -64,19 +67,28 @@ def make_lan(count: int, seed: int = 7):
     return nodes[:count], nodes[count], where
 
 
-def stretch(plan, where, names, rng) -> tuple[float, float]:
+def stretch(plan, where, names, rng, regions) -> dict[str, float]:
+    """Mean and p99 of planned-path RTT over direct RTT for 2,000 random pairs, and the p99 of the pairs in one
+    region and of the pairs in two (the same pairs, split: where the tail comes from)."""
     points = {n: _radians(where[n]) for n in names}
 
     def rtt(a, b):
         return estimated_rtt_ms(points[a], points[b])
 
-    ratios = []
+    ratios, same, across = [], [], []
     for _ in range(2000):
         a, b = rng.sample(names, 2)
         path = plan.path(a, b)
         ratios.append(sum(rtt(x, y) for x, y in zip(path, path[1:])) / rtt(a, b))
-    ratios.sort()
-    return sum(ratios) / len(ratios), ratios[min(len(ratios) - 1, int(0.99 * len(ratios)))]
+        (same if regions[a] == regions[b] else across).append(ratios[-1])
+
+    def p99(values):
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(0.99 * len(values)))], 3) if values else None
+
+    return {"stretch_mean": round(sum(ratios) / len(ratios), 3), "stretch_p99": p99(ratios),
+            "stretch_p99_same_region": p99(same), "stretch_p99_across_regions": p99(across),
+            "pairs_same_region": len(same)}
 
 
 def _count(files, keyword: str, prefix: str = "") -> int:
@@ -96,7 +108,7 @@ def measure(count: int, mode: str) -> dict:
     files = render_lan(plan, lan, nodes)
     rendered = time.perf_counter() - started - planned
     names = [n.name for n in nodes]
-    mean, p99 = stretch(plan, where, names, random.Random(count))
+    stretches = stretch(plan, where, names, random.Random(count), {n.name: n.region for n in nodes})
     before = {name: {p: f.sha256 for p, f in node_files.items()} for name, node_files in files.items()}
     row = {
         "nodes": count, "mode": mode, "resolved": plan.mode, "pool_prefix": lan.pool_prefix,
@@ -104,7 +116,7 @@ def measure(count: int, mode: str) -> dict:
         "max_tunnels": max(plan.tunnels(n) for n in names), "tunnel_limit": math.floor(2 * math.sqrt(count)),
         "max_routes": max(_count(f, "route") for f in files.values()),
         "max_iroutes": max(_count(f, "iroute", "/etc/openvpn/server/ccd/") for f in files.values()),
-        "stretch_mean": round(mean, 3), "stretch_p99": round(p99, 3),
+        **stretches,
     }
     # One more node, re-planned as LanHub does: every existing node keeps its pools and its links' addresses.
     kept = [NodeSpec(**{**n.__dict__, "udp_pool": str(plan.pools[n.name].udp),
@@ -113,8 +125,8 @@ def measure(count: int, mode: str) -> dict:
     del files  # the portal never holds two renders of the LAN at once: only their digests are compared
     grown = [*kept, newcomer]
     blocks = {region: [str(b) for b in nets] for region, nets in plan.blocks.items()}
-    after = render_lan(plan_lan(lan, grown, link_addresses=addresses, locations=locations, blocks=blocks), lan,
-                       grown)
+    after = render_lan(plan_lan(lan, grown, link_addresses=addresses, locations=locations, blocks=blocks,
+                                primaries=plan.primaries), lan, grown)
     row["nodes_touched_on_add"] = sum(
         {p: f.sha256 for p, f in after[n].items()} != before.get(n, {})
         for n in after

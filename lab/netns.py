@@ -52,6 +52,9 @@ USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 FIRST_UID = 2000  # lab users get the first uid/gid from here that the host's passwd/group does not use
 PREFIX_RE = re.compile(r"^lh[0-9a-f]{4}-")
 FIRST_HOST = 10  # node i gets 203.0.113.(10+i), player i 198.51.100.(10+i)
+# The wan router's own MAC on each bridge (locally administered unicast; each lab's bridges are in its own wan
+# namespace, so labs side by side do not clash).
+BRIDGE_MACS = {"br-nodes": "02:1a:b0:00:00:01", "br-players": "02:1a:b0:00:00:02"}
 ROUTED = 26  # the host routes <net>.0/26 into the lab, so lab hosts live in .1-.62
 
 
@@ -314,6 +317,11 @@ class Lab:
         self._add_ns(wan)
         for bridge, net in (("br-nodes", NODES_NET), ("br-players", PLAYERS_NET)):
             _run(["ip", "-n", wan, "link", "add", bridge, "type", "bridge"])  # stp off: ports forward at once
+            # A bridge without an address of its own takes the lowest MAC among its ports, so adding a host whose
+            # veth sorts lower changes the router's MAC under every host that already cached it: their packets then
+            # go to an address nobody has until their neighbour entry is probed again (seen: an IPv6 player cut off
+            # from its server for over 20 s after a third player joined). Set, the address never changes.
+            _run(["ip", "-n", wan, "link", "set", bridge, "address", BRIDGE_MACS[bridge]])
             _run(["ip", "-n", wan, "addr", "add", f"{net}.1/24", "dev", bridge])
             _run(["ip", "-n", wan, "link", "set", bridge, "up"])
         self.exec(wan, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])

@@ -74,11 +74,12 @@ def plan_lan(lan: Lan) -> LanPlan:
     locations = {n.name: (n.latitude, n.longitude) for n in nodes
                  if n.latitude is not None and n.longitude is not None}
     addresses = {(l.upstream.name, l.downstream.name): l.address for l in links}
-    # Regions keep the address blocks the previous plan gave them (topology/addresses.py).
+    # Regions keep the address blocks and, unless another node is clearly more central, the primaries the previous
+    # plan gave them (topology/addresses.py, topology/links.py).
     stored = StoredPlan.objects.filter(lan=lan).values_list("data", flat=True).first() or {}
     try:
         plan = topology.plan_lan(spec, specs, rtts=rtts, link_addresses=addresses, locations=locations,
-                                 blocks=stored.get("blocks"))
+                                 blocks=stored.get("blocks"), primaries=stored.get("primaries"))
     except topology.PlanError as exc:
         raise ValidationError(str(exc)) from None
     return LanPlan(plan=plan, spec=spec, specs={s.name: s for s in specs}, nodes={n.name: n for n in nodes},

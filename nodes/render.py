@@ -209,8 +209,9 @@ def render_udp_server(plan: Plan, lan: LanSpec, node: NodeSpec,
         f"ifconfig-pool {low} {high}",
         f"client-config-dir {CCD_DIR}",
     ]
-    # Without these the kernel never hands the downstreams' prefixes to OpenVPN (verified: players fail).
-    lines += [f"route {_net(r.prefix)}" for r in plan.routes[node.name] if r.via in downstreams]
+    # Without these the kernel never hands the downstreams' prefixes to OpenVPN (verified: players fail). A route
+    # through the node itself is a region block it is the primary of: what no client's iroute holds is dropped.
+    lines += [f"route {_net(r.prefix)}" for r in plan.routes[node.name] if r.via in downstreams or r.via == node.name]
     iroutes = max((len(plan.routes_via(node.name, down)) for down in downstreams), default=0)
     if iroutes > ROUTE_QUOTA - QUOTA_MARGIN:
         # OpenVPN learns at most 256 routes per client and silently drops traffic to the rest ("route quota

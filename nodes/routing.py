@@ -16,10 +16,16 @@ whole supernet through it; every prefix that leaves some other way gets an exact
 new lines when a node appears that it reaches other than through its default, which keeps leaves' files stable
 as the LAN grows. Defaults always step toward the primary, so even an address no one holds cannot loop.
 Defaults never point at a downstream, so a server's iroutes are always exact and disjoint.
+
+Region blocks: a node that reaches every pool of a region's address block through one next hop (as every node
+outside a region does: it is entered through its primary) routes the whole block there, not the pools allocated in
+it so far, so a node joining a region whose block has room changes no route outside the region. The primary routes
+its region's blocks into its own UDP server, where OpenVPN drops an address no client holds (``_Blocks``).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import ipaddress
 from dataclasses import dataclass
@@ -41,8 +47,13 @@ def plan_routes(
     weights: Mapping[frozenset[str], float],
     root: str | None,
     supernet: ipaddress.IPv4Network,
+    blocks: Mapping[str, Sequence[ipaddress.IPv4Network]] | None = None,
+    primaries: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[RoutePlan, ...]]:
-    """Routes for every healthy node (``names``) toward every other healthy node's pools."""
+    """Routes for every healthy node (``names``) toward every other healthy node's pools.
+
+    With the region ``blocks`` and their ``primaries`` (the plan's), a node that reaches a whole block through one
+    next hop routes the block itself rather than the pools allocated in it so far (see ``_Blocks``)."""
     adj: dict[str, dict[str, int]] = {name: {} for name in names}
     upstreams: dict[str, set[str]] = {name: set() for name in names}
     for link in links:
@@ -58,13 +69,123 @@ def plan_routes(
         if parent in behind:
             behind[parent].extend(intervals[leaf])
     behind = {name: _merge(spans) for name, spans in behind.items()}  # a region's leaves are mostly contiguous
-    routes = {}
+    defaults, groups = {}, {}
     for name in names:
         default = hops.next_hop(name, root) if root is not None and name != root else None
-        if default not in upstreams[name]:
-            default = None
-        routes[name] = _routes_for(name, names, hops, intervals, behind, default, supernet)
-    return routes
+        defaults[name] = default if default in upstreams[name] else None
+        groups[name] = _groups_for(name, names, hops, intervals, behind, defaults[name])
+    widened = _Blocks(blocks or {}, primaries or {}, intervals, hops, groups).apply()
+    return {name: _finish(groups[name], defaults[name], supernet, widened.get(name, ())) for name in names}
+
+
+class _Blocks:
+    """Routes to region blocks instead of the pools allocated in them, so a node joining a region whose block has
+    room changes no route outside the region (the block is what every outside node already routes).
+
+    A node X routes block B through next hop v when every pool allocated in B is reached through v, and v does
+    the same (or v is B's region primary): so an address of B that no node holds yet travels strictly toward the
+    primary, hop by hop along the unique shortest paths, and the primary routes B into its own UDP server, where
+    OpenVPN drops what no client holds (a ``route`` line without an ``iroute``). No loop, and no pool's path
+    changes: every allocated address still follows its shortest path (the condition is checked per pool run).
+    """
+
+    def __init__(self, blocks, primaries, intervals, hops, groups):
+        self.hops, self.groups, self.own = hops, groups, intervals
+        spans = sorted((span for name in intervals for span in intervals[name]))
+        starts = [first for first, _ in spans]
+        owners: dict[tuple[int, int], tuple[int, str]] = {}
+        for region, nets in blocks.items():
+            owner = primaries.get(region)
+            if not region or owner not in intervals:
+                continue
+            for net in nets:  # a block a region shares with its only sub-region belongs to the deepest one
+                key = (int(net.network_address), int(net.broadcast_address))
+                owners[key] = max(owners.get(key, (-1, "")), (region.count("/"), owner))
+        self.blocks = []  # (first, last, owner, allocated runs), largest first
+        for (first, last), (_, owner) in sorted(owners.items(), key=lambda item: (item[0][0] - item[0][1], item[0])):
+            inside = spans[bisect.bisect_left(starts, first):bisect.bisect_right(starts, last)]
+            self.blocks.append((first, last, owner, _merge(inside)))
+        self.covers: dict[str, tuple[list[int], list[tuple[int, int, str]]]] = {}
+        self.memo: dict[tuple[str, int], str | None] = {}
+
+    def _table(self, name: str):
+        """The node's reach as sorted (first, last, next hop) spans, merged per next hop."""
+        table = self.covers.get(name)
+        if table is None:
+            group = self.groups[name]
+            rows = sorted((first, last, via) for via, spans in (group or {}).items() for first, last in _merge(spans))
+            table = self.covers[name] = ([r[0] for r in rows], rows)
+        return table
+
+    def via(self, name: str, index: int) -> str | None:
+        """The one next hop through which ``name`` reaches every pool of block ``index`` (and that next hop does
+        the same, down to the block's primary), else None. Memoised: each (node, block) is decided once."""
+        key = (name, index)
+        if key in self.memo:
+            return self.memo[key]
+        first, last, owner, runs = self.blocks[index]
+        self.memo[key] = None  # a cycle (impossible on shortest paths) reads as "no"
+        if name == owner:  # the block ends here (in its server) unless the owner is a plain leaf (no own routes)
+            result = name if self.groups[name] is not None else None
+        elif self.groups[name] is None:  # a leaf whose only link is its default: everything goes there
+            parent = self.hops.leaf_parent[name]
+            mine = any(a <= last and first <= b for a, b in self.own[name])
+            result = parent if not mine and self.via(parent, index) is not None else None
+        else:
+            starts, rows = self._table(name)
+            vias = set()
+            for a, b in runs:
+                i = bisect.bisect_right(starts, a) - 1
+                vias.add(rows[i][2] if i >= 0 and rows[i][1] >= b else None)
+            (result,) = vias if len(vias) == 1 else (None,)
+            if result is not None and self.via(result, index) is None:
+                result = None
+        self.memo[key] = result
+        return result
+
+    def apply(self) -> dict[str, list[tuple[int, int, str]]]:
+        """Rewrite each core node's groups: a block reached through one next hop replaces its pools there; a
+        block's primary keeps explicit routes for pools of the block it reaches through its default (the block's
+        own route would otherwise catch them) and gets the block itself, routed into its own server."""
+        extra: dict[str, list[tuple[int, int, str]]] = {}
+        for name, group in self.groups.items():
+            if group is None:
+                continue
+            done: list[tuple[int, int]] = []
+            for index, (first, last, owner, _) in enumerate(self.blocks):
+                if any(a <= first and last <= b for a, b in done):
+                    continue  # inside a block already routed whole
+                via = self.via(name, index)
+                if via is None:
+                    continue
+                if via == name:  # its own block (blocks nested in it may still be routed whole)
+                    extra.setdefault(name, []).append((first, last, name))
+                    continue
+                done.append((first, last))
+                group[via] = [*_outside(group[via], first, last), (first, last)]
+        return extra
+
+
+def _outside(spans, first: int, last: int) -> list[tuple[int, int]]:
+    """The parts of spans outside [first, last]."""
+    kept = []
+    for a, b in spans:
+        if a < first:
+            kept.append((a, min(b, first - 1)))
+        if b > last:
+            kept.append((max(a, last + 1), b))
+    return kept
+
+
+def _split(spans, edges: list[int]) -> list[tuple[int, int]]:
+    """The spans cut at every edge (an edge is the first address of a new piece)."""
+    pieces = []
+    for first, last in spans:
+        for edge in edges[bisect.bisect_right(edges, first):bisect.bisect_right(edges, last)]:
+            pieces.append((first, edge - 1))
+            first = edge
+        pieces.append((first, last))
+    return pieces
 
 
 def _intervals(node_pools) -> list[tuple[int, int]]:
@@ -73,14 +194,14 @@ def _intervals(node_pools) -> list[tuple[int, int]]:
     ]
 
 
-def _routes_for(name, names, hops, intervals, behind, default, supernet) -> tuple[RoutePlan, ...]:
+def _groups_for(name, names, hops, intervals, behind, default) -> dict[str, list[tuple[int, int]]] | None:
+    """The address spans the node reaches through each next hop; None for a leaf whose only link is its default
+    (the supernet route covers every other node: most nodes of a hierarchical LAN, O(1) instead of a pass)."""
     if not hops.adj[name]:
-        return ()
+        return {}
     parent = hops.leaf_parent.get(name)
     if parent is not None and parent == default:
-        # A leaf whose only link is its default: the supernet route covers every other node (most nodes of a
-        # hierarchical LAN; O(1) instead of a pass over the LAN).
-        return (RoutePlan(supernet, default),)
+        return None
     groups: dict[str, list[tuple[int, int]]] = {}
     if parent is not None:  # a leaf whose one link is not a default (the primary of a two-node LAN)
         groups[parent] = [span for other in names if other != name for span in intervals[other]]
@@ -92,12 +213,42 @@ def _routes_for(name, names, hops, intervals, behind, default, supernet) -> tupl
                     groups.setdefault(leaf, []).extend(intervals[leaf])
                 continue
             via = first.get(target)
-            if via is not None and via != default:
+            if via is not None:
                 groups.setdefault(via, []).extend(spans)
-    groups.pop(default, None)
+    return groups
+
+
+def _finish(groups, default, supernet, own_blocks) -> tuple[RoutePlan, ...]:
+    if groups is None:
+        return (RoutePlan(supernet, default),)
     routes = [RoutePlan(supernet, default)] if default else []
-    for via, spans in groups.items():
-        routes.extend(RoutePlan(prefix, via) for prefix in aggregate(spans))
+    through_default = groups.pop(default, [])
+    if own_blocks:
+        # This node's own blocks go into its server (dropped there unless a pool matches): pools in them that it
+        # reaches through its default need their own routes, or the block's route would catch them.
+        area = _merge([(first, last) for first, last, _ in own_blocks if not any(
+            (a, b) != (first, last) and a <= first and last <= b for a, b, _ in own_blocks)])  # outermost ones
+        kept = [(max(a, first), min(b, last)) for a, b in _merge(through_default) for first, last in area
+                if a <= last and first <= b]
+        if kept:
+            groups[default] = kept
+    if own_blocks:
+        # Split at the own blocks' edges, so no aggregate is wider than an own block it overlaps: each block's
+        # route (less specific than every route inside it) then catches only addresses no pool holds.
+        edges = sorted({edge for first, last, _ in own_blocks for edge in (first, last + 1)})
+        for via, spans in groups.items():
+            pieces: dict[int, list[tuple[int, int]]] = {}
+            for piece in _split(spans, edges):  # aggregated piece by piece: merging would join them again
+                pieces.setdefault(bisect.bisect_right(edges, piece[0]), []).append(piece)
+            routes.extend(RoutePlan(prefix, via) for part in pieces.values() for prefix in aggregate(part))
+    else:
+        for via, spans in groups.items():
+            routes.extend(RoutePlan(prefix, via) for prefix in aggregate(spans))
+    if own_blocks:
+        taken = {r.prefix for r in routes}  # a block its pools fill whole is routed to them: nothing to drop
+        routes.extend(route for first, last, via in own_blocks
+                      if (route := RoutePlan(_network(first, 33 - (last - first + 1).bit_length()), via)).prefix
+                      not in taken)
     # RoutePlan's own order, by a cheap key (comparing IPv4Network objects is slow at thousands of routes)
     routes.sort(key=lambda r: (int(r.prefix.network_address), r.prefix.prefixlen, r.via))
     return tuple(routes)

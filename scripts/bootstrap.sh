@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything LanHub needs on a Debian/Ubuntu machine: system packages, .venv, Python packages.
-# Usage: scripts/bootstrap.sh run|test   ("test" adds what the test suite needs: sshd, iptables, easy-rsa, chromium,
+# Usage: scripts/bootstrap.sh run|test   ("test" adds what the test suite needs: sshd, iptables, nftables, easy-rsa, chromium,
 #        and for the VM hosts QEMU, debootstrap and apt-cacher-ng)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ purpose="${1:-run}"
 packages=(redis-server openvpn openssh-client python3-venv iproute2 iputils-ping)
 if [ "$purpose" = test ]; then
   # fonts-wqy-microhei: the browser tests type names such as "杭州"; without a CJK font chromium draws boxes.
-  packages+=(openssh-server sudo iptables easy-rsa openssl socat chromium fonts-wqy-microhei)
+  packages+=(openssh-server sudo iptables nftables easy-rsa openssl socat chromium fonts-wqy-microhei)
   packages+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs apt-cacher-ng)  # the lab's VM hosts (lab/vm.py)
 fi
 

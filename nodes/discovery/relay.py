@@ -7,23 +7,25 @@ no LanHub imports. Its config (JSON) is rendered by nodes/render.py; docs/discov
 How a packet travels:
 1. A player sends UDP to 255.255.255.255, to its subnet's broadcast address, or to a listed multicast group
    (the profile routes those into the tunnel). OpenVPN cannot route it to a client, so it writes it into its tun
-   device (lh-udp / lh-tcp), where this relay reads it with a packet socket (a BPF filter lets only UDP to
-   broadcast or multicast addresses reach Python). It keeps the packet only if it arrived from the instance's
-   players (incoming, source in the instance's own pool) and goes to a listed port.
-2. A per-player token bucket (packets and bytes per second) drops floods.
+   device (lh-udp / lh-tcp).
+2. The kernel's fan-out, an nftables table this relay writes (nft_rules): a packet from the instance's own players
+   to a listed port passes a per-player rate limit and is copied once to each other player this relay knows of,
+   with the sender's address as source, while OpenVPN's write is still being processed (no process wakes up).
 3. A relay knows only its neighbours on the LAN's relay tree (relay.json "peers": the node its routes to the LAN
    primary go through, and the nodes whose routes to the primary go through it; nodes/render.py), so a node joining
    changes relay.json on its tree neighbour only. Each relay tells each neighbour which players lie on its own side
    of the tree (its own players plus those its other neighbours reported: PLAYERS messages, on change and every few
-   seconds). The origin relay, for each neighbour, writes one copy straight to each player on that neighbour's side
-   when it holds the list (the LAN routes it like unicast from the sender: no relay on the far side wakes up), else
-   one copy to that neighbour's relay, which delivers it to its players and spreads it the same way to its other
-   neighbours (split horizon); and one copy to each local player except the sender. A tree has one path between any
-   two nodes, so every player gets each packet once, whatever cycles the links themselves have. A hop limit bounds a
-   copy's travel while two nodes' configs disagree during a re-plan.
-4. Each copy is a UDP packet with the ORIGINAL source address and ports, addressed to the player's VPN address,
-   written through a raw socket into the node's routing: OpenVPN routes it to the player by destination. Games
-   listen on 0.0.0.0:port, so they accept it, and their unicast reply goes straight to the sender.
+   seconds). A neighbour's side is in the kernel's table once its list is here (the LAN routes each copy like
+   unicast from the sender: no relay anywhere wakes up). For a neighbour whose list it does not hold, the relay
+   itself reads the announcements (a packet socket; a BPF filter lets only UDP to broadcast or multicast addresses
+   reach Python) and sends one copy to that neighbour's relay, which delivers it to its players and spreads it the
+   same way to its other neighbours (split horizon). A tree has one path between any two nodes, so every player
+   gets each packet once, whatever cycles the links themselves have. A hop limit bounds a copy's travel while two
+   nodes' configs disagree during a re-plan.
+4. Without nftables the relay does it all itself, the same way: the checks, a token bucket per player, and each
+   copy (the ORIGINAL source address and ports, addressed to the player's VPN address) written through a raw
+   socket into the node's routing. Games listen on 0.0.0.0:port, so they accept copies, and their unicast reply
+   goes straight to the sender.
 
 Which players are local is read from the instances' status files (rewritten every few seconds).
 """
@@ -41,6 +43,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -113,11 +116,23 @@ class Config:
         for low, high in data["ports"]:
             ports.update(range(int(low), int(high) + 1))
         self.ports = frozenset(ports)
+        self.port_ranges = _ranges(self.ports)  # merged: nftables refuses overlapping intervals in one set
         self.groups = frozenset(int(ipaddress.IPv4Address(g)) for g in data["groups"])
         rate = data["rate"]
         self.rate_packets, self.rate_bytes = float(rate["packets"]), float(rate["bytes"])
         self.burst_packets = float(rate.get("burst_packets", self.rate_packets))
         self.burst_bytes = float(rate.get("burst_bytes", self.rate_bytes))
+
+
+def _ranges(values) -> tuple[tuple[int, int], ...]:
+    """Sorted integers as (low, high) runs."""
+    runs: list[list[int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return tuple((low, high) for low, high in runs)
 
 
 # --- the filter in the kernel: only UDP to 255.255.255.255, a subnet broadcast (x.x.255.255-style: any address
@@ -252,6 +267,82 @@ class Bucket:
         return True
 
 
+# --- the fan-out in the kernel (nftables) ------------------------------------------------------------------------
+# The relay is the control plane: it knows the players (status files, its peers' lists) and writes them into one
+# nftables table; the kernel copies each announcement while OpenVPN's write into the tun device is still being
+# processed, so no process wakes up for it. docs/discovery.md ("Where the time went") has the measurements.
+
+NFT_TABLE = "lanhub_relay"
+NFT_SET_TIMEOUT = "1m"  # a player's rate-limit state is kept this long after its last announcement
+
+
+def _ip(address: int) -> str:
+    return socket.inet_ntoa(address.to_bytes(4, "big"))
+
+
+def nft_rules(config: Config, targets) -> str:
+    """``nft -f`` input that replaces both chains' rules in one transaction (the rate-limit sets are kept).
+
+    prerouting: what the Python path's checks accept (an instance's own players, sending to 255.255.255.255, to
+    that instance's subnet broadcast or to a listed group, on a listed port, unfragmented) jumps to ``announce``.
+    announce: the per-player limits (packets, then IP-packet bytes), a fresh TTL, then one rule per player: the packet's
+    destination becomes that player (the kernel fixes the IP and UDP checksums), and ``dup`` sends a copy of it
+    through the node's routing, as the relay's raw socket did; the source (the sender) is kept, and the sender is
+    skipped. The original is dropped at the end: every player got a copy, and nothing on the node listens."""
+    table = f"ip {NFT_TABLE}"
+    lines = [f"flush chain {table} prerouting", f"flush chain {table} announce"]
+    ports = ", ".join(f"{low}" if low == high else f"{low}-{high}" for low, high in config.port_ranges)
+    groups = "".join(f", {_ip(g)}" for g in sorted(config.groups))
+    for inst in config.instances if ports else ():
+        lines.append(f'add rule {table} prerouting iifname "{inst.device}" ip saddr {_ip(inst.low + 1)}-'
+                     f"{_ip(inst.high - 1)} ip daddr {{ 255.255.255.255, {_ip(inst.broadcast)}{groups} }} "
+                     f"udp dport {{ {ports} }} ip frag-off & 0x3fff == 0 jump announce")
+    rate = [max(1, round(v)) for v in (config.rate_packets, config.burst_packets, config.rate_bytes,
+                                       config.burst_bytes)]
+    lines += [f"add rule {table} announce udp length > {MAX_PAYLOAD + 8} drop",
+              # Games send multicast with a TTL of 1 (Java's MulticastSocket, Minecraft): kept, the copy would die
+              # at the first router on its way to another node. The relay's own copies leave with 64 too.
+              f"add rule {table} announce ip ttl set 64",
+              f"add rule {table} announce update @rate_packets {{ ip saddr limit rate over {rate[0]}/second burst "
+              f"{rate[1]} packets }} drop",
+              f"add rule {table} announce update @rate_bytes {{ ip saddr limit rate over {rate[2]} bytes/second burst "
+              f"{rate[3]} bytes }} drop"]
+    for address in sorted(set(targets)):
+        player = _ip(address)
+        lines.append(f"add rule {table} announce ip saddr != {player} ip daddr set {player} dup to {player}")
+    lines.append(f"add rule {table} announce drop")
+    return "\n".join(lines) + "\n"
+
+
+class KernelFanout:
+    """Writes and removes the relay's nftables table with the ``nft`` command (a few times a minute at most: when
+    players come and go). ``start()`` creates an empty table, replacing one a crashed relay left behind."""
+
+    def __init__(self, nft: str = "nft"):
+        self.nft = nft
+
+    def start(self) -> bool:
+        table = f"ip {NFT_TABLE}"
+        sets = "".join(f"  set {name} {{ type ipv4_addr; size 65535; flags dynamic,timeout; "
+                       f"timeout {NFT_SET_TIMEOUT}; }}\n" for name in ("rate_packets", "rate_bytes"))
+        return self.apply(f"table {table}\ndelete table {table}\ntable {table} {{\n{sets}"
+                          "  chain prerouting { type filter hook prerouting priority raw; policy accept; }\n"
+                          "  chain announce { }\n}\n")
+
+    def apply(self, text: str) -> bool:
+        try:
+            done = subprocess.run([self.nft, "-f", "-"], input=text, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("nft failed: %s", exc)
+            return False
+        if done.returncode != 0:
+            log.warning("nft refused the rules: %s", done.stderr.strip()[-500:])
+        return done.returncode == 0
+
+    def stop(self) -> None:
+        self.apply(f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n")
+
+
 # --- the relay -----------------------------------------------------------------------------------------------
 
 _IP = struct.Struct("!BxHxxHxBxxII")   # version+ihl, total length, flags+fragment, protocol, source, destination
@@ -302,8 +393,14 @@ class Relay:
     builds the header and checksum), and the UDP checksum of a local copy derived from the payload's sum, taken
     once per packet, plus that player's share."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None):
+    def __init__(self, config: Config, *, config_path: str | None = None, fanout: KernelFanout | None = None):
         self.config, self.config_path = config, config_path
+        # The kernel's fan-out (nftables), when the node has it: it then copies every announcement to every player
+        # whose address this relay has written into it, and the relay itself only sends copies through the relays
+        # of peers whose players it does not know (kernel_peers: the peers whose players are in the kernel now).
+        self.fanout, self.kernel_active = fanout, bool(fanout and fanout.start())
+        self.kernel_text: str | None = None
+        self.kernel_peers: frozenset[str] = frozenset()
         self.epoll = select.epoll()
         self.handlers: dict[int, object] = {}
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -317,7 +414,7 @@ class Relay:
         self.sent_lists: dict[str, bytes] = {}  # the PLAYERS message last sent to each neighbour
         self.next_players = 0.0
         self.counters = {"relayed": 0, "delivered": 0, "direct": 0, "via_peer": 0, "limited": 0, "ignored": 0,
-                         "peer_refused": 0, "reloaded": 0}
+                         "peer_refused": 0, "reloaded": 0, "kernel_updates": 0}
         self.config_mtime = self._config_mtime()
         self.next_scan = 0.0
         self.running = True
@@ -433,14 +530,6 @@ class Relay:
         self.tunnel_indexes.clear()
         for inst in self.config.instances:
             try:
-                index = socket.if_nametoindex(inst.device)
-            except OSError:
-                index = 0
-            if index != inst.ifindex:
-                self._close(inst)
-                if index:
-                    self._open(inst, index)
-            try:
                 mtime = os.stat(inst.status).st_mtime
             except OSError:
                 mtime = -1.0
@@ -451,7 +540,49 @@ class Relay:
         for peer, (valid_until, _) in list(self.remote.items()):
             if valid_until < now or peer not in self.config.peer_names:
                 del self.remote[peer]  # that node is gone or its relay stopped: back to copies through its relay
+        self.sync_kernel(now)
+        self.watch_devices()
         self.next_scan = now + RESCAN_S
+
+    def watch_devices(self) -> None:
+        """Open the packet socket of every device that (re)appeared. With the kernel's fan-out covering every peer
+        the relay has nothing to do with an announcement, so it reads none (no wake-ups, no CPU at any rate)."""
+        wanted = not self.kernel_active or not self.config.peer_names <= self.kernel_peers
+        for inst in self.config.instances:
+            try:
+                index = socket.if_nametoindex(inst.device) if wanted else 0
+            except OSError:
+                index = 0
+            if index != inst.ifindex:
+                self._close(inst)
+                if index:
+                    self._open(inst, index)
+
+    def sync_kernel(self, now: float) -> None:
+        """Write this node's players and the players of every peer whose list is valid into the kernel's fan-out,
+        when they changed. One player gets each announcement once: from the kernel if its node's list is in the
+        kernel, else through its node's relay (originate), never both."""
+        if not self.kernel_active:
+            return
+        covered = frozenset(p for p, (valid, _) in self.remote.items() if valid >= now and p in self.config.peer_names)
+        targets = [t.address for inst in self.config.instances for t in inst.targets]
+        targets += [t.address for peer in covered for t in self.remote[peer][1]]
+        text = nft_rules(self.config, targets)
+        if text == self.kernel_text and covered == self.kernel_peers:
+            return
+        if covered != self.kernel_peers:
+            # What is queued was copied by the rules in place now: handle it with the peers they cover (a packet
+            # the kernel copies while the new rules are being committed can be missed, never doubled).
+            for inst in self.config.instances:
+                if inst.sock is not None:
+                    self._from_device(inst.sock, inst)
+        if self.fanout.apply(text):
+            self.kernel_text, self.kernel_peers = text, covered
+            self.counters["kernel_updates"] += 1
+            return
+        log.error("the kernel's fan-out could not be updated: removed, the relay sends every copy itself")
+        self.fanout.stop()
+        self.kernel_active, self.kernel_text, self.kernel_peers = False, None, frozenset()
 
     def share_players(self, now: float, *, force: str | None = None) -> None:
         """Tell each neighbour which players lie on this side of the tree: this node's own and those the other
@@ -487,6 +618,7 @@ class Relay:
         before = self.remote.get(peer)
         self.remote[peer] = (now + PLAYERS_VALID_S, targets)
         if before is None or [t.address for t in before[1]] != [t.address for t in targets]:
+            self.sync_kernel(now)
             # A relay that (re)started learns this side's players at once, not a few seconds later.
             self.share_players(now, force=peer if before is None else None)
 
@@ -557,17 +689,21 @@ class Relay:
         self.counters["relayed"] += 1
         payload = packet[ihl + 8: ihl + length]
         copies = _Copies(self.raw, src, sport, dport, payload)
-        self._spread(copies, src, dst, sport, dport, payload, MAX_HOPS, now, None)
-        self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
+        # With the kernel's fan-out, what reaches this point was copied by the kernel to this node's players and to
+        # the sides whose lists it holds: only the other sides are left (through their relays).
+        kernel = self.kernel_peers if self.kernel_active else None
+        self._spread(copies, src, dst, sport, dport, payload, MAX_HOPS, now, None, skip=kernel or frozenset())
+        if kernel is None:
+            self.counters["delivered"] += copies.send(t for inst in cfg.instances for t in inst.targets)
 
-    def _spread(self, copies, src, dst, sport, dport, payload, hops, now, came_from) -> None:
-        """One announcement to every neighbour's side of the tree but the one it came from (split horizon):
-        straight to the players there when their list is known, else one copy to that neighbour's relay, which may
-        send it on across ``hops - 1`` more relays."""
+    def _spread(self, copies, src, dst, sport, dport, payload, hops, now, came_from, skip=frozenset()) -> None:
+        """One announcement to every neighbour's side of the tree but the one it came from (split horizon) and
+        those in ``skip`` (the kernel has served them): straight to the players there when their list is known,
+        else one copy to that neighbour's relay, which may send it on across ``hops - 1`` more relays."""
         message = None
         remote = self.remote
         for peer in self.config.peer_sockaddrs:
-            if peer[0] == came_from:
+            if peer[0] == came_from or peer[0] in skip:
                 continue
             known = remote.get(peer[0])
             if known is not None and known[0] >= now:
@@ -655,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log")
     parser.add_argument("--daemon", action="store_true", help="detach (hosts without systemd)")
     parser.add_argument("--check", action="store_true", help="read the config, print a summary and exit")
+    parser.add_argument("--no-kernel", action="store_true",
+                        help="send every copy from the relay (no nftables fan-out): for comparing the two")
     args = parser.parse_args(argv)
     try:
         with open(args.config, encoding="utf-8") as handle:
@@ -674,10 +812,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.pidfile, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
     try:
-        relay = Relay(config, config_path=args.config)
+        relay = Relay(config, config_path=args.config, fanout=None if args.no_kernel else KernelFanout())
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if not relay.kernel_active:
+        log.info("no fan-out in the kernel (nftables missing or refused): the relay sends every copy itself")
     if not request_short_slice():
         log.info("running with the scheduler's default time slice (sched_setattr refused a %d ns slice)", SLICE_NS)
     signal.signal(signal.SIGTERM, relay.stop)
@@ -686,7 +826,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: log.info("counters %s", json.dumps(relay.counters)))
     signal.set_wakeup_fd(relay.wake_w.fileno(), warn_on_full_buffer=False)
     log.info("relay of %s on %s:%d, %d peers", config.node, config.address, config.port, len(config.peers))
-    relay.run()
+    try:
+        relay.run()
+    finally:
+        if relay.kernel_active:
+            relay.fanout.stop()  # no copies to players this relay no longer keeps track of
     log.info("stopped; counters %s", json.dumps(relay.counters))
     return 0
 

@@ -34,11 +34,12 @@ def check_os(c: Connection) -> str:
                             "derivatives (it installs OpenVPN with apt).", permanent=True)
 
 
-PACKAGES = {"openvpn": "openvpn", "python3": "python3"}  # binary -> Debian package (python3 runs the relay)
+# binary -> Debian package: python3 runs the discovery relay, nft is its fan-out in the kernel
+PACKAGES = {"openvpn": "openvpn", "python3": "python3", "nft": "nftables"}
 
 
 def ensure_openvpn(c: Connection) -> bool:
-    """Install the distribution's openvpn and python3 packages unless their binaries are already there."""
+    """Install the distribution's openvpn, python3 and nftables packages unless their binaries are already there."""
     check_sudo(c, "ensure_openvpn")  # the first step that needs root: a failing probe below must mean "missing"
     probe = " ; ".join(f"command -v {b} >/dev/null || echo {b}" for b in PACKAGES)
     missing = run_root(c, probe + "; true", hide=True, warn=True).stdout.split()

@@ -96,11 +96,13 @@ def plan_lan(
     link_addresses: Mapping[tuple[str, str], str] | None = None,
     locations: Mapping[str, tuple[float, float]] | None = None,
     blocks: Mapping[str, Sequence[str]] | None = None,
+    primaries: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan pools, links and routes for one LAN. Raises PlanError for input no plan can satisfy.
 
     ``rtts`` are measured round trips; a pair without one is estimated from ``locations`` (latitude, longitude)
-    when both nodes have one. ``blocks`` are the previous plan's region blocks (``Plan.blocks``)."""
+    when both nodes have one. ``blocks`` are the previous plan's region blocks (``Plan.blocks``), ``primaries`` its
+    region primaries (``Plan.primaries``: a region keeps its primary unless another is clearly more central)."""
     supernet = _validate(lan, nodes)
     by_name = {node.name: node for node in nodes}
     pools, region_blocks = _allocate_pools(lan, supernet, sorted(nodes, key=lambda n: (n.order, n.name)), blocks)
@@ -109,12 +111,13 @@ def plan_lan(
     mode = _resolve_mode(lan.mode, healthy)
     if lan.mode == "hierarchical":
         _reject_pin_cycles(nodes)  # auto mode joins a pin cycle to the primary instead, as at <= 5 nodes
-    builder = _LinkBuilder(healthy, by_name, rtt, previous={frozenset(pair) for pair in (link_addresses or {})})
+    builder = _LinkBuilder(healthy, by_name, rtt, previous={frozenset(pair) for pair in (link_addresses or {})},
+                           previous_primaries=primaries)
     primaries = builder.build(mode)
     links = _assign_addresses(builder.oriented(), pools, link_addresses or {})
     weights = {pair: rtt(*pair) for pair in builder.pairs}
     routes = plan_routes(
-        [n.name for n in healthy], links, pools, weights, primaries.get(""), supernet,
+        [n.name for n in healthy], links, pools, weights, primaries.get(""), supernet, region_blocks, primaries,
     )
     for node in nodes:
         routes.setdefault(node.name, ())

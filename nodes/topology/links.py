@@ -86,9 +86,11 @@ def _resolve_mode(mode: str, healthy: Sequence[NodeSpec]) -> str:
 class _LinkBuilder:
     """Collects links as unordered pairs with a direction, applying the mode, the pins and a final repair."""
 
-    def __init__(self, healthy: Sequence[NodeSpec], by_name: Mapping[str, NodeSpec], rtt, previous=frozenset()):
+    def __init__(self, healthy: Sequence[NodeSpec], by_name: Mapping[str, NodeSpec], rtt, previous=frozenset(),
+                 previous_primaries: Mapping[str, str] | None = None):
         self.healthy = list(healthy)
         self.previous = previous  # pairs linked in the plan before this one (from link_addresses)
+        self.previous_primaries = dict(previous_primaries or {})  # region path -> its primary in the plan before
         self.previous_adj: dict[str, set[str]] = {}
         for pair in previous:
             if len(pair) == 2:
@@ -203,6 +205,7 @@ class _Hierarchy:
         self.group_max = max(2, math.ceil(math.sqrt(n)))
         self.budget = max(2, math.floor(2 * math.sqrt(n)))
         self.reps: set[str] = set()
+        self.path = ""  # the region being linked (run); its previous primary is the incumbent centre
         # RTT-driven choices need every pair measured (a partial matrix would read unmeasured pairs as 1 ms).
         self.measured = n > 2 and builder.rtt.covers(free)
 
@@ -223,6 +226,7 @@ class _Hierarchy:
             units = sorted(members[path] + child_reps[path], key=self.b.rank.__getitem__)
             if not units:
                 continue
+            self.path = path
             primary = self.connect(units, self.RESERVE if path else 0)
             primaries[path] = primary
             self.reps.add(primary)
@@ -296,26 +300,33 @@ class _Hierarchy:
         """Highest priority wins; among equals the most central unit (by RTT), else the best-ranked."""
         best = self.b.by_name[units[0]].priority
         candidates = [u for u in units if self.b.by_name[u].priority == best]
-        return self._centre(candidates, units)
+        return self._centre(candidates, units, self.b.previous_primaries.get(self.path))
 
-    def _centre(self, candidates: list[str], group: list[str]) -> str:
+    def _centre(self, candidates: list[str], group: list[str], incumbent: str | None = None) -> str:
         """The candidate with the least RTT to the group (a sample of it, for big groups).
 
-        Hysteresis: the candidates already linked to most of the group in the previous plan (``link_addresses``)
-        count INCUMBENT_MARGIN closer, so a small RTT change does not move a primary and all its links.
+        Hysteresis: the incumbent (the region's primary in the previous plan, when the caller knows it), else the
+        candidates already linked to most of the group in the previous plan (``link_addresses``), count
+        INCUMBENT_MARGIN closer, so a small RTT change does not move a primary and all its links.
         """
         if len(candidates) == 1 or not self.measured:
             return min(candidates, key=self.b.rank.__getitem__)
         rtt, previous = self.b.rtt, self.b.previous
         sample = group if len(group) <= 64 else group[:: math.ceil(len(group) / 32)]
+        incumbent = incumbent if incumbent in candidates else None
         if len(candidates) > 64:
             # A sample of the candidates (every k-th by rank) plus the previous plan's centres: the most central
-            # of 64 is central enough, and it keeps a big region at O(64 * 64) instead of O(n * 64).
-            held_before = [c for c in candidates if any(frozenset((c, u)) in previous for u in sample)]
+            # of 64 is central enough, and it keeps a big region at O(64 * 64) instead of O(n * 64). With the
+            # incumbent known, only it joins the sample: a re-plan then weighs the same candidates as the plan
+            # before, and a node joining elsewhere does not move the centre to a unit that plan never looked at.
+            held_before = [incumbent] if incumbent else [
+                c for c in candidates if any(frozenset((c, u)) in previous for u in sample)]
             candidates = sorted({*candidates[:: math.ceil(len(candidates) / 32)], *held_before[:32]},
                                 key=self.b.rank.__getitem__)
         scores = {c: sum(rtt(c, u) for u in sample if u != c) for c in candidates}
-        if previous:
+        if incumbent:
+            scores[incumbent] *= 1 - self.INCUMBENT_MARGIN
+        elif previous:
             held = {c: sum(frozenset((c, u)) in previous for u in group) for c in candidates}
             most = max(held.values())
             for c in candidates:

@@ -93,7 +93,7 @@ class Plan:
         target = self.pools[root].udp.network_address + 1
         for name in self.healthy:
             parent = None if name == root else self.next_hop(name, target)
-            if parent is not None and parent in tree:
+            if parent is not None and parent != name and parent in tree:
                 tree[name].add(parent)
                 tree[parent].add(name)
         return {name: tuple(sorted(nbrs)) for name, nbrs in tree.items()}

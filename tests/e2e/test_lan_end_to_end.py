@@ -19,7 +19,6 @@ from django.test import Client, override_settings
 
 from nodes import openvpn_mgmt as management
 from nodes import services, tasks
-from nodes.render import RELAY_CONFIG
 from nodes.ssh import open_connection
 from nodes.models import Link, Node, NodeState, SyncRun, SyncStatus, VpnSession
 from players import services as player_services
@@ -194,19 +193,15 @@ def test_lanhub_builds_the_reference_lan_and_keeps_it_working(lab, figures):
         bob_host.stop_openvpn()
 
         # 7. Singapore joins: only the servers whose files change are synced (in hub mode: Singapore and
-        # Hangzhou; Hong Kong's routes already send everything through Hangzhou, so there only the discovery relay
-        # learns its new peer, and no OpenVPN instance restarts: Asia's block grows inside what players are
-        # pushed).
+        # Hangzhou). Hong Kong's routes already send everything through Hangzhou and its discovery relay's only
+        # tree neighbour is still Hangzhou, so nothing of Hong Kong's changes and it is not synced at all (Asia's
+        # block grows inside what players are pushed).
         before = set(SyncRun.objects.filter(node__lan=lan).values_list("pk", flat=True))
         sg_host, _ = register(lab, lan, "singapore")
         wait_ready(lan, ["hangzhou", "hongkong", "singapore"])
         touched = set(SyncRun.objects.filter(node__lan=lan).exclude(pk__in=before)
                       .values_list("node__name", flat=True))
-        assert touched == {"hangzhou", "singapore", "hongkong"}, touched
-        hk_run = SyncRun.objects.filter(node__name="hongkong", node__lan=lan).exclude(pk__in=before).exclude(
-            status=SyncStatus.SKIPPED).latest("created_at")
-        # (The relay re-reads its config in place, on SIGHUP or a new mtime: nothing restarts.)
-        assert (hk_run.changed_files, hk_run.restarted) == ([RELAY_CONFIG], []), hk_run.log
+        assert touched == {"hangzhou", "singapore"}, touched
         dave = join(Client(), invite, "dave")
         dave_host, dave_ip, _ = connect(lab, "dave", download(Client(), dave, "singapore"))
         # Hangzhou restarted its UDP server for Singapore's routes: alice reconnected, over UDP or, when her

@@ -114,6 +114,35 @@ def test_players_reach_nodes_and_each_other_across_wan(lab, cast):
     assert lab.ping(p1, "203.0.113.99", timeout=1) is None  # nobody there: ping reports None, not an error
 
 
+def test_a_host_joining_later_leaves_the_others_reaching_their_router(lab, cast):
+    """A new host's port must not change the wan router's MAC under the hosts already talking through it. A Linux
+    bridge without an address of its own takes its lowest port MAC; a port added with a lower one then changes it,
+    and every host's cached neighbour entry for the router points at an address the router no longer answers (IPv4
+    and IPv6 alike) until that entry is probed again, 20 s and more. Here the new port gets the lowest MAC there is
+    among locally administered ones, so without a fixed bridge address the change is certain."""
+    node = cast["nodes"][0]
+    mac = lambda dev: lab.exec(lab.wan, ["cat", f"/sys/class/net/{dev}/address"]).stdout.strip()  # noqa: E731
+    bridge_mac = lambda: mac("br-players")  # noqa: E731
+    before = bridge_mac()
+    # The sender must not be the player whose wan port owns the bridge's MAC: frames to a port's own MAC arriving on
+    # that port still count as the router's, so only the other players show the loss.
+    p1 = next(p for p in cast["players"] if mac(f"p-{p.name}") != before)
+    assert lab.ping(p1, node.address) is not None
+    cached = lab.exec(p1, ["ip", "neigh", "show", "198.51.100.1", "dev", "eth0"]).stdout
+    assert before in cached, cached  # p1 holds the router's MAC
+
+    port, peer = "t-lowmac", "t-lowmacp"
+    lab.exec(lab.wan, ["ip", "link", "add", port, "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", peer])
+    try:
+        lab.exec(lab.wan, ["ip", "link", "set", port, "master", "br-players", "up"])
+        lab.exec(lab.wan, ["ip", "link", "set", peer, "up"])
+        assert bridge_mac() == before
+        # At once, with p1's cached entry: one probe, no time for a new neighbour resolution to rescue it.
+        assert lab.ping(p1, node.address, timeout=1) is not None, "p1 lost its router when a port was added"
+    finally:
+        lab.exec(lab.wan, ["ip", "link", "del", port], check=False)
+
+
 def test_the_host_reaches_node_sshd_through_the_lab_link(lab, cast):
     for node in cast["nodes"]:
         route = subprocess.run(["ip", "route", "get", node.address], capture_output=True, text=True).stdout

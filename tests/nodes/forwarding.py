@@ -149,8 +149,11 @@ class Network:
 
     def send(self, source: str, source_pool: ipaddress.IPv4Network, target_pool: ipaddress.IPv4Network) -> Trace:
         """Carry one packet from a player in source_pool (on node source) to a player in target_pool."""
-        src, dst = int(self.player(source_pool)), int(self.player(target_pool))
-        target = self.owner[target_pool]
+        return self.send_to(source, source_pool, int(self.player(target_pool)), self.owner[target_pool])
+
+    def send_to(self, source: str, source_pool: ipaddress.IPv4Network, dst: int, target: str = "") -> Trace:
+        """Carry one packet from a player in source_pool to the address ``dst`` (held by ``target``, if anyone)."""
+        src = int(self.player(source_pool))
         path = [source]
         while True:
             node = path[-1]

@@ -113,6 +113,16 @@ def check_lan(testcase, lan, nodes, rtts):
             planned[key] = plan.hops(*key)
             testcase.assertEqual(plan.path(*key), tuple(reversed(plan.path(key[1], key[0]))))
         testcase.assertEqual(trace.hops, planned[key], trace)
+    # An address of a region block that no pool holds yet (routes name whole blocks) ends where OpenVPN drops it
+    # or leaves the LAN's routes, never in a loop between nodes.
+    for region, blocks in sorted(plan.blocks.items()):
+        for block in blocks:
+            free = next((a for a in (block.network_address + 1, block.broadcast_address - 1)
+                         if not any(a in p for p in pools)), None)
+            for source in (sources[:5] if free is not None else ()):
+                trace = network.send_to(source, network.pools[source][0], int(free))
+                testcase.assertFalse(trace.delivered, trace)
+                testcase.assertNotEqual(trace.reason, "loop", (region, block, trace))
     # The tunnel budget holds for every region tree, however deep; pins are excepted (links to or from a pinned
     # node are not counted: a node takes every node pinned to it, and a cut-off pin cycle joins the primary).
     if lan.mode in ("auto", "hierarchical") and plan.mode == "hierarchical":

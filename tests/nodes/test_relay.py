@@ -393,3 +393,71 @@ class SchedulerTests(SimpleTestCase):
             self.skipTest(f"this kernel refuses a custom slice: {out.stdout} {out.stderr}")
         if slices.strip() != "[]":  # /proc/<pid>/sched shows se.slice on kernels with EEVDF custom slices
             self.assertEqual(slices.strip(), f"['{relay.SLICE_NS}']")
+
+
+class KernelFanoutTests(SimpleTestCase):
+    """The fan-out in the kernel (nftables), for real: tests/nodes/kernel_fanout_probe.py writes announcements into a
+    tun device as OpenVPN would, inside a throwaway network namespace, and reads the copies the kernel writes out."""
+
+    def test_the_kernel_copies_each_announcement_once_to_each_other_player_with_the_senders_address(self):
+        import json
+        import os
+        import secrets
+        import shutil
+        import subprocess
+        from pathlib import Path
+
+        from tests.lab_helpers import lab_required
+
+        missing = [tool for tool in ("ip", "nft") if not shutil.which(tool)]
+        if os.geteuid() != 0 or missing:
+            reason = f"needs root and {', '.join(missing) or 'ip, nft'} (network namespaces, nftables)"
+            if lab_required():  # CI: the nodes' fan-out must be proven, not skipped
+                self.fail(reason)
+            self.skipTest(reason)
+        ns = f"lhkf{secrets.token_hex(3)}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns], check=False)
+        probe = Path(__file__).with_name("kernel_fanout_probe.py")
+        done = subprocess.run(["ip", "netns", "exec", ns, "python3", str(probe), relay.__file__], capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        r = json.loads(done.stdout)
+        self.assertTrue(r["kernel_active"], done.stderr)
+
+        def copies(key):
+            return sorted((c["device"], c["src"], c["dst"], c["dport"], c["payload"]) for c in r[key])
+
+        self.assertTrue(all(c["checksum_ok"] for key in r if isinstance(r[key], list) for c in r[key]))
+        # The peer's players are not known yet: the kernel serves this node's players, the relay sends one copy
+        # through the peer's relay (it reads the device for that).
+        self.assertTrue(r["reads_devices_before_the_peer_is_known"])
+        local = [("lh-udp", "10.251.1.1", "10.251.1.2", 6112, "unknown-peer"),
+                 ("lh-udp", "10.251.1.1", "10.251.1.3", 6112, "unknown-peer")]
+        self.assertEqual([c for c in copies("peer_unknown") if c[0] == "lh-udp"], local)
+        via_relay = [c for c in r["peer_unknown"]
+                     if c["device"] == "lhl-peer" and c["payload"].startswith(relay.MAGIC.decode())]
+        self.assertEqual([(c["src"], c["dst"], c["dport"]) for c in via_relay], [("10.251.0.1", "10.249.0.1", 7400)])
+        self.assertEqual([c for c in copies("peer_unknown") if c[0] == "lhl-peer" and c[2] != "10.249.0.1"], [])
+        # Its list arrived: the kernel sends straight to its player too, and the relay stops reading the device.
+        self.assertFalse(r["reads_devices_once_every_peer_is_in_the_kernel"], r["rules"])
+        for kind, port in (("limited", 6112), ("directed", 6112), ("group", 6113)):
+            self.assertEqual(copies(kind), [("lh-udp", "10.251.1.1", "10.251.1.2", port, kind),
+                                            ("lh-udp", "10.251.1.1", "10.251.1.3", port, kind),
+                                            ("lhl-peer", "10.251.1.1", "10.249.1.2", port, kind)], r["rules"])
+        # A game's multicast leaves with TTL 1; the copies must cross routers (the LAN's nodes) to other nodes.
+        self.assertTrue(all(c["ttl"] > 8 for c in r["group"]), r["group"])
+        for kind in ("unlisted", "other-group", "from-a-stranger"):
+            self.assertEqual(r[kind], [], kind)
+        # The flood: 200 packets at once; each player gets what the burst allows (40 tokens, 4 of them used above
+        # and refilled at 20/s while the probe waited for copies), plus what 20/s refills during the flood, each once.
+        allowed = 40 + int(20 * r["flood_seconds"]) + 1
+        per_player = {}
+        for c in r["flood"]:
+            per_player.setdefault(c["dst"], []).append(c["payload"])
+        self.assertEqual(set(per_player), {"10.251.1.2", "10.251.1.3", "10.249.1.2"})
+        for got in per_player.values():
+            self.assertEqual(len(got), len(set(got)))
+            self.assertTrue(30 <= len(got) <= allowed, (len(got), allowed))
+        self.assertTrue(r["relay_sent_nothing_itself"])
+        self.assertNotEqual(r["table_after_stop"], 0)  # the relay's table is gone once it stops

@@ -270,6 +270,85 @@ class StabilityTests(SimpleTestCase):
         self.assertEqual(shrunk, before)
 
 
+CITIES = {"asia/cn/east": (30.3, 120.2), "asia/hk": (22.3, 114.2), "eu/de": (50.1, 8.7), "eu/uk": (51.5, -0.1),
+          "na/us/east": (40.7, -74.0)}
+
+
+class JoinTouchesTests(SimpleTestCase):
+    """Adding one node changes files on O(region + depth) nodes (issue #11; benchmarks/topology.py has the figures)."""
+
+    def test_a_node_joining_a_region_with_room_changes_files_only_in_that_region_and_on_core_nodes(self):
+        import math
+        import random
+
+        steady = 0
+        for seed in range(3):
+            rng = random.Random(seed)
+            count = rng.randint(80, 160)
+            regions = list(CITIES)
+            where, nodes = {}, []
+            for i in range(count + 6):
+                region = rng.choice(regions)
+                lat, lon = CITIES[region]
+                where[f"n{i}"] = (lat + rng.uniform(-3, 3), lon + rng.uniform(-3, 3))
+                nodes.append(NodeSpec(f"n{i}", region=region, order=i, public_address=f"198.51.{i // 250}.{i % 250 + 1}"))
+            spec = LanSpec(mode="auto", pool_prefix=20)
+            current = nodes[:count]
+            plan = plan_lan(spec, current, locations=where)
+            files = render_lan(plan, spec, current)
+            for newcomer in nodes[count:]:
+                kept = [dataclasses.replace(n, udp_pool=str(plan.pools[n.name].udp), tcp_pool=str(plan.pools[n.name].tcp))
+                        for n in current]
+                grown = [*kept, newcomer]
+                grown_plan = plan_lan(spec, grown, locations=where, primaries=plan.primaries,
+                                      blocks={r: [str(b) for b in nets] for r, nets
+                                                                             in plan.blocks.items()},
+                                      link_addresses={(l.upstream, l.downstream): str(l.address) for l in plan.links})
+                grown_files = render_lan(grown_plan, spec, grown)
+                n = len(current)
+                # The bound is for a region whose blocks have room and a LAN whose group size and tunnel budget
+                # (ceil(sqrt(n)), floor(2 sqrt(n))) stay the same; otherwise more may change, by design.
+                if (grown_plan.blocks == plan.blocks and math.ceil(math.sqrt(n)) == math.ceil(math.sqrt(n + 1))
+                        and math.floor(2 * math.sqrt(n)) == math.floor(2 * math.sqrt(n + 1))):
+                    steady += 1
+                    changed = {name for name in files if files[name] != grown_files[name]}
+                    region = {m.name for m in grown if m.region == newcomer.region}
+                    above = set(grown_plan.path(newcomer.name, grown_plan.primaries[""]))
+                    # Outside its region, the routes to it name the region's blocks, which did not change, and the
+                    # relays know only their tree neighbours: at most the path up to the LAN primary changes.
+                    self.assertEqual(changed - region - above, set(), (seed, newcomer.name))
+                current, plan, files = grown, grown_plan, grown_files
+        self.assertGreater(steady, 6)
+
+
+    def test_a_join_elsewhere_keeps_a_big_regions_primary_and_so_its_links(self):
+        import random
+
+        # Past 64 equal candidates the centre is picked from a sample. The re-plan is given the previous primaries
+        # (as nodes/planning.py gives them) and weighs the same sample plus the incumbent; before, it could find a
+        # more central unit the first plan never looked at and re-link the whole region (seed 6 did).
+        for seed in range(8):
+            rng = random.Random(seed)
+            big = rng.randint(100, 300)
+            where, nodes = {}, []
+            for i in range(big + 20):
+                region = "sa/br" if i < big else "eu/uk"
+                lat, lon = (-23.5, -46.6) if region == "sa/br" else CITIES["eu/uk"]
+                where[f"n{i}"] = (lat + rng.uniform(-3, 3), lon + rng.uniform(-3, 3))
+                nodes.append(NodeSpec(f"n{i}", region=region, order=i, public_address="198.51.0.1"))
+            spec = LanSpec(mode="auto", pool_prefix=20)
+            plan = plan_lan(spec, nodes[:-1], locations=where)
+            kept = [dataclasses.replace(n, udp_pool=str(plan.pools[n.name].udp), tcp_pool=str(plan.pools[n.name].tcp))
+                    for n in nodes[:-1]]
+            grown = plan_lan(spec, [*kept, nodes[-1]], locations=where, primaries=plan.primaries,
+                             blocks={r: [str(b) for b in nets] for r, nets in plan.blocks.items()},
+                             link_addresses={(l.upstream, l.downstream): str(l.address) for l in plan.links})
+            self.assertEqual(grown.primaries["sa/br"], plan.primaries["sa/br"], seed)
+            brazil = {n.name for n in nodes if n.region == "sa/br"}
+            self.assertEqual({(l.upstream, l.downstream) for l in grown.links if {l.upstream, l.downstream} & brazil},
+                             {(l.upstream, l.downstream) for l in plan.links if {l.upstream, l.downstream} & brazil})
+
+
 def pushed_routes(file):
     """The prefixes a server pushes to its players, without the discovery /32s."""
     routes = [line.split('"')[1][len("route "):] for line in lines(file) if line.startswith('push "route ')]
