@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import re
 
+from django.db import DEFAULT_DB_ALIAS
 from django.http import Http404
 
+from lanhub.prepared import PreparedSelect
 from nodes.models import Lan, Node
 from players.models import TOKEN_BYTES, Device, Invite, Player
 
@@ -124,3 +126,41 @@ def get_lan_node(lan: Lan, ref: str, *, among: list[Node] | None = None) -> Node
     if node is None:
         raise Http404("No such server on this LAN.")
     return node
+
+
+# A download's one query (lanhub/prepared.py): the device in use with its player still in the LAN, and what the
+# profile needs of the LAN. By ref, or the first device in use for links from before devices.
+DOWNLOAD_DEVICE_FIELDS = ("id", "player_id", "name", "ref", "cert_pem", "key_sealed", "revoked_at")
+DOWNLOAD_PLAYER_FIELDS = ("id", "lan_id", "nickname", "token", "preferred_node_id", "revoked_at")
+DOWNLOAD_LAN_FIELDS = ("id", "name", "slug", "default_node_id", "ca_cert", "tls_crypt_sealed")
+_DOWNLOAD_COLUMNS = (*DOWNLOAD_DEVICE_FIELDS, *(f"player__{f}" for f in DOWNLOAD_PLAYER_FIELDS),
+                     *(f"player__lan__{f}" for f in DOWNLOAD_LAN_FIELDS))
+
+
+def _devices_in_use(token: str):
+    return Device.objects.filter(player__token=token, player__revoked_at__isnull=True, revoked_at__isnull=True)
+
+
+_DOWNLOAD_BY_REF = PreparedSelect(
+    lambda token, ref: _devices_in_use(token).filter(ref=ref).values_list(*_DOWNLOAD_COLUMNS)[:1], token=str, ref=str)
+_DOWNLOAD_FIRST = PreparedSelect(
+    lambda token: _devices_in_use(token).order_by("created_at", "pk").values_list(*_DOWNLOAD_COLUMNS)[:1], token=str)
+
+
+def find_device_for_download(token: str, ref: str | None) -> tuple[Player, Device] | None:
+    """The player a /me/ link names and the device in use it downloads for (by ref, or the first in use), in one
+    query, with the player's LAN as far as a profile needs it; None when there is nothing to download: a
+    malformed or unknown link, a revoked player, a device switched off or another player's. Nothing is cached:
+    a revoke is seen by the next request. The caller shows the page that explains a None (get_player_by_token,
+    get_player_device)."""
+    if not TOKEN_RE.fullmatch(token or ""):
+        return None
+    rows = _DOWNLOAD_BY_REF.run(token=token, ref=ref) if ref is not None else _DOWNLOAD_FIRST.run(token=token)
+    if not rows:
+        return None
+    row, first, second = rows[0], len(DOWNLOAD_DEVICE_FIELDS), len(DOWNLOAD_DEVICE_FIELDS) + len(DOWNLOAD_PLAYER_FIELDS)
+    device = Device.from_db(DEFAULT_DB_ALIAS, DOWNLOAD_DEVICE_FIELDS, row[:first])
+    player = Player.from_db(DEFAULT_DB_ALIAS, DOWNLOAD_PLAYER_FIELDS, row[first:second])
+    player.lan = Lan.from_db(DEFAULT_DB_ALIAS, DOWNLOAD_LAN_FIELDS, row[second:])
+    device.player = player
+    return player, device

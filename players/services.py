@@ -21,7 +21,7 @@ from lanhub.secrets import seal, unseal
 from nodes import layout
 from nodes import services as node_services
 from nodes.models import NODE_BULK_FIELDS, Lan, Node, NodeState
-from players import profiles
+from players import profiles, ranking
 from players.models import (FIRST_DEVICE_NAME, NICKNAME_MESSAGE, Device, Invite, Player, device_name_validator,
                             new_token, nickname_validator)
 
@@ -324,9 +324,38 @@ _READY_NODES = PreparedSelect(
     .order_by("created_at", "pk").values_list(*ReadyNode._fields), lan_id=int)
 
 
-def ready_node_rows(lan_id: int) -> list[ReadyNode]:
-    """The LAN's ready nodes in the order the host added them, as ReadyNode rows: one query, compiled once."""
-    return [ReadyNode(*row) for row in _READY_NODES.run(lan_id=lan_id)]
+class Rows(tuple):
+    """A tuple whose hash is computed once: the caches on the download path are keyed by a LAN's whole list of
+    ready nodes, and a list of 100 nodes would otherwise be hashed again at every lookup."""
+
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["hash"]
+        except KeyError:
+            self.__dict__["hash"] = value = super().__hash__()
+            return value
+
+
+def ready_node_rows(lan_id: int) -> Rows:
+    """The LAN's ready nodes in the order the host added them, as ReadyNode rows: one query, compiled once. The
+    same rows give back the same Rows object (kept per process, keyed by the rows as read, so any change to any
+    column read is a new value), which makes the caches keyed by it cheap."""
+    return _ready_node_rows(tuple(_READY_NODES.run(lan_id=lan_id)))
+
+
+@functools.lru_cache(maxsize=256)
+def _ready_node_rows(rows: tuple) -> Rows:
+    return Rows(ReadyNode(*row) for row in rows)
+
+
+@functools.lru_cache(maxsize=1024)
+def rank_ready_nodes(nodes: Rows, *, rtts: tuple[tuple[int, float | None], ...] = (), client_country: str | None,
+                     default_node_id: int | None) -> Rows:
+    """ranking.rank_nodes for a download: the nodes alone, in ranked order, kept per process for the same inputs
+    (ranking is pure, and the country table is fixed)."""
+    ranked = ranking.rank_nodes(nodes, rtts=dict(rtts), client_country=client_country,
+                                countries=ranking.CountryTable.load(), default_node_id=default_node_id)
+    return Rows(node for node, _ in ranked)
 
 
 def active_devices(player: Player) -> list[Device]:
@@ -343,9 +372,8 @@ def build_profile(player: Player, *, node: profiles.NodeLike, ranked: list, devi
     if device is None or device.player_id != player.pk or device.revoked_at:
         raise ValidationError("This device was switched off.")
     lan = player.lan
-    # The remotes depend on these four fields of each node, in this order, and on nothing else.
-    endpoints = tuple(_Endpoint(n.public_address, n.public_ipv6, n.udp_port, n.tcp_port)
-                      for n in (node, *(n for n in ranked if n.pk != node.pk)))
+    endpoints = (_endpoints(ranked, node.pk) if isinstance(ranked, Rows)
+                 else _endpoints_of(node, *(n for n in ranked if n.pk != node.pk)))
     content = _render_profile(lan.name, player.nickname, endpoints, lan.ca_cert, device.cert_pem, device.key_sealed,
                               lan.tls_crypt_sealed)
     return Profile(filename=profile_filename(player, node=node, device=device), content=content)
@@ -358,6 +386,16 @@ class _Endpoint(NamedTuple):
     tcp_port: int | None
 
 
+def _endpoints_of(*nodes) -> Rows:
+    # The remotes depend on these four fields of each node, in this order, and on nothing else.
+    return Rows(_Endpoint(n.public_address, n.public_ipv6, n.udp_port, n.tcp_port) for n in nodes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _endpoints(ranked: Rows, chosen_pk: int) -> Rows:
+    return _endpoints_of(*(n for n in ranked if n.pk == chosen_pk), *(n for n in ranked if n.pk != chosen_pk))
+
+
 def profile_filename(player: Player, *, node: Node, device: Device) -> str:
     """The name a device's .ovpn for ``node`` downloads as (the player page quotes it in its instructions). The
     device's name is in it: two devices' files must not overwrite each other in one Downloads folder."""
@@ -366,7 +404,7 @@ def profile_filename(player: Player, *, node: Node, device: Device) -> str:
 
 
 @functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)
-def _render_profile(lan_name: str, nickname: str, endpoints: tuple[_Endpoint, ...], ca_pem: str, cert_pem: str,
+def _render_profile(lan_name: str, nickname: str, endpoints: Rows, ca_pem: str, cert_pem: str,
                     key_sealed: str, tls_crypt_sealed: str) -> str:
     """The rendered profile, cached per process and keyed by every input as stored: the private halves sealed, so
     a new certificate, a re-sealed key, a renamed LAN, a node's new address or port, a node gone or added or another

@@ -16,14 +16,15 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db.models import OuterRef, Subquery
-from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from lanhub.access import (LinkNotFound, get_invite_by_token, get_invite_for_host, get_lan_for_host, get_lan_node,
-                           get_player_by_token, get_player_device, get_player_for_host)
+from lanhub.access import (LinkNotFound, find_device_for_download, get_invite_by_token, get_invite_for_host,
+                           get_lan_for_host, get_lan_node, get_player_by_token, get_player_device,
+                           get_player_for_host)
 from lanhub.clientip import client_address
 from lanhub.middleware import CSP
 from nodes.forms import add_service_error
@@ -302,19 +303,44 @@ def player_lost_device(request, player, ref):
 
 
 @require_GET
-@active_player
-def profile_download(request, player, node_ref, ref=None):
+def profile_download(request, token, node_ref, ref=None):
     """A device's profile for one server; without a device ref (links from before devices), the first device
-    still in use."""
-    device = get_player_device(player, ref)
-    ranked = _ranking(request, player)
-    nodes = [node for node, _ in ranked]
+    still in use. Most downloads are answered by players/middleware.py before the session and sign-in middleware,
+    through download_response; this view serves the rest (a browser with a session) and explains refusals."""
+    response = download_response(request, token, node_ref, ref)
+    return response if response is not None else _profile_refused(request, token, node_ref, ref)
+
+
+def download_response(request, token: str, node_ref: str, ref: str | None) -> HttpResponse | None:
+    """The download itself, or None when there is nothing to download (the caller explains why). One query for the
+    player, device and LAN, one for the ready nodes (a session is read only if the browser measured round-trip
+    times), and the rendered profile from the process's cache when nothing it is made of has changed
+    (services.build_profile). Raises Http404 for a server that is not a ready node of the player's LAN."""
+    found = find_device_for_download(token, ref)
+    if found is None:
+        return None
+    player, device = found
+    nodes = services.rank_ready_nodes(services.ready_node_rows(player.lan_id),
+                                      rtts=tuple(sorted(_measured(request, player).items())),
+                                      client_country=ranking.country_of(client_address(request)),
+                                      default_node_id=player.lan.default_node_id)
     node = get_lan_node(player.lan, node_ref, among=nodes)  # only a ready node of the player's LAN
     profile = services.build_profile(player, device=device, node=node, ranked=nodes)
     response = HttpResponse(profile.content, content_type="application/x-openvpn-profile")
     response["Content-Disposition"] = f'attachment; filename="{profile.filename}"'
     response["Cache-Control"] = "no-store"  # it holds the device's private key
+    # Set here, not only by CommonMiddleware, which the short cut skips: without it the server sends the body
+    # chunked, one more write and one more read per download.
+    response["Content-Length"] = str(len(response.content))
     return response
+
+
+@active_player
+def _profile_refused(request, player, node_ref, ref):
+    """Why there is no download: the page for a malformed or unknown link, a revoked player (410), or a 404 for a
+    device switched off or not the player's. The lookups are the ones every other /me/ page makes."""
+    get_player_device(player, ref)
+    raise Http404("No such device, or it was switched off.")  # it was switched off a moment ago
 
 
 @require_GET
@@ -345,12 +371,20 @@ def lobby_stream(request, player):
 
 def _ranking(request, player: Player, nodes=None) -> list[ranking.Ranked]:
     nodes = services.ready_nodes(player.lan) if nodes is None else nodes
-    stored = request.session.get(RTT_SESSION_KEY.format(player.pk)) or {}
     return ranking.rank_nodes(
-        nodes, rtts={int(k): v for k, v in stored.items()},
+        nodes, rtts=_measured(request, player),
         client_country=ranking.country_of(client_address(request)), countries=ranking.CountryTable.load(),
         default_node_id=player.lan.default_node_id,
     )
+
+
+def _measured(request, player: Player) -> dict[int, float | None]:
+    """The round-trip times the player's browser measured, per node pk (kept in the session by player_rtt)."""
+    session = getattr(request, "session", None)  # none on the download's short cut (players/middleware.py)
+    if session is None or (session.session_key is None and not session.modified):
+        return {}  # no session yet: this browser measured nothing, and no session row needs reading
+    stored = session.get(RTT_SESSION_KEY.format(player.pk)) or {}
+    return {int(k): v for k, v in stored.items()}
 
 
 def _player_context(request, player: Player, nodes=None, device_form=None) -> dict:
