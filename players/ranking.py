@@ -165,6 +165,12 @@ def country_of(address: str | None, lookup: Callable[[str], str | None] | None =
         return None
     if lookup is not None:
         return lookup(address)
+    return _geoip_country(address)
+
+
+@lru_cache(maxsize=4096)
+def _geoip_country(address: str) -> str | None:
+    """Kept per process: a player's downloads and page loads come from the same few addresses."""
     try:
         code = _geoip().lookup(address).country_code
     except Exception:  # geoip2fast raises its own error types on malformed input; no estimate then

@@ -4,6 +4,10 @@ from players import views
 
 app_name = "players"
 urlpatterns = [
+    # Profile downloads first: resolved on every download (players/middleware.py), before any other pattern.
+    path("me/<str:token>/devices/<str:ref>/profile/<str:node_ref>.ovpn", views.profile_download,
+         name="device_profile_download"),
+    path("me/<str:token>/profile/<str:node_ref>.ovpn", views.profile_download, name="profile_download"),
     # The host's buttons (signed in; another host's object is a 404).
     path("lans/<slug:slug>/invites/", views.invite_create, name="invite_create"),
     path("invites/<int:pk>/revoke/", views.invite_revoke, name="invite_revoke"),
@@ -20,9 +24,6 @@ urlpatterns = [
     path("me/<str:token>/server/", views.player_choose, name="player_choose"),
     path("me/<str:token>/devices/", views.player_add_device, name="player_add_device"),
     path("me/<str:token>/devices/<str:ref>/lost/", views.player_lost_device, name="player_lost_device"),
-    path("me/<str:token>/devices/<str:ref>/profile/<str:node_ref>.ovpn", views.profile_download,
-         name="device_profile_download"),
-    path("me/<str:token>/profile/<str:node_ref>.ovpn", views.profile_download, name="profile_download"),
     path("me/<str:token>/lobby/", views.lobby, name="lobby"),
     path("me/<str:token>/lobby/live/", views.lobby_fragment, name="lobby_fragment"),
     path("me/<str:token>/lobby/stream/", views.lobby_stream, name="lobby_stream"),
