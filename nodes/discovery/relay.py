@@ -288,7 +288,13 @@ def nft_rules(config: Config, targets) -> str:
     announce: the per-player limits (packets, then IP-packet bytes), a fresh TTL, then one rule per player: the packet's
     destination becomes that player (the kernel fixes the IP and UDP checksums), and ``dup`` sends a copy of it
     through the node's routing, as the relay's raw socket did; the source (the sender) is kept, and the sender is
-    skipped. The original is dropped at the end: every player got a copy, and nothing on the node listens."""
+    skipped. The original is dropped at the end: every player got a copy, and nothing on the node listens.
+
+    The copies for players on other nodes come first: they have the links and two more OpenVPN processes ahead of
+    them, while a local copy is one tun write away. The kernel makes the copies one after the other inside the
+    sending OpenVPN's write, and a copy into another instance's device (a local player on lh-tcp) wakes that
+    instance's OpenVPN there and then; made first, that cost 10-25 us on the way of every remote copy (measured hop
+    by hop, docs/discovery.md)."""
     table = f"ip {NFT_TABLE}"
     lines = [f"flush chain {table} prerouting", f"flush chain {table} announce"]
     ports = ", ".join(f"{low}" if low == high else f"{low}-{high}" for low, high in config.port_ranges)
@@ -307,7 +313,9 @@ def nft_rules(config: Config, targets) -> str:
               f"{rate[1]} packets }} drop",
               f"add rule {table} announce update @rate_bytes {{ ip saddr limit rate over {rate[2]} bytes/second burst "
               f"{rate[3]} bytes }} drop"]
-    for address in sorted(set(targets)):
+    pools = [(inst.low, inst.high) for inst in config.instances]
+    local = {a for a in set(targets) if any(low <= a <= high for low, high in pools)}
+    for address in sorted(set(targets) - local) + sorted(local):
         player = _ip(address)
         lines.append(f"add rule {table} announce ip saddr != {player} ip daddr set {player} dup to {player}")
     lines.append(f"add rule {table} announce drop")

@@ -118,6 +118,28 @@ class RateLimitTests(SimpleTestCase):
         self.assertEqual(sum(bucket.take(config, 16000, 0.0) for _ in range(100)), 4)
 
 
+class KernelRulesTests(SimpleTestCase):
+    def config(self):
+        return relay.Config({"node": "hangzhou", "address": "10.0.0.1", "port": 7400, "peers": ["10.2.0.1"],
+                             "instances": [{"device": "lh-udp", "pool": "10.0.0.0/16", "status": "/nonexistent"},
+                                           {"device": "lh-tcp", "pool": "10.1.0.0/16", "status": "/nonexistent"}],
+                             "ports": [[6112, 6112]], "groups": [],
+                             "rate": {"packets": 20, "bytes": 32000, "burst_packets": 40, "burst_bytes": 64000}})
+
+    def copies(self, targets) -> list[str]:
+        text = relay.nft_rules(self.config(), [ip(a) for a in targets])
+        return [line.rsplit(" ", 1)[1] for line in text.splitlines() if " dup to " in line]
+
+    def test_the_copies_for_players_on_other_nodes_are_made_before_the_local_ones(self):
+        # Local players (this node's pools) sort below the remote ones by address here; the remote copies must
+        # still come first, and each player exactly once.
+        targets = ["10.1.0.2", "10.0.1.1", "10.4.1.1", "10.2.1.1", "10.0.1.1", "10.0.0.9"]
+        self.assertEqual(self.copies(targets), ["10.2.1.1", "10.4.1.1", "10.0.0.9", "10.0.1.1", "10.1.0.2"])
+
+    def test_without_remote_players_the_local_copies_are_all_there(self):
+        self.assertEqual(self.copies(["10.1.0.2", "10.0.1.1"]), ["10.0.1.1", "10.1.0.2"])
+
+
 class GameListTests(SimpleTestCase):
     def test_presets_and_custom_ports_merge_into_sorted_ranges(self):
         spec = games.discovery_spec(["warcraft3", "minecraft-java"], "6113, 4446-4450")
