@@ -151,9 +151,12 @@ class _Blocks:
         for name, group in self.groups.items():
             if group is None:
                 continue
-            done: list[tuple[int, int]] = []
+            starts: list[int] = []  # the blocks routed whole here: disjoint, kept sorted
+            ends: list[int] = []
+            whole: dict[str, list[tuple[int, int]]] = {}
             for index, (first, last, owner, _) in enumerate(self.blocks):
-                if any(a <= first and last <= b for a, b in done):
+                i = bisect.bisect_right(starts, first) - 1
+                if i >= 0 and ends[i] >= last:
                     continue  # inside a block already routed whole
                 via = self.via(name, index)
                 if via is None:
@@ -161,19 +164,30 @@ class _Blocks:
                 if via == name:  # its own block (blocks nested in it may still be routed whole)
                     extra.setdefault(name, []).append((first, last, name))
                     continue
-                done.append((first, last))
-                group[via] = [*_outside(group[via], first, last), (first, last)]
+                starts.insert(i + 1, first)
+                ends.insert(i + 1, last)
+                whole.setdefault(via, []).append((first, last))
+            for via, blocks in whole.items():
+                group[via] = [*_outside(group[via], sorted(blocks)), *blocks]
         return extra
 
 
-def _outside(spans, first: int, last: int) -> list[tuple[int, int]]:
-    """The parts of spans outside [first, last]."""
+def _outside(spans, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of spans outside every block (blocks sorted and disjoint)."""
+    firsts = [first for first, _ in blocks]
     kept = []
     for a, b in spans:
-        if a < first:
-            kept.append((a, min(b, first - 1)))
-        if b > last:
-            kept.append((max(a, last + 1), b))
+        # Blocks that may overlap [a, b]: from the last one starting at or before a, while they start before b.
+        i = max(0, bisect.bisect_right(firsts, a) - 1)
+        while i < len(blocks) and blocks[i][0] <= b:
+            first, last = blocks[i]
+            if last >= a:
+                if a < first:
+                    kept.append((a, first - 1))
+                a = max(a, last + 1)
+            i += 1
+        if a <= b:
+            kept.append((a, b))
     return kept
 
 
