@@ -11,20 +11,11 @@ from django.test import SimpleTestCase
 
 from nodes import games
 from nodes.discovery import relay
+from tests.nodes.kernel_fanout_probe import udp_checksum_ok as checksum_ok
 
 
 def ip(text: str) -> int:
     return int(ipaddress.IPv4Address(text))
-
-
-def checksum_ok(packet: bytes) -> bool:
-    udp = packet[20:]
-    data = packet[12:20] + struct.pack("!BBH", 0, 17, len(udp)) + udp
-    data += b"\0" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total == 0xFFFF
 
 
 STATUS_V1 = """\
