@@ -27,7 +27,7 @@ from nodes import games, services, tasks
 from nodes.models import Lan, Node, SyncRun, SyncStatus
 from nodes.render import STATUS_INTERVAL
 from tests.celery_worker import real_worker
-from tests.e2e.test_lan_end_to_end import connect, download, join, register, server_log, settled, vpn_address, \
+from tests.e2e.test_lan_end_to_end import connect, download, host_invite, join, register, server_log, settled, vpn_address, \
     wait_ready, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -91,10 +91,7 @@ def test_game_announcements_reach_every_player_on_every_server_exactly_once(lab)
     with real_worker(concurrency=2):
         hosts = {name: register(lab, lan, name)[0] for name in ("hangzhou", "hongkong", "singapore")}
         wait_ready(lan, list(hosts), timeout=120)
-        client = Client()
-        client.force_login(host_user)
-        assert client.post(f"/lans/{lan.slug}/invites/", {"note": "lan", "hours": 24, "max_uses": 9}).status_code == 302
-        invite = lan.invites.get()
+        client, invite = host_invite(lan, host_user)
         players = {}
         for nickname, node in (("alice", "hangzhou"), ("bob", "hongkong"), ("carol", "singapore")):
             player = join(Client(), invite, nickname)

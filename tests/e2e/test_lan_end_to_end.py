@@ -22,7 +22,7 @@ from nodes import services, tasks
 from nodes.ssh import open_connection
 from nodes.models import Link, Node, NodeState, SyncRun, SyncStatus, VpnSession
 from players import services as player_services
-from players.models import Player
+from players.models import Invite, Player
 from tests.celery_worker import real_worker
 from tests.lab_helpers import describe_runs, settled, vpn_address, wait_until
 
@@ -50,6 +50,15 @@ def wait_ready(lan, names, *, timeout=90):
         return settled(lan) and all(n.state == NodeState.READY for n in nodes) and len(nodes) == len(names)
 
     wait_until(ready, timeout=timeout, what=lambda: f"{', '.join(names)} to be ready:\n{describe_runs(lan)}")
+
+
+def host_invite(lan, host_user, *, max_uses: int = 9) -> tuple[Client, Invite]:
+    """The host signs in and creates an invite on the LAN's dashboard; returns the signed-in client and the invite."""
+    client = Client()
+    client.force_login(host_user)
+    response = client.post(f"/lans/{lan.slug}/invites/", {"note": "lan", "hours": 24, "max_uses": max_uses})
+    assert response.status_code == 302, response.content[:500]
+    return client, lan.invites.get()
 
 
 def join(client: Client, invite, nickname: str) -> Player:

@@ -28,7 +28,7 @@ from nodes.models import Node
 from nodes.render import STATUS_INTERVAL
 from tests.celery_worker import real_worker
 from tests.e2e.test_discovery import GROUP, Listener, received, relay_log, send
-from tests.e2e.test_lan_end_to_end import connect, download, join, register, wait_ready
+from tests.e2e.test_lan_end_to_end import connect, download, host_invite, join, register, wait_ready
 from tests.lab_helpers import require_openvpn, wait_until
 
 CLI_ENV = "LANHUB_OPENVPN3_CLI"
@@ -97,10 +97,7 @@ def test_an_openvpn3_player_connects_with_the_downloaded_profile_and_discovers_a
     with real_worker(concurrency=2):
         hosts = {name: register(lab, lan, name)[0] for name in ("hangzhou", "hongkong")}
         wait_ready(lan, list(hosts), timeout=120)
-        client = Client()
-        client.force_login(host_user)
-        assert client.post(f"/lans/{lan.slug}/invites/", {"note": "lan", "hours": 24, "max_uses": 9}).status_code == 302
-        invite = lan.invites.get()
+        _, invite = host_invite(lan, host_user)
         players = {}
         for nickname, node in (("alice", "hangzhou"), ("bob", "hongkong")):
             player = join(Client(), invite, nickname)
