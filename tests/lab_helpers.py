@@ -31,6 +31,13 @@ def lab_required() -> bool:
     return os.environ.get("CI", "").lower() == "true" or os.environ.get("LANHUB_REQUIRE_LAB") == "1"
 
 
+def unavailable(reason: str) -> None:
+    """A prerequisite is missing: skip here, fail under CI / LANHUB_REQUIRE_LAB=1, where nothing may be skipped."""
+    if lab_required():
+        pytest.fail(f"required but unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def require_openvpn() -> None:
     """Skip (or fail under CI / LANHUB_REQUIRE_LAB=1) where the openvpn binary is missing."""
     if shutil.which("openvpn"):
