@@ -298,9 +298,14 @@ class Profile:
     content: str
 
 
+def _ready(lan_id: int):
+    """The LAN's nodes that players are given, in the order the host added them: one definition for the pages
+    (ready_nodes) and the download (ready_node_rows)."""
+    return Node.objects.filter(lan_id=lan_id, state=NodeState.READY, healthy=True).order_by("created_at", "pk")
+
+
 def ready_nodes(lan: Lan) -> list[Node]:
-    return list(lan.nodes.filter(state=NodeState.READY, healthy=True).order_by("created_at", "pk")
-                .defer(*NODE_BULK_FIELDS))
+    return list(_ready(lan.pk).defer(*NODE_BULK_FIELDS))
 
 
 class ReadyNode(NamedTuple):
@@ -319,9 +324,7 @@ class ReadyNode(NamedTuple):
     longitude: float | None
 
 
-_READY_NODES = PreparedSelect(
-    lambda lan_id: Node.objects.filter(lan_id=lan_id, state=NodeState.READY, healthy=True)
-    .order_by("created_at", "pk").values_list(*ReadyNode._fields), lan_id=int)
+_READY_NODES = PreparedSelect(lambda lan_id: _ready(lan_id).values_list(*ReadyNode._fields), lan_id=int)
 
 
 class Rows(tuple):
