@@ -129,10 +129,11 @@ def get_lan_node(lan: Lan, ref: str, *, among: list[Node] | None = None) -> Node
 
 
 # A download's one query (lanhub/prepared.py): the device in use with its player still in the LAN, and what the
-# profile needs of the LAN. By ref, or the first device in use for links from before devices.
+# profile needs of the LAN, with the version of its nodes (the ready nodes are read again only when it moved). By ref, or the first device in use for links from before devices.
 DOWNLOAD_DEVICE_FIELDS = ("id", "player_id", "name", "ref", "cert_pem", "key_sealed", "revoked_at")
 DOWNLOAD_PLAYER_FIELDS = ("id", "lan_id", "nickname", "token", "preferred_node_id", "revoked_at")
-DOWNLOAD_LAN_FIELDS = ("id", "name", "slug", "default_node_id", "ca_cert", "tls_crypt_sealed")
+DOWNLOAD_LAN_FIELDS = ("id", "name", "slug", "default_node_id", "ca_cert", "tls_crypt_sealed",
+                       "nodes_version")
 _DOWNLOAD_COLUMNS = (*DOWNLOAD_DEVICE_FIELDS, *(f"player__{f}" for f in DOWNLOAD_PLAYER_FIELDS),
                      *(f"player__lan__{f}" for f in DOWNLOAD_LAN_FIELDS))
 

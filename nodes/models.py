@@ -137,6 +137,11 @@ class Lan(models.Model):
     crl_next_update = models.DateTimeField(null=True, blank=True, editable=False)
     ssh_public_key = models.TextField(blank=True, editable=False)
     ssh_private_key_sealed = models.TextField(blank=True, editable=False)
+    # Set to a new random value by database triggers (migration 0009) in the same transaction as any insert, delete
+    # or change of a node column that players are given (PLAYER_NODE_COLUMNS). A download reads it with the player's
+    # row and reads the LAN's ready nodes only when it moved (players.services.ready_node_rows). Triggers rather than
+    # code: nodes change through services, bulk .update() calls, the admin and the sync tasks, and none may be missed.
+    nodes_version = models.PositiveBigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -275,6 +280,13 @@ class Node(models.Model):
     def region_label(self) -> str:
         return self.region or "(no region)"
 
+
+# The node columns a player's profile and its ranking depend on (players.services.ReadyNode) and that choose which
+# nodes players are given and in what order (state, healthy, created_at): a change to any of them, or a node added
+# or deleted, changes its LAN's nodes_version (the triggers of migration 0009 list the same columns; a test changes
+# each one).
+PLAYER_NODE_COLUMNS = ("lan_id", "name", "public_address", "public_ipv6", "udp_port", "tcp_port", "country",
+                       "latitude", "longitude", "state", "healthy", "created_at")
 
 # A node's large columns, which pages that list nodes never show: defer them there (new columns still load).
 NODE_BULK_FIELDS = ("applied_files", "server_cert", "server_key_sealed", "link_cert", "link_key_sealed",

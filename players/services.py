@@ -129,7 +129,8 @@ def redeem_invite(*, token: str, nickname: str, client_address: str | None = Non
 
 
 INVITE_FIELDS = ("id", "lan_id", "expires_at", "max_uses", "uses", "revoked_at")
-REDEEM_LAN_FIELDS = ("id", "name", "slug", "ca_cert", "ca_key_sealed", "tls_crypt_sealed")
+REDEEM_LAN_FIELDS = ("id", "name", "slug", "ca_cert", "ca_key_sealed", "tls_crypt_sealed",
+                     "nodes_version")
 # The join path's statements, compiled once (lanhub/prepared.py): the invite with the parts of its LAN that issuing
 # and the first profile read; of=("self",): on PostgreSQL only the invite row is locked, not its LAN.
 _INVITE_FOR_REDEEM = PreparedSelect(
@@ -339,11 +340,30 @@ class Rows(tuple):
             return value
 
 
-def ready_node_rows(lan_id: int) -> Rows:
+def ready_node_rows(lan_id: int, *, version: int | None = None) -> Rows:
     """The LAN's ready nodes in the order the host added them, as ReadyNode rows: one query, compiled once. The
     same rows give back the same Rows object (kept per process, keyed by the rows as read, so any change to any
-    column read is a new value), which makes the caches keyed by it cheap."""
-    return _ready_node_rows(tuple(_READY_NODES.run(lan_id=lan_id)))
+    column read is a new value), which makes the caches keyed by it cheap.
+
+    With `version` (the LAN's nodes_version, read by the caller from the database a moment before), the rows come
+    from the process's memory when they were read at that version, and no query is made. The version moves in the
+    same transaction as any change to the rows (migration nodes 0009), so equal versions mean equal rows. The rows
+    are always read after the version, so at worst they are newer than the version they are kept under, and the
+    next reader who sees the newer version reads them again."""
+    if version is None:
+        return _ready_node_rows(tuple(_READY_NODES.run(lan_id=lan_id)))
+    kept = _ROWS_BY_VERSION.get(lan_id)
+    if kept is not None and kept[0] == version:
+        return kept[1]
+    rows = _ready_node_rows(tuple(_READY_NODES.run(lan_id=lan_id)))
+    if len(_ROWS_BY_VERSION) >= READY_ROWS_LANS:
+        _ROWS_BY_VERSION.clear()  # a bound, not a policy: a few hundred LANs per process is far more than served
+    _ROWS_BY_VERSION[lan_id] = (version, rows)  # one assignment: threads see the old pair or the new one
+    return rows
+
+
+READY_ROWS_LANS = 1024
+_ROWS_BY_VERSION: dict[int, tuple[int, Rows]] = {}
 
 
 @functools.lru_cache(maxsize=256)

@@ -313,14 +313,14 @@ def profile_download(request, token, node_ref, ref=None):
 
 def download_response(request, token: str, node_ref: str, ref: str | None) -> HttpResponse | None:
     """The download itself, or None when there is nothing to download (the caller explains why). One query for the
-    player, device and LAN, one for the ready nodes (a session is read only if the browser measured round-trip
-    times), and the rendered profile from the process's cache when nothing it is made of has changed
+    player, device and LAN, one for the ready nodes unless the LAN's nodes_version says the process has them (a
+    session is read only if the browser measured round-trip times), and the rendered profile from the process's cache when nothing it is made of has changed
     (services.build_profile). Raises Http404 for a server that is not a ready node of the player's LAN."""
     found = find_device_for_download(token, ref)
     if found is None:
         return None
     player, device = found
-    nodes = services.rank_ready_nodes(services.ready_node_rows(player.lan_id),
+    nodes = services.rank_ready_nodes(services.ready_node_rows(player.lan_id, version=player.lan.nodes_version),
                                       rtts=tuple(sorted(_measured(request, player).items())),
                                       client_country=ranking.country_of(client_address(request)),
                                       default_node_id=player.lan.default_node_id)

@@ -36,11 +36,12 @@ class DownloadTestCase(BaseTestCase):
 
 
 class DownloadCostTests(DownloadTestCase):
-    def test_a_download_is_two_queries_and_skips_the_session_and_sign_in_middleware(self):
-        self.client.get(download_url(self.bob))  # the statements compiled, the profile rendered
+    def test_a_download_is_one_query_and_skips_the_session_and_sign_in_middleware(self):
+        self.client.get(download_url(self.bob))  # the statements compiled, the nodes read, the profile rendered
         with mock.patch.object(SessionMiddleware, "process_request", autospec=True) as session:
-            # 1 the device in use with its player and LAN, 2 the LAN's ready nodes; the profile from the cache.
-            with self.assertNumQueries(2):
+            # 1 the device in use with its player and LAN; the LAN's ready nodes (their version unchanged) and the
+            # profile from the process's caches.
+            with self.assertNumQueries(1):
                 response = self.client.get(download_url(self.bob))
         self.assertEqual(response.status_code, 200)
         session.assert_not_called()
@@ -48,7 +49,7 @@ class DownloadCostTests(DownloadTestCase):
     def test_a_browser_that_measured_its_round_trip_times_gets_them_applied_through_its_session(self):
         rtts = f'{{"{self.hangzhou.pk}": 90, "{self.hongkong.pk}": 12}}'
         self.client.post(reverse("players:player_rtt", args=[self.bob.token]), {"rtts": rtts})
-        with self.assertNumQueries(3):  # the two, and 3 the session with the measured times
+        with self.assertNumQueries(3):  # the device, the ready nodes (first download), and the session with the times
             response = self.client.get(download_url(self.bob, "hangzhou"))
         self.assertEqual(remote_hosts(response), ["203.0.113.10", "203.0.113.10", "203.0.113.20", "203.0.113.20"])
         response = self.client.get(download_url(self.bob, "hongkong"))
@@ -133,4 +134,57 @@ class NothingStaleTests(DownloadTestCase):
         self.lan.default_node = singapore  # the first fallback from now on
         self.lan.save(update_fields=["default_node"])
         self.assertEqual(remote_hosts(self.client.get(download_url(self.bob)))[::2],
+                         ["203.0.113.10", "203.0.113.40", "203.0.113.20"])
+
+
+class NodesVersionTests(DownloadTestCase):
+    """The ready nodes are read only when the LAN's nodes_version moved: every change a profile shows must move it."""
+
+    def download(self, node="hangzhou"):
+        response = self.client.get(download_url(self.bob, node))
+        self.assertEqual(response.status_code, 200)
+        return response.content.decode()
+
+    def test_with_nothing_changed_a_download_is_one_query(self):
+        self.download()
+        with self.assertNumQueries(1):  # the device with its player and LAN (and the LAN's nodes_version)
+            self.download()
+        Node.objects.filter(pk=self.hongkong.pk).update(tcp_port=8443)
+        with self.assertNumQueries(2):  # and the ready nodes, read again
+            self.assertIn("remote 203.0.113.20 8443 tcp", self.download())
+
+    def test_each_change_a_profile_shows_is_in_the_next_download(self):
+        changes = [  # (column, value, what the next download holds)
+            ("public_address", "203.0.113.21", "remote 203.0.113.21 1194 udp"),
+            ("public_ipv6", "2001:db8::20", "remote 2001:db8::20 1194 udp"),
+            ("udp_port", 1195, "remote 203.0.113.21 1195 udp"),
+            ("tcp_port", 8443, "remote 203.0.113.21 8443 tcp"),
+        ]
+        for column, value, expected in changes:
+            with self.subTest(column=column):
+                self.download()  # warm: rows and profile in the process's caches
+                Node.objects.filter(pk=self.hongkong.pk).update(**{column: value})
+                self.assertIn(expected, self.download())
+
+    def test_a_server_renamed_stopped_or_down_is_gone_from_the_next_download(self):
+        self.assertIn("203.0.113.20", self.download())
+        Node.objects.filter(pk=self.hongkong.pk).update(name="hk2")
+        self.assertEqual(self.client.get(download_url(self.bob, "hongkong")).status_code, 404)
+        self.assertIn("203.0.113.20", self.download("hk2"))
+        Node.objects.filter(pk=self.hongkong.pk).update(state=NodeState.FAILED)
+        self.assertNotIn("203.0.113.20", self.download())
+        Node.objects.filter(pk=self.hongkong.pk).update(state=NodeState.READY, healthy=False)
+        self.assertNotIn("203.0.113.20", self.download())
+        Node.objects.filter(pk=self.hongkong.pk).update(healthy=True)
+        self.assertIn("203.0.113.20", self.download())
+
+    def test_a_new_order_of_the_servers_is_in_the_next_download(self):
+        self.assertEqual(remote_hosts(self.client.get(download_url(self.bob, "hangzhou")))[::2],
+                         ["203.0.113.10", "203.0.113.20"])
+        singapore = self.add_node("singapore", region="asia/sg", public_address="203.0.113.40")
+        self.make_ready(singapore)
+        self.download()
+        # The order the host added them in decides among equals: singapore first from now on.
+        Node.objects.filter(pk=singapore.pk).update(created_at=self.hongkong.created_at.replace(year=2000))
+        self.assertEqual(remote_hosts(self.client.get(download_url(self.bob, "hangzhou")))[::2],
                          ["203.0.113.10", "203.0.113.40", "203.0.113.20"])
