@@ -84,7 +84,8 @@ class LanHubIssuer:
             start = time.perf_counter()
             player = services.redeem_invite(token=self.invite.token, nickname=f"player{i:05}",
                                             client_address="127.0.0.1")
-            nodes = services.ready_node_rows(player.lan_id)  # as the download reads them (players/views.py)
+            # As the download reads them (players/views.py): by the LAN's nodes_version, read with the invite.
+            nodes = services.ready_node_rows(player.lan_id, version=player.lan.nodes_version)
             profile_text = services.build_profile(player, node=nodes[0], ranked=nodes,
                                                   device=player.joined_device).content
             timings.append(time.perf_counter() - start)

@@ -129,7 +129,8 @@ def get_lan_node(lan: Lan, ref: str, *, among: list[Node] | None = None) -> Node
 
 
 # A download's one query (lanhub/prepared.py): the device in use with its player still in the LAN, and what the
-# profile needs of the LAN, with the version of its nodes (the ready nodes are read again only when it moved). By ref, or the first device in use for links from before devices.
+# profile needs of the LAN, with the version of its nodes (the ready nodes are read again only when it moved). By
+# ref, or the first device in use for links from before devices.
 DOWNLOAD_DEVICE_FIELDS = ("id", "player_id", "name", "ref", "cert_pem", "key_sealed", "revoked_at")
 DOWNLOAD_PLAYER_FIELDS = ("id", "lan_id", "nickname", "token", "preferred_node_id", "revoked_at")
 DOWNLOAD_LAN_FIELDS = ("id", "name", "slug", "default_node_id", "ca_cert", "tls_crypt_sealed",

@@ -8,7 +8,8 @@ suits SQLite and PostgreSQL alike, but only once per database alias; later runs 
 
 - `PreparedSelect`: a ``values_list`` queryset built once with marker parameters; ``run(**params)`` returns its
   rows as tuples, converted as the ORM converts them (dates, booleans, JSON).
-- `PreparedUpdate`: a queryset's ``update(**values)`` likewise; ``run(**params)`` returns the rows changed.
+- `PreparedUpdate`: a queryset's ``update(**values)`` likewise; ``run(**params)`` returns the rows changed, or with
+  ``returning=`` their values (``UPDATE ... RETURNING``).
 - `insert(obj)`: ``obj.save()`` of a new row without the compiling; a model with save signal receivers is simply
   saved (LanHub has none, and this keeps it right if one is added).
 
@@ -78,40 +79,84 @@ class PreparedSelect(_Prepared):
         with connection.cursor() as cursor:
             cursor.execute(sql, self._args(template, slots, params))
             rows = cursor.fetchall()
-        if not converters:
-            return rows
-        converted = []
-        for row in rows:
-            row = list(row)
-            for position, (functions, expression) in converters.items():
-                value = row[position]
-                for function in functions:
-                    value = function(value, expression, connection)
-                row[position] = value
-            converted.append(tuple(row))
-        return converted
+        return _converted(rows, converters, connection)
 
 
 class PreparedUpdate(_Prepared):
-    """``PreparedUpdate(lambda pk: Invite.objects.filter(pk=pk), {"uses": F("uses") + 1}, pk=int).run(pk=7)``."""
+    """``PreparedUpdate(lambda pk: Invite.objects.filter(pk=pk), {"uses": F("uses") + 1}, pk=int).run(pk=7)``.
 
-    def __init__(self, build: Callable[..., QuerySet], values: dict, **kinds: type):
+    With `returning` (field names of the updated model, and ``fk__field`` for a field of the row a foreign key
+    points to), ``run`` returns the updated rows' values as tuples instead of a count: ``UPDATE ... RETURNING``, with
+    each ``fk__field`` a scalar subquery by primary key (SQLite 3.35+ and PostgreSQL run both). One statement then
+    locks a row, changes it and reads it with what it points to."""
+
+    def __init__(self, build: Callable[..., QuerySet], values: dict, *, returning: tuple[str, ...] = (),
+                 **kinds: type):
         super().__init__(build, **kinds)
-        self._values = values
+        self._values, self._returning = values, returning
 
     def _compile(self, using: str) -> tuple:
         markers = self._markers()
         query = self._build(**markers).query.chain(UpdateQuery)
         query.add_update_values(self._values)
         sql, params = query.get_compiler(using).as_sql()
-        self._compiled[using] = compiled = (sql, *self._slots(params, markers))
+        converters = {}
+        if self._returning:
+            if not connections[using].features.can_return_columns_from_insert:  # SQLite before 3.35
+                raise ImproperlyConfigured("prepared update: the database cannot return rows from an UPDATE")
+            columns, converters = _returning(query.model, self._returning, connections[using])
+            sql = f"{sql} RETURNING {', '.join(columns)}"
+        self._compiled[using] = compiled = (sql, *self._slots(params, markers), converters)
         return compiled
 
-    def run(self, *, using: str = DEFAULT_DB_ALIAS, **params) -> int:
-        sql, template, slots = self._compiled.get(using) or self._compile(using)
-        with connections[using].cursor() as cursor:
+    def run(self, *, using: str = DEFAULT_DB_ALIAS, **params) -> int | list[tuple]:
+        sql, template, slots, converters = self._compiled.get(using) or self._compile(using)
+        connection = connections[using]
+        with connection.cursor() as cursor:
             cursor.execute(sql, self._args(template, slots, params))
-            return cursor.rowcount
+            if not self._returning:
+                return cursor.rowcount
+            rows = cursor.fetchall()
+        return _converted(rows, converters, connection)
+
+
+def _returning(model: type, names: tuple[str, ...], connection) -> tuple[list[str], dict]:
+    """The RETURNING clause's columns for `names` and, by position, the converters the ORM would apply to each."""
+    qn, table = connection.ops.quote_name, model._meta.db_table
+    columns, converters = [], {}
+    for position, name in enumerate(names):
+        fk_name, _, related_name = name.rpartition("__")
+        if fk_name:
+            fk = model._meta.get_field(fk_name)
+            target = fk.related_model._meta
+            field = target.get_field(related_name)
+            column = (f"(SELECT {qn(target.db_table)}.{qn(field.column)} FROM {qn(target.db_table)} "
+                      f"WHERE {qn(target.db_table)}.{qn(fk.target_field.column)} = {qn(table)}.{qn(fk.column)})")
+            col = field.get_col(target.db_table)
+        else:
+            field = model._meta.get_field(name)
+            column, col = f"{qn(table)}.{qn(field.column)}", field.get_col(table)
+        columns.append(column)
+        functions = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+        if functions:
+            converters[position] = (functions, col)
+    return columns, converters
+
+
+def _converted(rows: list[tuple], converters: dict, connection) -> list[tuple]:
+    """Rows with each value converted as the ORM converts it (compiler.apply_converters)."""
+    if not converters:
+        return rows
+    converted = []
+    for row in rows:
+        row = list(row)
+        for position, (functions, expression) in converters.items():
+            value = row[position]
+            for function in functions:
+                value = function(value, expression, connection)
+            row[position] = value
+        converted.append(tuple(row))
+    return converted
 
 
 _INSERTS: dict[tuple[type, str], tuple] = {}

@@ -129,25 +129,26 @@ def redeem_invite(*, token: str, nickname: str, client_address: str | None = Non
 
 
 INVITE_FIELDS = ("id", "lan_id", "expires_at", "max_uses", "uses", "revoked_at")
-REDEEM_LAN_FIELDS = ("id", "name", "slug", "ca_cert", "ca_key_sealed", "tls_crypt_sealed",
-                     "nodes_version")
-# The join path's statements, compiled once (lanhub/prepared.py): the invite with the parts of its LAN that issuing
-# and the first profile read; of=("self",): on PostgreSQL only the invite row is locked, not its LAN.
-_INVITE_FOR_REDEEM = PreparedSelect(
-    lambda token: Invite.objects.select_for_update(of=("self",)).filter(token=token).values_list(
-        *INVITE_FIELDS, *(f"lan__{f}" for f in REDEEM_LAN_FIELDS))[:1], token=str)
-_COUNT_USE = PreparedUpdate(lambda pk: Invite.objects.filter(pk=pk), {"uses": F("uses") + 1}, pk=int)
+REDEEM_LAN_FIELDS = ("id", "name", "slug", "ca_cert", "ca_key_sealed", "tls_crypt_sealed", "nodes_version")
+# The join path's first statement, compiled once (lanhub/prepared.py): count the use of an invite that has one left,
+# and return it with the parts of its LAN that issuing and the first profile read. One UPDATE both locks the row
+# until the end of the transaction (SQLite's writer lock is taken at BEGIN IMMEDIATE already; PostgreSQL locks the
+# invite row only, not its LAN, and re-checks `uses < max_uses` on the newest row after waiting for a concurrent
+# join) and claims the use: no separate read, so no window between the check and the count.
+_COUNT_USE = PreparedUpdate(lambda token: Invite.objects.filter(token=token, uses__lt=F("max_uses")),
+                            {"uses": F("uses") + 1}, token=str,
+                            returning=(*INVITE_FIELDS, *(f"lan__{f}" for f in REDEEM_LAN_FIELDS)))
 
 
 @transaction.atomic
 def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
     nickname = validate_nickname(nickname)
-    row = _INVITE_FOR_REDEEM.run(token=token)  # locked until the end of the transaction
+    row = _COUNT_USE.run(token=token)  # counted and locked; an error below rolls the count back with the rest
     if not row:
-        raise InviteUnusable("not_found")
+        raise InviteUnusable(_unusable_reason(token))
     invite = Invite.from_db(DEFAULT_DB_ALIAS, INVITE_FIELDS, row[0][: len(INVITE_FIELDS)])
-    problem = invite.problem()
-    if problem:
+    problem = invite.problem()  # `uses` counts this join already: reaching `max_uses` is this, the last, use
+    if problem and problem != "used_up":
         raise InviteUnusable(problem)
     lan = Lan.from_db(DEFAULT_DB_ALIAS, REDEEM_LAN_FIELDS, row[0][len(INVITE_FIELDS):])
     invite.lan = lan
@@ -155,7 +156,7 @@ def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
     # lanhub.clientip (a parsed IP address), and the LAN and the invite are the rows just read under the lock: no
     # field is left for full_clean to check. Uniqueness of the nickname per LAN (case-insensitive) is the
     # constraint's: one INSERT both checks and claims it, also against a friend taking it through another invite at
-    # the same moment. No savepoint: the error leaves this transaction, which rolls back whole.
+    # the same moment. No savepoint: the error leaves this transaction, which rolls back whole, the use included.
     player = Player(lan=lan, nickname=nickname, invite=invite, joined_from=client_address)
     try:
         prepared.insert(player)
@@ -165,9 +166,16 @@ def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
     device = Device(player=player, name=FIRST_DEVICE_NAME)
     _issue_certificate(device, player=player, lan=lan)
     prepared.insert(device)
-    _COUNT_USE.run(pk=invite.pk)  # under the lock, and the table's check keeps uses <= max_uses
     player.joined_device = device  # what build_profile needs next, without reading back the row just written
     return player
+
+
+def _unusable_reason(token: str) -> str:
+    """Why no use could be counted: no such invite, or its problem (used up, or revoked or expired as well)."""
+    invite = Invite.objects.filter(token=token).only(*INVITE_FIELDS).first()
+    if invite is None:
+        return "not_found"
+    return invite.problem() or "used_up"
 
 
 def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> None:
@@ -181,6 +189,25 @@ def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> None:
     device.cert_pem, device.key_sealed = issued.cert_pem, seal(issued.key_pem)
     device.serial = format(issued.serial, "x")
     device.issued_at = now
+    _just_sealed(device.key_sealed, issued.key_pem)
+
+
+# Keys this process sealed a moment ago, by their sealed text, until their first profile is rendered (which takes
+# them out): the profile handed over at joining need not open what was just sealed. Bounded; process memory only,
+# like the rendered profiles (_render_profile), which hold the same keys.
+_JUST_SEALED: dict[str, str] = {}
+JUST_SEALED_MAX = 64
+
+
+def _just_sealed(sealed: str, key_pem: str) -> None:
+    if len(_JUST_SEALED) >= JUST_SEALED_MAX:
+        _JUST_SEALED.clear()  # issued and never rendered here (their profiles were fetched elsewhere): let them go
+    _JUST_SEALED[sealed] = key_pem
+
+
+def _opened_key(sealed: str) -> str:
+    key_pem = _JUST_SEALED.pop(sealed, None)
+    return key_pem if key_pem is not None else unseal(sealed)
 
 
 def validate_device_name(name: str) -> str:
@@ -437,7 +464,7 @@ def _render_profile(lan_name: str, nickname: str, endpoints: Rows, ca_pem: str, 
     key (seven values, the nodes as plain tuples) hashes in microseconds even at 100 nodes."""
     remotes = profiles.profile_remotes(chosen=endpoints[0], others=endpoints[1:])
     return profiles.render_profile(lan_name=lan_name, nickname=nickname, remotes=remotes, ca_pem=ca_pem,
-                                   cert_pem=cert_pem, key_pem=unseal(key_sealed),
+                                   cert_pem=cert_pem, key_pem=_opened_key(key_sealed),
                                    tls_crypt=_unsealed_tls_crypt(tls_crypt_sealed))
 
 
