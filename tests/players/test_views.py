@@ -237,7 +237,7 @@ class JoinTests(BaseTestCase):
 
 
 @unittest.skipUnless(connection.vendor == "postgresql",
-                     "needs PostgreSQL row locks (select_for_update); SQLite serialises whole-database writes, "
+                     "needs PostgreSQL row locks (the counting UPDATE); SQLite serialises whole-database writes, "
                      "so it cannot show the race. Run with DATABASE_URL=postgres://...")
 @override_settings(LANHUB_JOIN_RATE=1000)
 class ConcurrentJoinTests(TransactionTestCase):
