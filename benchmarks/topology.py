@@ -17,7 +17,7 @@ One JSON line per size, with:
   nodes are in one region (``pairs_same_region`` of them); ``extra_ms_p99`` / ``extra_ms_p99_same_region``: the
   p99 of what the planned path adds to the direct RTT in ms (what a player feels), over all pairs and in one region;
   ``pairs_over_2``: how many of the 2,000 pairs have a stretch over 2 (p99 <= 2 allows 20);
-  ``reference_star_stretch_p99`` / ``reference_star_pairs_over_2``: the same pairs on DESIGN.md's shape with no
+  ``reference_star_stretch_p99`` / ``reference_star_pairs_over_2``: the same pairs on the hierarchy itself with no
   tunnel limit (every node on its region's primary, primaries meshed): what the hierarchy itself costs;
 - ``nodes_touched_on_add``: one more node joins (a seeded region), planned the way LanHub re-plans (pools, link
   addresses, region blocks and primaries passed back): how many nodes' files differ, every file counted (the
@@ -75,7 +75,7 @@ def stretch(plan, where, names, rng, regions) -> dict[str, float]:
     """Mean and p99 of planned-path RTT over direct RTT for 2,000 random pairs, and the p99 of the pairs in one
     region and of the pairs in two (the same pairs, split: where the tail comes from).
 
-    Next to them, the reference: the same pairs on the design's shape drawn without any limit (docs/DESIGN: a
+    Next to them, the reference: the same pairs on the hierarchy's own shape drawn without any limit (a
     primary per region, secondaries attached to it, primaries linked to each other): every node linked straight
     to its region's primary (the plan's), every two primaries linked, no tunnel limit, so no heads in between."""
     points = {n: _radians(where[n]) for n in names}
