@@ -14,7 +14,11 @@ One JSON line per size, with:
 - ``stretch_mean`` / ``stretch_p99``: RTT along the planned path over the direct RTT, 2,000 seeded pairs (both RTTs
   estimated the way the planner estimates them: 1 ms plus 1 ms per 100 km of great-circle distance, per hop);
   ``stretch_p99_same_region`` / ``stretch_p99_across_regions``: the p99 of the same pairs split by whether both
-  nodes are in one region (``pairs_same_region`` of them);
+  nodes are in one region (``pairs_same_region`` of them); ``extra_ms_p99`` / ``extra_ms_p99_same_region``: the
+  p99 of what the planned path adds to the direct RTT in ms (what a player feels), over all pairs and in one region;
+  ``pairs_over_2``: how many of the 2,000 pairs have a stretch over 2 (p99 <= 2 allows 20);
+  ``reference_star_stretch_p99`` / ``reference_star_pairs_over_2``: the same pairs on the hierarchy itself with no
+  tunnel limit (every node on its region's primary, primaries meshed): what the hierarchy itself costs;
 - ``nodes_touched_on_add``: one more node joins (a seeded region), planned the way LanHub re-plans (pools, link
   addresses, region blocks and primaries passed back): how many nodes' files differ, every file counted (the
   discovery relay's relay.json included: it names the node's relay-tree neighbours), the new node included.
@@ -69,18 +73,36 @@ def make_lan(count: int, seed: int = 7):
 
 def stretch(plan, where, names, rng, regions) -> dict[str, float]:
     """Mean and p99 of planned-path RTT over direct RTT for 2,000 random pairs, and the p99 of the pairs in one
-    region and of the pairs in two (the same pairs, split: where the tail comes from)."""
+    region and of the pairs in two (the same pairs, split: where the tail comes from).
+
+    Next to them, the reference: the same pairs on the hierarchy's own shape drawn without any limit (a
+    primary per region, secondaries attached to it, primaries linked to each other): every node linked straight
+    to its region's primary (the plan's), every two primaries linked, no tunnel limit, so no heads in between."""
     points = {n: _radians(where[n]) for n in names}
 
     def rtt(a, b):
         return estimated_rtt_ms(points[a], points[b])
 
-    ratios, same, across = [], [], []
+    def star(a, b):
+        path = [a]
+        for hub in (plan.primaries[regions[a]], plan.primaries[regions[b]]):
+            if hub != path[-1]:
+                path.append(hub)
+        if b != path[-1]:
+            path.append(b)
+        return sum(rtt(x, y) for x, y in zip(path, path[1:]))
+
+    ratios, same, across, extra, extra_same, reference = [], [], [], [], [], []
     for _ in range(2000):
         a, b = rng.sample(names, 2)
         path = plan.path(a, b)
-        ratios.append(sum(rtt(x, y) for x, y in zip(path, path[1:])) / rtt(a, b))
+        planned, direct = sum(rtt(x, y) for x, y in zip(path, path[1:])), rtt(a, b)
+        ratios.append(planned / direct)
+        reference.append(star(a, b) / direct)
+        extra.append(planned - direct)
         (same if regions[a] == regions[b] else across).append(ratios[-1])
+        if regions[a] == regions[b]:
+            extra_same.append(planned - direct)
 
     def p99(values):
         values = sorted(values)
@@ -88,7 +110,10 @@ def stretch(plan, where, names, rng, regions) -> dict[str, float]:
 
     return {"stretch_mean": round(sum(ratios) / len(ratios), 3), "stretch_p99": p99(ratios),
             "stretch_p99_same_region": p99(same), "stretch_p99_across_regions": p99(across),
-            "pairs_same_region": len(same)}
+            "pairs_same_region": len(same),
+            "extra_ms_p99": p99(extra), "extra_ms_p99_same_region": p99(extra_same),
+            "reference_star_stretch_p99": p99(reference), "reference_star_pairs_over_2": sum(r > 2 for r in reference),
+            "pairs_over_2": sum(r > 2 for r in ratios)}
 
 
 def _count(files, keyword: str, prefix: str = "") -> int:
