@@ -7,10 +7,13 @@ WhiteNoise, answers a download that succeeds with players.views.download_respons
 middleware it skips would have added (X-Frame-Options, the CSP). Everything else goes on through the stack as
 before: a browser with a session cookie (its measured times rank the servers), and every refusal (an unknown or
 malformed link, a revoked player, a switched-off device, a server that is not ready), whose pages need the whole
-stack. The URL is resolved through the URLconf, so the URL patterns remain the one place that defines it.
+stack. The URL is resolved through the URLconf (once per path and process), so the URL patterns remain the one
+place that defines it.
 """
 
 from __future__ import annotations
+
+import functools
 
 from django.conf import settings
 from django.http import Http404
@@ -33,15 +36,29 @@ class ProfileDownloadMiddleware:
         return self.get_response(request)
 
     def _download(self, request):
+        # The request's own URLconf if a middleware set one, as the handler would resolve with (none does here).
+        arguments = _download_arguments(request.path_info, getattr(request, "urlconf", None) or settings.ROOT_URLCONF)
+        if arguments is None:
+            return None
         try:
-            match = resolve(request.path_info)
-            if match.func is not views.profile_download:
-                return None
-            response = views.download_response(request, match.kwargs["token"], match.kwargs["node_ref"],
-                                               match.kwargs.get("ref"))
-        except (Resolver404, Http404):
+            response = views.download_response(request, *arguments)
+        except Http404:
             return None  # the whole stack answers, with the page that explains
         if response is not None:
             response.setdefault("X-Frame-Options", settings.X_FRAME_OPTIONS)  # XFrameOptionsMiddleware
             response.setdefault("Content-Security-Policy", CSP)  # lanhub.middleware
         return response
+
+
+@functools.lru_cache(maxsize=4096)
+def _download_arguments(path: str, urlconf) -> tuple[str, str, str | None] | None:
+    """(token, node_ref, ref): the download view's arguments if the URLconf sends `path` to it, else None. Kept per process for the paths
+    last seen (a player's downloads repeat one path): resolving walks the URL patterns, a tenth of the download's
+    own time. Keyed by the URLconf too, so another one (a test's override) resolves afresh."""
+    try:
+        match = resolve(path, urlconf)
+    except Resolver404:
+        return None
+    if match.func is not views.profile_download:
+        return None
+    return match.kwargs["token"], match.kwargs["node_ref"], match.kwargs.get("ref")

@@ -73,6 +73,13 @@ class ShortCutTests(DownloadTestCase):
                 self.assertEqual(short["Cache-Control"], "no-store")
                 self.assertEqual(short["X-Frame-Options"], "DENY")
 
+    def test_an_ovpn_path_that_is_not_a_download_goes_on_through_the_stack_every_time(self):
+        for _ in range(2):  # the second time from the short cut's resolved paths
+            response = self.client.get(f"/me/{self.bob.token}/profile/a/b.ovpn")
+            self.assertEqual(response.status_code, 404)
+            self.assertNotIn(b"<key>", response.content)
+        self.assertEqual(self.client.get(download_url(self.bob)).status_code, 200)
+
     def test_refusals_are_explained_by_the_whole_stack(self):
         self.assertContains(self.client.get(f"/me/{'B' * 32}/profile/hangzhou.ovpn"), "This link leads nowhere",
                             status_code=404)
