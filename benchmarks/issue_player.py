@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/issue_player.py [--runs 300] [--easyrsa-runs 20] [--database-url URL] [--profile]
 
-LanHub's side is what a friend's "Join" costs on the portal, minus HTTP: ``players.services.redeem_invite`` (lock
-the invite row, unseal the LAN's CA key, generate an EC P-256 key, sign the certificate, seal the key, save the
-player (its nickname's uniqueness checked by the constraint), save the device, count the use, commit) followed by
-``players.services.build_profile`` for the LAN's first node (the ready nodes read as the download reads them, the
-profile rendered with the key unsealed). It runs against a real database: a throwaway SQLite file
+LanHub's side is what a friend's "Join" costs on the portal, minus HTTP: ``players.services.redeem_invite`` (count
+the use, which locks the invite row and returns it with its LAN, unseal the LAN's CA key, generate an EC P-256 key,
+sign the certificate, seal the key, save the player (its nickname's uniqueness checked by the constraint), save the
+device, commit) followed by ``players.services.build_profile`` for the LAN's first node (the ready nodes got as the
+download gets them, by the LAN's nodes_version, here the one read with the invite; the profile rendered). It runs against a real database: a throwaway SQLite file
 (benchmarks/harness.py, WAL with synchronous FULL, so every commit waits for its fsync), or ``--database-url`` (a
 PostgreSQL database of your own).
 
