@@ -6,9 +6,9 @@ LanHub's side is what a friend's "Join" costs on the portal, minus HTTP: ``playe
 the use, which locks the invite row and returns it with its LAN, unseal the LAN's CA key, generate an EC P-256 key,
 sign the certificate, seal the key, save the player (its nickname's uniqueness checked by the constraint), save the
 device, commit) followed by ``players.services.build_profile`` for the LAN's first node (the ready nodes got as the
-download gets them, by the LAN's nodes_version, here the one read with the invite; the profile rendered). It runs against a real database: a throwaway SQLite file
-(benchmarks/harness.py, WAL with synchronous FULL, so every commit waits for its fsync), or ``--database-url`` (a
-PostgreSQL database of your own).
+download gets them, by the LAN's nodes_version, here the one read with the invite; the profile rendered). It runs
+against a real database: a throwaway SQLite file (benchmarks/harness.py, WAL with synchronous FULL, so every commit
+waits for its fsync), or ``--database-url`` (a PostgreSQL database of your own).
 
 easy-rsa's side is the usual manual equivalent, ``easyrsa build-client-full <name> nopass`` with EC prime256v1
 keys in batch mode, in a temporary PKI this script initialises (``init-pki``, ``build-ca nopass``); it writes

@@ -52,9 +52,10 @@ class ProfileDownloadMiddleware:
 
 @functools.lru_cache(maxsize=4096)
 def _download_arguments(path: str, urlconf) -> tuple[str, str, str | None] | None:
-    """(token, node_ref, ref): the download view's arguments if the URLconf sends `path` to it, else None. Kept per process for the paths
-    last seen (a player's downloads repeat one path): resolving walks the URL patterns, a tenth of the download's
-    own time. Keyed by the URLconf too, so another one (a test's override) resolves afresh."""
+    """(token, node_ref, ref): the download view's arguments if the URLconf sends `path` to it, else None. Kept
+    per process for the paths last seen (a player's downloads repeat one path): resolving walks the URL patterns,
+    a tenth of the download's own time. Keyed by the URLconf too, so another one (a test's override) resolves
+    afresh."""
     try:
         match = resolve(path, urlconf)
     except Resolver404:

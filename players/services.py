@@ -164,8 +164,9 @@ def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."}) from None
     # The device they join on; the player page adds the others, each with its own certificate.
     device = Device(player=player, name=FIRST_DEVICE_NAME)
-    _issue_certificate(device, player=player, lan=lan)
+    key_pem = _issue_certificate(device, player=player, lan=lan)
     prepared.insert(device)
+    _just_sealed(device.key_sealed, key_pem)  # the profile handed over at joining need not unseal it
     player.joined_device = device  # what build_profile needs next, without reading back the row just written
     return player
 
@@ -178,7 +179,8 @@ def _unusable_reason(token: str) -> str:
     return invite.problem() or "used_up"
 
 
-def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> None:
+def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> str:
+    """Give `device` a new certificate and its key, sealed; returns the key in the clear, for the caller to drop."""
     now = timezone.now()
     # Every issuance gets its own common name, so the sessions of a revoked certificate can be killed by name
     # through the management interface without touching its replacement or the player's other devices.
@@ -189,12 +191,12 @@ def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> None:
     device.cert_pem, device.key_sealed = issued.cert_pem, seal(issued.key_pem)
     device.serial = format(issued.serial, "x")
     device.issued_at = now
-    _just_sealed(device.key_sealed, issued.key_pem)
+    return issued.key_pem
 
 
-# Keys this process sealed a moment ago, by their sealed text, until their first profile is rendered (which takes
-# them out): the profile handed over at joining need not open what was just sealed. Bounded; process memory only,
-# like the rendered profiles (_render_profile), which hold the same keys.
+# The keys of friends who joined through this process a moment ago, by their sealed text, until their first
+# profile is rendered (which takes them out): the profile handed over at joining need not open what was just
+# sealed. Bounded; process memory only, like the rendered profiles (_render_profile), which hold the same keys.
 _JUST_SEALED: dict[str, str] = {}
 JUST_SEALED_MAX = 64
 

@@ -314,8 +314,9 @@ def profile_download(request, token, node_ref, ref=None):
 def download_response(request, token: str, node_ref: str, ref: str | None) -> HttpResponse | None:
     """The download itself, or None when there is nothing to download (the caller explains why). One query for the
     player, device and LAN, one for the ready nodes unless the LAN's nodes_version says the process has them (a
-    session is read only if the browser measured round-trip times), and the rendered profile from the process's cache when nothing it is made of has changed
-    (services.build_profile). Raises Http404 for a server that is not a ready node of the player's LAN."""
+    session is read only if the browser measured round-trip times), and the rendered profile from the process's
+    cache when nothing it is made of has changed (services.build_profile). Raises Http404 for a server that is not
+    a ready node of the player's LAN."""
     found = find_device_for_download(token, ref)
     if found is None:
         return None
