@@ -233,8 +233,11 @@ LANHUB_STATUS_INTERVAL = _typed("LANHUB_STATUS_INTERVAL", env.int, 60)
 LANHUB_HELD_POLL_INTERVAL = _typed("LANHUB_HELD_POLL_INTERVAL", env.int, 1800)
 LANHUB_WATCHER_PROCESSES = _typed("LANHUB_WATCHER_PROCESSES", env.int, 2)
 LANHUB_CRL_RENEW_INTERVAL = _typed("LANHUB_CRL_RENEW_INTERVAL", env.int, 6 * 3600)
-# A node that misses this many status polls in a row is marked down and the LAN is re-planned.
+# A node that misses this many status polls in a row is marked down and the LAN is re-planned. A miss is looked at
+# again after LANHUB_RECHECK_AFTER seconds rather than at the next round, so a node that died is failed over within
+# about (polls - 1) x (recheck + SSH timeout) of its first miss, and a blip shorter than that fails nothing over.
 LANHUB_DOWN_AFTER_POLLS = _typed("LANHUB_DOWN_AFTER_POLLS", env.int, 3)
+LANHUB_RECHECK_AFTER = _typed("LANHUB_RECHECK_AFTER", env.int, 5)
 LANHUB_SSH_TIMEOUT = _typed("LANHUB_SSH_TIMEOUT", env.int, 10)
 # Nodes on the portal's own machine (loopback, its own addresses) or link-local addresses are refused as SSH
 # targets, so the worker cannot be aimed at local services; the lab and the test suite (nodes here) allow them.

@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterable
 
 import redis
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from nodes.models import Node, VpnSession
 from nodes.openvpn_mgmt import ClientRow
@@ -45,6 +47,21 @@ def held_nodes(now: float | None = None) -> set[int]:
         except ValueError:
             continue
     return held
+
+
+POLL_TASK = "nodes.tasks.poll_status"  # sent by name: tasks import this module
+
+
+def request_poll(node_id: int, *, countdown: float = 0, reason: str = "") -> bool:
+    """Poll one node soon, outside the periodic round: a node the watcher lost, or one that just missed a poll
+    (nodes/syncing.py). A broker that is down loses nothing: the periodic round polls the node anyway."""
+    try:
+        current_app.signature(POLL_TASK, args=(node_id,)).apply_async(
+            countdown=countdown, expires=countdown + settings.LANHUB_STATUS_INTERVAL)
+    except OperationalError as exc:
+        log.warning("could not queue a poll of node %s (%s): %s", node_id, reason, exc)
+        return False
+    return True
 
 
 def due_for_poll(node_ids: Iterable[int], now: float | None = None) -> list[int]:

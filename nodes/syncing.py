@@ -170,18 +170,28 @@ def poll_status(node: Node) -> str:
 
 
 def _missed_poll(node: Node, message: str) -> str:
+    """Count a poll that could not reach the node. A healthy node is looked at again in LANHUB_RECHECK_AFTER
+    seconds, not at the next round (a held node's next round can be half an hour away), until it answers or has
+    missed LANHUB_DOWN_AFTER_POLLS in a row and is failed over."""
     Node.objects.filter(pk=node.pk).update(missed_polls=F("missed_polls") + 1, last_error=message[:2000])
     node.refresh_from_db()
-    if node.healthy and node.missed_polls >= settings.LANHUB_DOWN_AFTER_POLLS:
+    if not node.healthy:
+        return "missed"
+    if node.missed_polls >= settings.LANHUB_DOWN_AFTER_POLLS:
         mark_health(node, healthy=False, reason=f"{node.name} missed {node.missed_polls} polls: {message}")
         return "down"
+    presence.request_poll(node.pk, countdown=settings.LANHUB_RECHECK_AFTER, reason="missed a poll")
     return "missed"
 
 
 @transaction.atomic
 def mark_health(node: Node, *, healthy: bool, reason: str) -> None:
-    """Mark a node up or down and re-plan the LAN so its region fails over (or comes back)."""
+    """Mark a node up or down and re-plan the LAN so its region fails over (or comes back). A node marked down
+    takes its sessions with it: its players are not online there any more (their clients move to a fallback
+    server, where they show again), and the watcher or the poll reads the list afresh once it answers."""
     Node.objects.filter(pk=node.pk).update(healthy=healthy)
+    if not healthy:
+        presence.replace_node(node, [])
     planning.replan(node.lan, reason=reason)
 
 

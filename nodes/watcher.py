@@ -18,8 +18,9 @@ list still shows a client that said goodbye, another read is due when its delaye
   for YIELD_QUIET seconds, reconnects and re-reads the list, so a change made meanwhile is not missed.
 - The periodic status poll (LANHUB_STATUS_INTERVAL) stays, as the safety net and for link RTTs. A node whose server
   interfaces the watcher holds is polled only every LANHUB_HELD_POLL_INTERVAL (presence.due_for_poll): the held
-  connection already shows it alive, and kernel TCP keepalives end it within about two minutes if the node dies,
-  after which the node is polled, and counted down, at the normal rate again.
+  connection already shows it alive, and kernel TCP keepalives end it within about 30 s if the node dies. Losing a
+  node it held, the watcher asks for a poll of it at once; a missed poll is looked at again after
+  LANHUB_RECHECK_AFTER seconds, so a dead node is marked down and its LAN re-planned within about a minute.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ REFRESH = 10.0  # seconds between looks at which nodes this shard should hold
 # thread at once) and leaves dead-peer detection and NAT keepalive to the kernel (TCP keepalive), so the thread
 # needs to wake only for data.
 TRANSPORT_CHECK = 60.0
-TCP_KEEPALIVE = (60, 15, 4)  # idle seconds before the first probe, seconds between probes, probes: ~2 min to notice
+# Idle seconds before the first probe, seconds between probes, probes: a node that vanishes without a word (power,
+# network) is noticed within about 30 s. A probe is a bare TCP segment sent by the kernel: no Python wakes for it.
+TCP_KEEPALIVE = (15, 5, 3)
 
 
 def quiet_transport(c) -> None:
@@ -111,6 +114,11 @@ class NodeWatcher(threading.Thread):
                     self._hold(node)
                 except Exception as exc:  # SSH, management or database trouble: one node never ends the thread
                     log.info("watcher lost %s: %s", node.name, exc)
+                    if self.connected.is_set() and not self.stopping.is_set():
+                        # It was holding the node: ask whether the node is down now, not at its next poll round
+                        # (a held node's can be half an hour away). Missed polls are looked at again shortly, so
+                        # a node that died is failed over within a minute or so (nodes/syncing.py).
+                        presence.request_poll(node.pk, reason="the session watcher lost it")
                 self.connected.clear()
                 self.complete = False
                 if time.monotonic() - began > 60:

@@ -3,10 +3,10 @@
 import time
 
 from django.contrib.auth import get_user_model
-from django.test import TransactionTestCase
+from django.test import TransactionTestCase, override_settings
 
 from nodes import services, tasks
-from nodes.models import SyncRun, SyncStatus
+from nodes.models import Node, StoredPlan, SyncRun, SyncStatus, VpnSession
 from tests.celery_worker import real_worker
 from tests.nodes.test_services import closed_port
 
@@ -64,3 +64,25 @@ class WorkerTests(TransactionTestCase):
         self.assertEqual(outcome, "missed")
         node.refresh_from_db()
         self.assertEqual(node.missed_polls, 1)
+
+    @override_settings(LANHUB_RECHECK_AFTER=1, LANHUB_DOWN_AFTER_POLLS=3)
+    def test_a_missed_poll_is_looked_at_again_soon_until_the_node_is_failed_over(self):
+        # One poll, nothing else: no beat runs here, so every later poll is a recheck the misses asked for.
+        node = services.create_node(lan=self.lan, name="hangzhou", public_address="127.0.0.1",
+                                    ssh_host="127.0.0.1", ssh_port=closed_port())
+        Node.objects.filter(pk=node.pk).update(state="ready")
+        VpnSession.objects.create(node=node, instance="server/lanhub-udp", common_name="alice-1a2b3c",
+                                  real_address="192.0.2.7:50000", vpn_address="10.0.1.1")
+        version = StoredPlan.objects.get(lan=self.lan).version
+        with real_worker():
+            tasks.poll_status.delay(node.pk)
+            wait_for(lambda: not Node.objects.get(pk=node.pk).healthy, 30, "the node to be marked down")
+            time.sleep(3)  # a recheck after the node was marked down would be due by now
+        node.refresh_from_db()
+        self.assertEqual(node.missed_polls, 3)
+        self.assertIn("nothing answered there as an SSH server", node.last_error)
+        self.assertFalse(VpnSession.objects.filter(node=node).exists())  # its players are not online there
+        plan = StoredPlan.objects.get(lan=self.lan)
+        self.assertGreater(plan.version, version)  # the LAN was re-planned, without the node
+        self.assertIn("hangzhou missed 3 polls", plan.reason)
+        self.assertEqual(plan.data["healthy"], [])
