@@ -20,7 +20,8 @@ list still shows a client that said goodbye, another read is due when its delaye
   interfaces the watcher holds is polled only every LANHUB_HELD_POLL_INTERVAL (presence.due_for_poll): the held
   connection already shows it alive, and kernel TCP keepalives end it within about 30 s if the node dies. Losing a
   node it held, the watcher asks for a poll of it at once; a missed poll is looked at again after
-  LANHUB_RECHECK_AFTER seconds, so a dead node is marked down and its LAN re-planned within about a minute.
+  LANHUB_RECHECK_AFTER seconds, so a dead node is marked down and its LAN re-planned within about a minute. When it
+  reaches a node marked down again, it asks for a poll at once too: the poll that answers brings the node back.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ class NodeWatcher(threading.Thread):
         with open_connection(node) as c:
             c.open()
             quiet_transport(c)
+            if not node.healthy:  # marked down, and it answers again: bring it back now, not at the next round
+                presence.request_poll(node.pk, reason="the session watcher reached it again")
             streams: dict[str, openvpn_mgmt.ClientStream] = {}
             self.streams = streams
             retry_at: dict[str, float] = {}

@@ -11,6 +11,8 @@ What must follow by itself, with no beat and nobody at the dashboard:
   each other again;
 - alice's client gives up on Hangzhou (its keepalive) and moves on to the next server in her profile, where she
   reaches bob and carol, and the lobby shows her there and nobody on Hangzhou.
+Then Hangzhou's network comes back: the watcher reaches it and asks for a poll, which marks it up, the LAN is
+re-planned with it, and alice, starting her client again, is on Hangzhou and reaches both others.
 
 How long each step took is printed and written to var/failover-figures.json; the test bounds its waits generously.
 """
@@ -28,6 +30,7 @@ from django.db import connection
 from django.test import Client, override_settings
 from django.urls import reverse
 
+from lab.netns import NODES_NET
 from nodes import services
 from nodes.models import Node, NodeState, StoredPlan, VpnSession
 from players.models import Player
@@ -64,7 +67,7 @@ def test_a_hub_that_dies_is_failed_over_and_its_players_move_to_a_fallback(lab):
     lan = services.create_lan(owner=host_user, name="Failover", slug="failover", topology_mode="hub")
     node_hosts = {}
     watcher = None
-    players = {}
+    players, profiles = {}, {}
     with real_worker(concurrency=2):
         try:
             for name, region in NODES.items():
@@ -85,8 +88,9 @@ def test_a_hub_that_dies_is_failed_over_and_its_players_move_to_a_fallback(lab):
                 player = Player.objects.get(lan=lan, nickname=nickname)
                 response = Client().get(reverse("players:profile_download", args=[player.token, server]))
                 assert response.status_code == 200, response.content[:300]
+                profiles[nickname] = response.content.decode()
                 players[nickname] = lab.add_player(nickname)
-                players[nickname].start_openvpn(response.content.decode())
+                players[nickname].start_openvpn(profiles[nickname])
             for nickname in PLAYERS:
                 players[nickname].wait_for_tunnel(timeout=30)
 
@@ -127,6 +131,32 @@ def test_a_hub_that_dies_is_failed_over_and_its_players_move_to_a_fallback(lab):
                        what=lambda: f"the lobby to show alice on her new server, not {sessions_of(alice)}")
             connection.close()
             assert not VpnSession.objects.filter(node=hangzhou).exists()
+
+            # Hangzhou comes back. The watcher, still trying, reaches it and asks for a poll; the poll that answers
+            # marks it up and the LAN is re-planned with it. alice starts her client again: its first server is
+            # Hangzhou once more, and from there she reaches both others.
+            lab.exec(node_hosts["hangzhou"].ns, ["ip", "link", "set", "eth0", "up"])
+            lab.exec(node_hosts["hangzhou"].ns, ["ip", "route", "replace", "default", "via", f"{NODES_NET}.1"])
+            back = time.monotonic()
+
+            def healthy_again():
+                connection.close()
+                return Node.objects.get(pk=hangzhou.pk).healthy and "hangzhou" in StoredPlan.objects.get(
+                    lan=lan).data["healthy"] and settled(lan)
+
+            wait_until(healthy_again, timeout=HEAL_BOUND, interval=0.5,
+                       what=lambda: f"hangzhou to be back in the LAN:\n{describe_runs(lan)}\n"
+                                    + "\n".join(watcher.lines[-30:]))
+            figures["back_to_in_the_lan_s"] = time.monotonic() - back
+            players["alice"].stop_openvpn()
+            players["alice"].start_openvpn(profiles["alice"])
+            players["alice"].wait_for_tunnel(timeout=30)
+            wait_until(lambda: reaches(lab, players, "alice", "bob") and reaches(lab, players, "alice", "carol"),
+                       timeout=60, interval=0.5, what=lambda: f"alice on hangzhou to reach bob and carol again:\n"
+                                                              f"{players['alice'].log()[-3000:]}")
+            wait_until(lambda: sessions_of(alice) == {"hangzhou"}, timeout=30,
+                       what=lambda: f"the lobby to show alice on hangzhou, not {sessions_of(alice)}")
+            figures["back_to_player_on_it_s"] = time.monotonic() - back
         except BaseException:
             if watcher is not None:
                 print("\n".join(watcher.lines[-60:]))
