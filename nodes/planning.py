@@ -181,10 +181,20 @@ def check_lan(lan: Lan) -> None:
         raise ValidationError(str(exc)) from None
 
 
+def lock_lan(lan_id: int) -> None:
+    """Take the LAN row's lock, inside the caller's transaction, before touching any of its nodes' rows.
+
+    One order for every writer, LAN first and then nodes: a re-plan holds the LAN while it updates nodes' rows,
+    and a change of a node column players are given updates the LAN row too (its nodes_version, by trigger), so a
+    writer that took a node's row first could wait for the LAN while the re-plan waits for that node (on
+    PostgreSQL a deadlock, one of them aborted)."""
+    Lan.objects.select_for_update().filter(pk=lan_id).values_list("pk", flat=True).first()
+
+
 @transaction.atomic
 def replan(lan: Lan, *, reason: str, requested_by=None) -> list[Node]:
     """Plan the LAN, store what must stay stable (pools, links), and sync the nodes whose files change."""
-    Lan.objects.select_for_update().filter(pk=lan.pk).first()  # one re-plan of a LAN at a time
+    lock_lan(lan.pk)  # one re-plan of a LAN at a time
     lan_plan = plan_lan(lan)
     _store_pools(lan_plan)
     _store_links(lan, lan_plan)

@@ -23,7 +23,7 @@ from nodes import topology
 from nodes.ssh import ProvisioningError, open_connection
 # Planning and run bookkeeping live in their own modules; the names views, the admin and tests use are re-exported.
 from nodes.planning import (  # noqa: F401
-    LanPlan, check_lan, check_node, current_plan, estimated_rtts, node_specs, plan_lan, replan, revoked_names,
+    LanPlan, check_lan, check_node, current_plan, estimated_rtts, lock_lan, node_specs, plan_lan, replan, revoked_names,
     sync_changed_nodes,
 )
 from nodes.runs import enqueue_sync, prune_runs, request_sync, requeue_stale_runs  # noqa: F401
@@ -195,6 +195,7 @@ def update_node(node: Node, *, requested_by=None, **fields) -> Node:
     if fields.get("name", node.name) != node.name:
         raise ValidationError({"name": f"The short name never changes (it is “{node.name}”); change the name "
                                        "instead, or remove the server and add it again."})
+    lock_lan(node.lan_id)
     node = node_candidate(lan=node.lan, instance=node, **fields)
     node.full_clean()
     node.save()
@@ -212,6 +213,7 @@ def delete_node(node: Node, *, requested_by=None) -> str:
     because a host deletes a server that is gone as often as one that is still there."""
     lan, name, old_certificates = node.lan, node.name, node_certificates(node)
     problem = _decommission(node)
+    lock_lan(lan.pk)
     node.delete()
     _revoke_all(lan, old_certificates, reason=f"node {name} removed")
     replan(lan, reason=f"node {name} removed", requested_by=requested_by)

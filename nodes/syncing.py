@@ -73,8 +73,10 @@ def accept_host_key(node: Node, *, key_line: str) -> Node:
     return node
 
 
+@transaction.atomic
 def _fail_node(node: Node, message: str) -> None:
     # A node that never worked is "failed"; one that worked keeps running its previous files and stays ready.
+    planning.lock_lan(node.lan_id)
     Node.objects.filter(pk=node.pk).update(last_error=message[:2000])
     Node.objects.filter(pk=node.pk, applied_files={}).update(state=NodeState.FAILED)
 
@@ -126,10 +128,12 @@ def _sync(node: Node, run: SyncRun) -> None:
     run.changed_files = sorted(result.changed)
     run.restarted = sorted(set(result.restarted) | set(result.instances.started)
                            | ({"lanhub-relay"} if result.relay.started or result.relay.restarted else set()))
-    Node.objects.filter(pk=node.pk).update(
-        applied_files={path: f.sha256 for path, f in files.items()}, state=NodeState.READY, last_error="",
-        openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0,
-    )
+    with transaction.atomic():
+        planning.lock_lan(node.lan_id)
+        Node.objects.filter(pk=node.pk).update(
+            applied_files={path: f.sha256 for path, f in files.items()}, state=NodeState.READY, last_error="",
+            openvpn_version=result.openvpn_version[:64], last_seen_at=timezone.now(), missed_polls=0,
+        )
 
 
 def _halt_revoked(c, revoked: set[str]) -> int:
@@ -189,6 +193,7 @@ def mark_health(node: Node, *, healthy: bool, reason: str) -> None:
     """Mark a node up or down and re-plan the LAN so its region fails over (or comes back). A node marked down
     takes its sessions with it: its players are not online there any more (their clients move to a fallback
     server, where they show again), and the watcher or the poll reads the list afresh once it answers."""
+    planning.lock_lan(node.lan_id)
     Node.objects.filter(pk=node.pk).update(healthy=healthy)
     if not healthy:
         presence.replace_node(node, [])
