@@ -117,6 +117,14 @@ def lan_topology_svg(request, slug):
     return response
 
 
+def _pk_url(name: str):
+    """A function giving the URL ``name`` for any primary key, from one reverse(): a page of rows would otherwise
+    pay a reverse() (URL resolver, converters, quoting) for every link and button of every row."""
+    sentinel = 7_316_509_284_613
+    head, tail = reverse(name, args=[sentinel]).split(str(sentinel))
+    return lambda pk: f"{head}{int(pk)}{tail}"
+
+
 def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_form=None) -> dict:
     """Everything the LAN dashboard shows, in a fixed number of queries (see tests/nodes/test_views.py).
 
@@ -132,8 +140,10 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
     ), SERVERS_PER_PAGE).get_page(request.GET.get("servers"))
     runs = SyncRun.objects.only("node_id", "status", "current_step", "progress", "created_at").in_bulk(
         [node.latest_run_id for node in nodes if node.latest_run_id])
+    detail_url = _pk_url("nodes:node_detail")
     for node in nodes:
         node.run = runs.get(node.latest_run_id)
+        node.detail_url = detail_url(node.pk)
     # The links table is read-only text: plain rows, not two Node objects per link.
     links = list(Link.objects.filter(lan=lan).order_by("pk").values(
         "address", "state", "rtt_ms", "upstream__display_name", "downstream__display_name"))
@@ -144,11 +154,15 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
                                                                                       "node__display_name"),
                  to_attr="session_list")),
         PLAYERS_PER_PAGE).get_page(request.GET.get("players"))
+    reissue_url, revoke_url = _pk_url("players:player_reissue"), _pk_url("players:player_revoke")
     for player in players:
         player.session = player.session_list[0] if player.session_list else None
+        player.reissue_url, player.revoke_url = reissue_url(player.pk), revoke_url(player.pk)
     invites = list(lan.invites.all()[:INVITES_SHOWN + 1])
+    withdraw_url, qr_url = _pk_url("players:invite_revoke"), _pk_url("players:invite_qr")
     for invite in invites:
         invite.url = request.build_absolute_uri(reverse("players:join", args=[invite.token]))
+        invite.revoke_url, invite.qr_url = withdraw_url(invite.pk), qr_url(invite.pk)
     return {
         "lan": lan, "nodes": nodes, "players": players, "invites": invites[:INVITES_SHOWN],
         "more_invites": len(invites) > INVITES_SHOWN,

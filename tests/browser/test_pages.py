@@ -16,7 +16,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from nodes import services as node_services
-from nodes.models import Link, LinkState, Node, NodeState, SyncRun, SyncStatus, VpnSession
+from nodes.models import Link, LinkState, Node, NodeState, RevokedCertificate, SyncRun, SyncStatus, VpnSession
 from players import lobby
 from players import services as player_services
 from tests.browser.conftest import PHONE, SCREENSHOTS, screenshot
@@ -236,6 +236,30 @@ def test_the_host_dashboard_shows_servers_topology_invites_and_players(page, liv
     assert "10.2.0.6" in page.inner_text("#players")
     assert lan.ssh_public_key in page.inner_text("#add-server")
     screenshot(page, "dashboard")
+
+
+def test_the_host_reissues_and_revokes_a_player_and_withdraws_an_invite_from_the_dashboard(page, live_server, cast):
+    # Every row's buttons submit one shared form (each names its own formaction): what the browser posts must be
+    # that row's action, with the page's CSRF token.
+    lan, bob, invite = cast["lan"], cast["bob"], cast["invite"]
+    carol = player_services.redeem_invite(token=invite.token, nickname="carol")
+    old_serial = bob.first_device.serial
+    sign_in(page, live_server, "alice", "/lans/gamenight/")
+    page.locator("#players tr", has_text="bob").get_by_role("button", name="Reissue").click()
+    page.wait_for_url(f"{live_server.url}/lans/gamenight/#players")
+    assert "bob has new certificates" in page.inner_text("body")
+    page.locator("#players tr", has_text="carol").get_by_role("button", name="Revoke").click()
+    page.wait_for_url(f"{live_server.url}/lans/gamenight/#players")
+    assert "carol is revoked" in page.inner_text("body")
+    page.locator(".invite", has_text="Friday crew").get_by_role("button", name="Withdraw").click()
+    page.wait_for_url(f"{live_server.url}/lans/gamenight/#invites")
+    assert "Invite withdrawn" in page.inner_text("body")
+    bob.refresh_from_db()
+    carol.refresh_from_db()
+    invite.refresh_from_db()
+    assert bob.revoked_at is None and RevokedCertificate.objects.filter(lan=lan, serial=old_serial).exists()
+    assert carol.revoked_at is not None
+    assert invite.revoked_at is not None
 
 
 def test_the_host_ticks_a_game_and_a_custom_port_and_the_player_page_names_them(page, live_server, cast):

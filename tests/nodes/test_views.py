@@ -110,8 +110,10 @@ class DashboardTests(HostTestCase):
         # 1 session, 2 user, 3 the LAN, 4 the number of its nodes, 5 one page of them with their online counts and
         # latest run ids (correlated subqueries), 6 those runs, 7 links with both ends' names, 8 the number of
         # players, 9 one page of players, 10 their sessions with nodes, 11 the newest invites, 12 players online on
-        # every server, 13 the stored plan (what players are routed), 14 the upstream choices of the
-        # add-server form.
+        # every server, 13 the stored plan's version, 14 the upstream choices of the add-server form; and, on the
+        # first load after the plan changed, 15 its blocks and pools (what players are routed, kept per version).
+        with self.assertNumQueries(15):
+            self.client.get(self.url())
         with self.assertNumQueries(14):
             self.client.get(self.url())
         self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30")
@@ -124,8 +126,10 @@ class DashboardTests(HostTestCase):
             player_services.redeem_invite(token=invite.token, nickname=f"friend{i:02}")
         for i in range(INVITES_SHOWN):
             player_services.create_invite(lan=self.lan, note=f"invite {i}")
-        with self.assertNumQueries(14):  # the same with another node, history, two pages of players, more invites
+        with self.assertNumQueries(15):  # the same with another node (a new plan), history, more players and invites
             response = self.client.get(self.url())
+        with self.assertNumQueries(14):
+            self.client.get(self.url())
         self.assertContains(response, "Players 1–50 of %d" % (PLAYERS_PER_PAGE + 6))
         self.assertContains(response, "Only the %d newest invites are shown." % INVITES_SHOWN)
 
