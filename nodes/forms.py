@@ -135,5 +135,5 @@ class NodeForm(NodeFieldsForm):
             "lan_id", "name", "display_name")
         # (only the label's columns: the choices list every node of the LAN)
         upstream.label_from_instance = lambda node: node.display_name  # str(node) would fetch the LAN per option
-        upstream.widget = QuickSelect(choices=upstream.choices)
+        upstream.widget = QuickSelect(choices=list(iter(upstream.choices)))  # one query (list() alone counts first)
         upstream.help_text = "Leave empty to let LanHub choose where this server attaches."

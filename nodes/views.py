@@ -13,6 +13,7 @@ from django.db.models import Count, OuterRef, Prefetch, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
@@ -125,6 +126,26 @@ def _pk_url(name: str):
     return lambda pk: f"{head}{int(pk)}{tail}"
 
 
+_BLANK_NODE_FORMS: dict[tuple, str] = {}  # the blank add-server form's fields by its upstream choices
+_BLANK_NODE_FORMS_KEPT = 256
+
+
+def node_form_fields(form: NodeForm) -> str:
+    """The add-server form's fields as HTML. A blank form differs between LANs and loads only by its upstream
+    choices (the LAN's nodes), so its HTML is kept per choice list: drawing its inputs through Django's widget
+    templates is a tenth of a dashboard load. A bound form (errors, the values typed) is drawn each time."""
+    if form.is_bound:
+        return render_to_string("nodes/_node_form_fields.html", {"node_form": form})
+    key = tuple((str(value), str(label)) for value, label in form.fields["pinned_upstream"].widget.choices)
+    html = _BLANK_NODE_FORMS.get(key)
+    if html is None:
+        html = render_to_string("nodes/_node_form_fields.html", {"node_form": form})
+        if len(_BLANK_NODE_FORMS) >= _BLANK_NODE_FORMS_KEPT:
+            _BLANK_NODE_FORMS.clear()
+        _BLANK_NODE_FORMS[key] = html
+    return html
+
+
 def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_form=None) -> dict:
     """Everything the LAN dashboard shows, in a fixed number of queries (see tests/nodes/test_views.py).
 
@@ -173,7 +194,7 @@ def _dashboard(request, lan: Lan, *, node_form=None, invite_form=None, games_for
         # How many servers the address plan holds (docs/addressing.md): computed from the settings, no query.
         "capacity": services.lan_capacity(lan),
         "player_routes": services.player_routes(lan),  # the stored plan's blocks and pools: one query
-        "node_form": node_form or NodeForm(lan=lan),
+        "node_form_fields": node_form_fields(node_form or NodeForm(lan=lan)),
         "invite_form": invite_form or InviteForm(),
         "games_form": games_form or GameListForm(instance=lan),
     }

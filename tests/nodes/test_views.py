@@ -133,6 +133,13 @@ class DashboardTests(HostTestCase):
         self.assertContains(response, "Players 1–50 of %d" % (PLAYERS_PER_PAGE + 6))
         self.assertContains(response, "Only the %d newest invites are shown." % INVITES_SHOWN)
 
+    def test_the_blank_add_server_form_lists_a_node_added_since_it_was_last_drawn(self):
+        self.assertNotContains(self.client.get(self.url()), ">Tokyo</option>")
+        self.add_node("tokyo", region="asia/jp", public_address="203.0.113.30", display_name="Tokyo")
+        self.assertContains(self.client.get(self.url()), ">Tokyo</option>")
+        Node.objects.filter(name="tokyo").update(display_name="Tokyo East")  # a label changes the form too
+        self.assertContains(self.client.get(self.url()), ">Tokyo East</option>")
+
     def test_it_shows_what_players_are_routed_and_not_the_whole_supernet(self):
         response = self.client.get(self.url())
         self.assertEqual(response.context["player_routes"], ["10.0.0.0/12"])
