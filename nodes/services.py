@@ -302,31 +302,24 @@ def renew_node_certificates(lan: Lan, *, now=None) -> list[Node]:
     return renewed
 
 
-# (stored plan, its version, the LAN's nodes_version, supernet) -> routes. The nodes_version (a random value that
-# changes with every node added, removed or moved) keeps a plan row that a rolled-back transaction numbered alike
-# from ever matching.
-_PLAYER_ROUTES: dict[tuple[int, int, int, str], list[str]] = {}
-_PLAYER_ROUTES_KEPT = 512
-
-
 def player_routes(lan: Lan) -> list[str]:
-    """What every server pushes to the LAN's players (routing.player_routes), read from the stored plan: one
-    query, no planning. Empty before the LAN's first plan.
+    """What every server pushes to the LAN's players (routing.player_routes), read from the stored plan. Empty
+    before the LAN's first plan.
 
     The dashboard asks on every load: the answer is kept per stored plan and version (a plan changes only with a
-    new version), so a load reads two numbers, not the plan's JSON with every node's pools and routes."""
+    new version), so a load reads two numbers, not the plan's JSON with every node's pools and routes. The LAN's
+    nodes_version (a random value that changes with every node added, removed or moved) is part of the key, so a
+    plan row a rolled-back transaction numbered alike never matches."""
     stored = StoredPlan.objects.filter(lan=lan).values_list("pk", "version").first()
     if stored is None:
         return []
-    key = (*stored, lan.nodes_version, str(lan.supernet))
-    routes = _PLAYER_ROUTES.get(key)
-    if routes is None:
-        data = StoredPlan.objects.filter(pk=stored[0]).values_list("data", flat=True).first() or {}
-        routes = _player_routes(data, lan.supernet)
-        if len(_PLAYER_ROUTES) >= _PLAYER_ROUTES_KEPT:
-            _PLAYER_ROUTES.clear()  # a few hundred LANs' worth; rebuilt on demand
-        _PLAYER_ROUTES[key] = routes
-    return list(routes)
+    return list(_stored_player_routes(*stored, lan.nodes_version, str(lan.supernet)))
+
+
+@functools.lru_cache(maxsize=512)
+def _stored_player_routes(plan_pk: int, version: int, nodes_version: int, supernet: str) -> tuple[str, ...]:
+    data = StoredPlan.objects.filter(pk=plan_pk).values_list("data", flat=True).first() or {}
+    return tuple(_player_routes(data, supernet))
 
 
 def _player_routes(data: dict, supernet) -> list[str]:

@@ -164,9 +164,8 @@ def _redeem(*, token: str, nickname: str, client_address: str | None) -> Player:
         raise ValidationError({"nickname": f"“{nickname}” is taken on this LAN; pick another."}) from None
     # The device they join on; the player page adds the others, each with its own certificate.
     device = Device(player=player, name=FIRST_DEVICE_NAME)
-    key_pem = _issue_certificate(device, player=player, lan=lan)
+    _issue_certificate(device, player=player, lan=lan)
     prepared.insert(device)
-    _just_sealed(device.key_sealed, key_pem)  # the profile handed over at joining need not unseal it
     player.joined_device = device  # what build_profile needs next, without reading back the row just written
     return player
 
@@ -179,8 +178,8 @@ def _unusable_reason(token: str) -> str:
     return invite.problem() or "used_up"
 
 
-def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> str:
-    """Give `device` a new certificate and its key, sealed; returns the key in the clear, for the caller to drop."""
+def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> None:
+    """Give `device` a new certificate and its key, sealed."""
     now = timezone.now()
     # Every issuance gets its own common name, so the sessions of a revoked certificate can be killed by name
     # through the management interface without touching its replacement or the player's other devices.
@@ -191,25 +190,6 @@ def _issue_certificate(device: Device, *, player: Player, lan: Lan) -> str:
     device.cert_pem, device.key_sealed = issued.cert_pem, seal(issued.key_pem)
     device.serial = format(issued.serial, "x")
     device.issued_at = now
-    return issued.key_pem
-
-
-# The keys of friends who joined through this process a moment ago, by their sealed text, until their first
-# profile is rendered (which takes them out): the profile handed over at joining need not open what was just
-# sealed. Bounded; process memory only, like the rendered profiles (_render_profile), which hold the same keys.
-_JUST_SEALED: dict[str, str] = {}
-JUST_SEALED_MAX = 64
-
-
-def _just_sealed(sealed: str, key_pem: str) -> None:
-    if len(_JUST_SEALED) >= JUST_SEALED_MAX:
-        _JUST_SEALED.clear()  # issued and never rendered here (their profiles were fetched elsewhere): let them go
-    _JUST_SEALED[sealed] = key_pem
-
-
-def _opened_key(sealed: str) -> str:
-    key_pem = _JUST_SEALED.pop(sealed, None)
-    return key_pem if key_pem is not None else unseal(sealed)
 
 
 def validate_device_name(name: str) -> str:
@@ -466,7 +446,7 @@ def _render_profile(lan_name: str, nickname: str, endpoints: Rows, ca_pem: str, 
     key (seven values, the nodes as plain tuples) hashes in microseconds even at 100 nodes."""
     remotes = profiles.profile_remotes(chosen=endpoints[0], others=endpoints[1:])
     return profiles.render_profile(lan_name=lan_name, nickname=nickname, remotes=remotes, ca_pem=ca_pem,
-                                   cert_pem=cert_pem, key_pem=_opened_key(key_sealed),
+                                   cert_pem=cert_pem, key_pem=unseal(key_sealed),
                                    tls_crypt=_unsealed_tls_crypt(tls_crypt_sealed))
 
 

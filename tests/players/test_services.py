@@ -105,13 +105,12 @@ class FirstProfileTests(BaseTestCase):
     def test_the_profile_handed_over_at_joining_holds_the_key_as_stored_and_the_nodes_as_they_are(self):
         dave = services.redeem_invite(token=self.invite.token, nickname="dave")
         rows = services.ready_node_rows(dave.lan_id, version=dave.lan.nodes_version)
-        with self.assertNumQueries(0):  # the key just sealed is not opened again; the nodes come by their version
+        with self.assertNumQueries(0):  # the nodes come by their version
             content = services.build_profile(dave, node=rows[0], ranked=rows, device=dave.joined_device).content
         stored = Device.objects.get(player=dave)
         self.assertIn(unseal(stored.key_sealed).strip(), content)
         self.assertIn(stored.cert_pem.strip(), content)
         self.assertIn("remote 203.0.113.10 1194 udp", content)
-        self.assertNotIn(stored.key_sealed, services._JUST_SEALED)  # handed over once, then kept only as rendered
 
     def test_a_node_changed_after_joining_is_in_the_next_profile(self):
         dave = services.redeem_invite(token=self.invite.token, nickname="dave")
